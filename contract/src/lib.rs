@@ -1,0 +1,20 @@
+//! The mailpipe contract: what producers publish and what the operator tells the worker.
+//!
+//! This crate is plain data and pure functions (serde, no I/O), so producers can depend on it
+//! to build valid jobs, and so the worker and the operator agree on names without knowing each
+//! other:
+//! - [`job`]: the email job, version 1, and its validation;
+//! - [`retry`]: the retry policy (attempts, capped exponential backoff);
+//! - [`naming`]: the names of retry, dead-letter queues and the headers the worker writes;
+//! - [`topology`]: the RabbitMQ topology a pipeline needs, as data both sides declare;
+//! - [`env`]: the environment variables the operator renders for the worker.
+#![forbid(unsafe_code)]
+
+pub mod env;
+pub mod job;
+pub mod naming;
+pub mod retry;
+pub mod topology;
+
+pub use job::{EmailJob, InvalidJob, Limits, Priority};
+pub use retry::RetryPolicy;

@@ -1,0 +1,59 @@
+//! Names derived from a pipeline's work queue, and the AMQP headers the worker writes.
+//!
+//! The work queue is the one users name (e.g. `smtp_send_email`); retry delay queues, the
+//! dead-letter exchange and the dead-letter queue hang off it with fixed suffixes, so anyone
+//! who knows the work queue can find them.
+
+use std::time::Duration;
+
+/// The delay queue a job waits in for `delay` before going back to `work_queue`.
+pub fn delay_queue(work_queue: &str, delay: Duration) -> String {
+    format!("{work_queue}.retry.{}ms", delay.as_millis())
+}
+
+/// The dead-letter exchange (fanout) of `work_queue`.
+pub fn dead_letter_exchange(work_queue: &str) -> String {
+    format!("{work_queue}.dlx")
+}
+
+/// The dead-letter queue of `work_queue`, bound to its dead-letter exchange.
+pub fn dead_letter_queue(work_queue: &str) -> String {
+    format!("{work_queue}.dlq")
+}
+
+/// Headers the worker writes on retried and dead-lettered messages.
+pub mod headers {
+    /// The attempt the message is on, counting from 1 (absent on a first delivery).
+    pub const ATTEMPT: &str = "x-mailpipe-attempt";
+    /// Why the job was dead-lettered: a bounded label such as `smtp_5xx` or `expired`.
+    pub const REASON: &str = "x-mailpipe-reason";
+    /// A short human explanation (an SMTP reply code and text, a validation message);
+    /// never recipients or content.
+    pub const DETAIL: &str = "x-mailpipe-detail";
+    /// The job id (given or derived).
+    pub const JOB_ID: &str = "x-mailpipe-job-id";
+    /// When the job was dead-lettered, RFC 3339.
+    pub const DEAD_LETTERED_AT: &str = "x-mailpipe-dead-lettered-at";
+    /// The exchange the job was first published to.
+    pub const ORIGINAL_EXCHANGE: &str = "x-mailpipe-original-exchange";
+    /// The routing key the job was first published with.
+    pub const ORIGINAL_ROUTING_KEY: &str = "x-mailpipe-original-routing-key";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_hang_off_the_work_queue() {
+        assert_eq!(
+            delay_queue("smtp_send_email", Duration::from_secs(5)),
+            "smtp_send_email.retry.5000ms"
+        );
+        assert_eq!(
+            dead_letter_exchange("smtp_send_email"),
+            "smtp_send_email.dlx"
+        );
+        assert_eq!(dead_letter_queue("smtp_send_email"), "smtp_send_email.dlq");
+    }
+}

@@ -1,0 +1,512 @@
+//! Worker configuration: flags and environment (clap), secrets from environment or files.
+//!
+//! `Args` is what clap parses; [`Config::from_args`] validates it into a `Config` the rest of
+//! the worker uses. Secrets (AMQP URL, SMTP password, Redis URL) are never flags: they come
+//! from `NAME` or the file named by `NAME_FILE` (a mounted Kubernetes Secret), and their
+//! `Debug` form is redacted so they cannot reach a log line.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use mailpipe_contract::env;
+use mailpipe_contract::topology::{ExchangeKind, QueueType, RabbitSettings};
+use mailpipe_contract::{Limits, RetryPolicy};
+
+/// A secret value whose `Debug` and `Display` never show it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret.
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The secret itself, for the one place that hands it to a client library.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// How the worker reaches the SMTP server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TlsMode {
+    /// Plain connection upgraded with STARTTLS, which is required (the default).
+    Starttls,
+    /// TLS from the first byte (SMTPS, usually port 465).
+    Tls,
+    /// No encryption at all; only when asked for explicitly.
+    None,
+}
+
+/// Whether the worker creates the topology or only checks that it exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TopologyMode {
+    /// Declare exchanges, queues and bindings (creating what is missing).
+    Declare,
+    /// Passively check that they exist (when the operator owns the topology).
+    Verify,
+}
+
+/// What the worker does with a rendered message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    /// Send it over SMTP.
+    Send,
+    /// Log it instead of sending (content only at debug level); for trying things out.
+    Log,
+}
+
+/// What to do while Redis (the deduplication store) cannot be reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OnRedisUnavailable {
+    /// Stop sending until Redis answers again; readiness is false meanwhile.
+    Pause,
+    /// Send without deduplication (a redelivered job may be sent twice).
+    Send,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+const SECRETS_HELP: &str = "\
+Secrets are read from the environment or from files, never from flags:
+  MAILPIPE_AMQP_URL      or MAILPIPE_AMQP_URL_FILE      amqp[s]://user:pass@host:port/vhost (required)
+  MAILPIPE_SMTP_PASSWORD or MAILPIPE_SMTP_PASSWORD_FILE SMTP password (with --smtp-username)
+  MAILPIPE_REDIS_URL     or MAILPIPE_REDIS_URL_FILE     redis://host:port/db; turns deduplication on";
+
+/// mailpipe worker: consumes email jobs from RabbitMQ and sends them over SMTP.
+#[derive(Debug, Parser)]
+#[command(name = "mailpipe-worker", version, after_help = SECRETS_HELP)]
+pub struct Args {
+    /// PEM CA bundle used to verify an amqps server.
+    #[arg(long, env = env::AMQP_CA_FILE)]
+    pub amqp_ca_file: Option<PathBuf>,
+    /// Exchange producers publish to.
+    #[arg(long, env = env::EXCHANGE, default_value = "smtp_send_email_exc")]
+    pub exchange: String,
+    /// Exchange type: fanout, direct or topic.
+    #[arg(long, env = env::EXCHANGE_TYPE, default_value = "fanout")]
+    pub exchange_type: ExchangeKind,
+    /// Work queue to consume.
+    #[arg(long, env = env::QUEUE, default_value = "smtp_send_email")]
+    pub queue: String,
+    /// Queue type: classic or quorum.
+    #[arg(long, env = env::QUEUE_TYPE, default_value = "classic")]
+    pub queue_type: QueueType,
+    /// Binding key between exchange and queue (ignored by fanout exchanges).
+    #[arg(long, env = env::ROUTING_KEY, default_value = "")]
+    pub routing_key: String,
+    /// x-max-priority of the work queue (classic queues only).
+    #[arg(long, env = env::MAX_PRIORITY)]
+    pub max_priority: Option<u8>,
+    /// Declare the topology, or only verify it exists (when the operator owns it).
+    #[arg(long, env = env::TOPOLOGY, value_enum, default_value = "declare")]
+    pub topology: TopologyMode,
+    /// Jobs processed at once.
+    #[arg(long, env = env::CONCURRENCY, default_value_t = 16)]
+    pub concurrency: u16,
+    /// Unacknowledged deliveries the broker hands this worker (default: the concurrency).
+    #[arg(long, env = env::PREFETCH)]
+    pub prefetch: Option<u16>,
+
+    /// SMTP server host.
+    #[arg(long, env = env::SMTP_HOST, default_value = "localhost")]
+    pub smtp_host: String,
+    /// SMTP server port (default: 587 for starttls, 465 for tls, 25 for none).
+    #[arg(long, env = env::SMTP_PORT)]
+    pub smtp_port: Option<u16>,
+    /// Transport security.
+    #[arg(long, env = env::SMTP_TLS, value_enum, default_value = "starttls")]
+    pub smtp_tls: TlsMode,
+    /// PEM CA bundle used instead of the system roots to verify the SMTP server.
+    #[arg(long, env = env::SMTP_CA_FILE)]
+    pub smtp_ca_file: Option<PathBuf>,
+    /// Accept any certificate. Dangerous: anyone on the path can read the mail.
+    #[arg(long, env = env::SMTP_INSECURE_SKIP_VERIFY, default_value_t = false)]
+    pub smtp_insecure_skip_verify: bool,
+    /// SMTP user name (the password comes from MAILPIPE_SMTP_PASSWORD[_FILE]).
+    #[arg(long, env = env::SMTP_USERNAME)]
+    pub smtp_username: Option<String>,
+    /// Most SMTP connections this worker opens (providers limit them per account).
+    #[arg(long, env = env::SMTP_POOL_SIZE, default_value_t = 16)]
+    pub smtp_pool_size: u32,
+    /// Messages per second this worker sends at most (unlimited when unset).
+    #[arg(long, env = env::SMTP_RATE_LIMIT)]
+    pub smtp_rate_limit: Option<u32>,
+    /// Timeout of one SMTP command.
+    #[arg(long, env = env::SMTP_TIMEOUT, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub smtp_timeout: Duration,
+    /// Default From address, for jobs without one.
+    #[arg(long, env = env::FROM_ADDRESS)]
+    pub from_address: Option<String>,
+    /// Default From display name.
+    #[arg(long, env = env::FROM_NAME)]
+    pub from_name: Option<String>,
+    /// Directory of templates: NAME.html and/or NAME.txt, optional NAME.subject.
+    #[arg(long, env = env::TEMPLATES_DIR)]
+    pub templates_dir: Option<PathBuf>,
+
+    /// Total attempts per job, the first included.
+    #[arg(long, env = env::MAX_ATTEMPTS, default_value_t = 5)]
+    pub max_attempts: u32,
+    /// Delay after the first failed attempt.
+    #[arg(long, env = env::BACKOFF_INITIAL, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub backoff_initial: Duration,
+    /// Growth factor of the delay per attempt.
+    #[arg(long, env = env::BACKOFF_MULTIPLIER, default_value_t = 2.0)]
+    pub backoff_multiplier: f64,
+    /// Largest delay between attempts.
+    #[arg(long, env = env::BACKOFF_MAX, default_value = "5m", value_parser = humantime::parse_duration)]
+    pub backoff_max: Duration,
+    /// Dead-letter jobs that can never be sent (else they are dropped and counted).
+    #[arg(long, env = env::DEAD_LETTER, default_value_t = true, action = clap::ArgAction::Set)]
+    pub dead_letter: bool,
+
+    /// How long a recorded send is remembered for deduplication.
+    #[arg(long, env = env::IDEMPOTENCY_TTL, default_value = "24h", value_parser = humantime::parse_duration)]
+    pub idempotency_ttl: Duration,
+    /// Redis key prefix (one per pipeline).
+    #[arg(long, env = env::IDEMPOTENCY_PREFIX, default_value = "mailpipe")]
+    pub idempotency_prefix: String,
+    /// What to do while Redis is unreachable.
+    #[arg(long, env = env::ON_REDIS_UNAVAILABLE, value_enum, default_value = "pause")]
+    pub on_redis_unavailable: OnRedisUnavailable,
+
+    /// Send mail, or only render and log it.
+    #[arg(long, env = env::MODE, value_enum, default_value = "send")]
+    pub mode: Mode,
+    /// Address of the HTTP server (/metrics, /healthz, /readyz).
+    #[arg(long, env = env::HTTP_ADDR, default_value = "127.0.0.1:9090")]
+    pub http_addr: SocketAddr,
+    /// Log format.
+    #[arg(long, env = env::LOG_FORMAT, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    /// Log filter (recipients and content appear only at debug level).
+    #[arg(long, env = env::LOG, default_value = "info")]
+    pub log: String,
+    /// After SIGTERM, how long in-flight sends may take before the worker exits anyway.
+    #[arg(long, env = env::SHUTDOWN_TIMEOUT, default_value = "25s", value_parser = humantime::parse_duration)]
+    pub shutdown_timeout: Duration,
+    /// Largest job accepted, in bytes.
+    #[arg(long, env = env::MAX_JOB_BYTES, default_value_t = 1024 * 1024)]
+    pub max_job_bytes: usize,
+}
+
+/// SMTP settings, validated.
+#[derive(Debug, Clone)]
+pub struct SmtpConfig {
+    pub host: String,
+    pub port: u16,
+    pub tls: TlsMode,
+    pub ca_file: Option<PathBuf>,
+    pub insecure_skip_verify: bool,
+    pub credentials: Option<(String, Secret)>,
+    pub pool_size: u32,
+    pub rate_limit: Option<u32>,
+    pub timeout: Duration,
+}
+
+/// RabbitMQ settings, validated.
+#[derive(Debug, Clone)]
+pub struct AmqpConfig {
+    pub url: Secret,
+    pub ca_file: Option<PathBuf>,
+    pub settings: RabbitSettings,
+    pub topology: TopologyMode,
+    pub prefetch: u16,
+}
+
+/// Deduplication settings; present only when a Redis URL is configured.
+#[derive(Debug, Clone)]
+pub struct IdempotencyConfig {
+    pub url: Secret,
+    pub ttl: Duration,
+    pub prefix: String,
+    pub on_unavailable: OnRedisUnavailable,
+}
+
+/// The whole validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub amqp: AmqpConfig,
+    pub smtp: SmtpConfig,
+    pub from_address: Option<String>,
+    pub from_name: Option<String>,
+    pub templates_dir: Option<PathBuf>,
+    pub retry: RetryPolicy,
+    pub idempotency: Option<IdempotencyConfig>,
+    pub mode: Mode,
+    pub concurrency: usize,
+    pub http_addr: SocketAddr,
+    pub shutdown_timeout: Duration,
+    pub limits: Limits,
+}
+
+/// A configuration the worker cannot start with; the message says what to change.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(String);
+
+/// Reads a secret from `var` or from the file named by `file_var`; both set is an error.
+pub fn read_secret(
+    get: &dyn Fn(&str) -> Option<String>,
+    var: &str,
+    file_var: &str,
+) -> Result<Option<Secret>, ConfigError> {
+    match (get(var), get(file_var)) {
+        (Some(_), Some(_)) => Err(ConfigError(format!("set {var} or {file_var}, not both"))),
+        (Some(value), None) => Ok(Some(Secret::new(value))),
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| ConfigError(format!("cannot read {file_var} ({path}): {e}")))?;
+            Ok(Some(Secret::new(text.trim_end_matches(['\r', '\n']))))
+        }
+        (None, None) => Ok(None),
+    }
+}
+
+impl Config {
+    /// Validates parsed flags and reads secrets through `get` (the process environment in
+    /// production, a map in tests).
+    pub fn from_args(
+        args: Args,
+        get: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let bad = |m: String| Err(ConfigError(m));
+        let settings = RabbitSettings {
+            exchange: args.exchange,
+            exchange_kind: args.exchange_type,
+            queue: args.queue,
+            queue_type: args.queue_type,
+            routing_key: args.routing_key,
+            max_priority: args.max_priority,
+            dead_letter: args.dead_letter,
+        };
+        settings
+            .validate()
+            .map_err(|e| ConfigError(e.to_string()))?;
+        let retry = RetryPolicy {
+            max_attempts: args.max_attempts,
+            initial: args.backoff_initial,
+            multiplier: args.backoff_multiplier,
+            max: args.backoff_max,
+        };
+        retry.validate().map_err(|e| ConfigError(e.to_string()))?;
+        if args.concurrency == 0 {
+            return bad("concurrency must be at least 1".into());
+        }
+        if args.smtp_pool_size == 0 {
+            return bad("SMTP pool size must be at least 1".into());
+        }
+        if args.smtp_rate_limit == Some(0) {
+            return bad("SMTP rate limit must be at least 1 message per second".into());
+        }
+        if args.shutdown_timeout.is_zero() {
+            return bad("shutdown timeout must be positive".into());
+        }
+        let url = read_secret(get, env::AMQP_URL, env::AMQP_URL_FILE)?.ok_or_else(|| {
+            ConfigError(format!(
+                "no broker URL: set {} or {}",
+                env::AMQP_URL,
+                env::AMQP_URL_FILE
+            ))
+        })?;
+        let scheme_ok = url.expose().starts_with("amqp://") || url.expose().starts_with("amqps://");
+        if !scheme_ok {
+            return bad(format!(
+                "{} must start with amqp:// or amqps://",
+                env::AMQP_URL
+            ));
+        }
+        if args.amqp_ca_file.is_some() && !url.expose().starts_with("amqps://") {
+            return bad("an AMQP CA file needs an amqps:// URL".into());
+        }
+        let password = read_secret(get, env::SMTP_PASSWORD, env::SMTP_PASSWORD_FILE)?;
+        let credentials = match (args.smtp_username, password) {
+            (Some(user), Some(password)) => Some((user, password)),
+            (None, None) => None,
+            (Some(_), None) => {
+                return bad("an SMTP user name needs MAILPIPE_SMTP_PASSWORD[_FILE]".into())
+            }
+            (None, Some(_)) => return bad("an SMTP password needs --smtp-username".into()),
+        };
+        if credentials.is_some() && args.smtp_tls == TlsMode::None {
+            return bad(
+                "SMTP credentials over an unencrypted connection are refused; use starttls or tls"
+                    .into(),
+            );
+        }
+        if args.smtp_insecure_skip_verify && args.smtp_ca_file.is_some() {
+            return bad("choose a CA file or skipping verification, not both".into());
+        }
+        if args.mode == Mode::Send && args.from_address.is_none() {
+            return bad(
+                "no default From address: set --from-address (MAILPIPE_FROM_ADDRESS)".into(),
+            );
+        }
+        let idempotency =
+            read_secret(get, env::REDIS_URL, env::REDIS_URL_FILE)?.map(|url| IdempotencyConfig {
+                url,
+                ttl: args.idempotency_ttl,
+                prefix: args.idempotency_prefix,
+                on_unavailable: args.on_redis_unavailable,
+            });
+        if idempotency
+            .as_ref()
+            .is_some_and(|i| i.ttl < Duration::from_secs(1))
+        {
+            return bad("idempotency TTL must be at least 1s".into());
+        }
+        let port = args.smtp_port.unwrap_or(match args.smtp_tls {
+            TlsMode::Starttls => 587,
+            TlsMode::Tls => 465,
+            TlsMode::None => 25,
+        });
+        Ok(Config {
+            amqp: AmqpConfig {
+                url,
+                ca_file: args.amqp_ca_file,
+                settings,
+                topology: args.topology,
+                prefetch: args.prefetch.unwrap_or(args.concurrency),
+            },
+            smtp: SmtpConfig {
+                host: args.smtp_host,
+                port,
+                tls: args.smtp_tls,
+                ca_file: args.smtp_ca_file,
+                insecure_skip_verify: args.smtp_insecure_skip_verify,
+                credentials,
+                pool_size: args.smtp_pool_size,
+                rate_limit: args.smtp_rate_limit,
+                timeout: args.smtp_timeout,
+            },
+            from_address: args.from_address,
+            from_name: args.from_name,
+            templates_dir: args.templates_dir,
+            retry,
+            idempotency,
+            mode: args.mode,
+            concurrency: args.concurrency.into(),
+            http_addr: args.http_addr,
+            shutdown_timeout: args.shutdown_timeout,
+            limits: mailpipe_contract::Limits {
+                max_job_bytes: args.max_job_bytes,
+                ..Default::default()
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn config(flags: &[&str], env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let env: HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let mut argv = vec!["mailpipe-worker"];
+        argv.extend_from_slice(flags);
+        let args = Args::try_parse_from(argv).expect("flags parse");
+        Config::from_args(args, &|k| env.get(k).cloned())
+    }
+
+    const URL: (&str, &str) = ("MAILPIPE_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f");
+
+    #[test]
+    fn defaults_follow_the_usual_hand_written_consumer() {
+        let cfg = config(&["--from-address", "noreply@example.com"], &[URL]).unwrap();
+        assert_eq!(cfg.amqp.settings.exchange, "smtp_send_email_exc");
+        assert_eq!(cfg.amqp.settings.queue, "smtp_send_email");
+        assert_eq!(cfg.smtp.tls, TlsMode::Starttls);
+        assert_eq!(cfg.smtp.port, 587);
+        assert_eq!(cfg.amqp.prefetch, 16);
+        assert!(cfg.idempotency.is_none());
+    }
+
+    #[test]
+    fn secrets_are_redacted_in_debug_output() {
+        let cfg = config(
+            &["--from-address", "a@example.com", "--smtp-username", "u"],
+            &[URL, ("MAILPIPE_SMTP_PASSWORD", "hunter2")],
+        )
+        .unwrap();
+        let printed = format!("{cfg:?}");
+        assert!(!printed.contains("hunter2"), "{printed}");
+        assert!(!printed.contains("guest:guest"), "{printed}");
+    }
+
+    #[test]
+    fn secrets_come_from_files_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("url");
+        std::fs::write(&path, "amqp://u:p@host/%2f\n").unwrap();
+        let cfg = config(
+            &["--from-address", "a@example.com"],
+            &[("MAILPIPE_AMQP_URL_FILE", path.to_str().unwrap())],
+        )
+        .unwrap();
+        assert_eq!(cfg.amqp.url.expose(), "amqp://u:p@host/%2f");
+    }
+
+    #[test]
+    fn missing_or_contradictory_settings_are_clear_errors() {
+        type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+        let cases: &[Case] = &[
+            (&["--from-address", "a@example.com"], &[], "no broker URL"),
+            (&[], &[URL], "From address"),
+            (
+                &[
+                    "--from-address",
+                    "a@example.com",
+                    "--queue-type",
+                    "quorum",
+                    "--max-priority",
+                    "5",
+                ],
+                &[URL],
+                "classic-queue feature",
+            ),
+            (
+                &[
+                    "--from-address",
+                    "a@example.com",
+                    "--smtp-username",
+                    "u",
+                    "--smtp-tls",
+                    "none",
+                ],
+                &[URL, ("MAILPIPE_SMTP_PASSWORD", "p")],
+                "unencrypted",
+            ),
+            (
+                &["--from-address", "a@example.com"],
+                &[URL, ("MAILPIPE_AMQP_URL_FILE", "/x")],
+                "not both",
+            ),
+        ];
+        for (flags, env, expected) in cases {
+            let err = config(flags, env).unwrap_err().to_string();
+            assert!(err.contains(expected), "{flags:?}: {err}");
+        }
+    }
+}

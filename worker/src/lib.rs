@@ -1,0 +1,183 @@
+//! The mailpipe worker: consumes email jobs and sends them over SMTP without losing one.
+//!
+//! Data flows `source -> pipeline -> mailer`, and each delivery is settled back through the
+//! source: `config` builds everything, `pipeline` runs the loop, `disposition` decides what a
+//! failure means, `render` builds messages, `idempotency` keeps sends from repeating,
+//! `metrics`, `health` and `http` tell the outside world how it goes.
+#![forbid(unsafe_code)]
+
+pub mod backoff;
+pub mod config;
+pub mod disposition;
+pub mod health;
+pub mod http;
+pub mod idempotency;
+pub mod mailer;
+pub mod metrics;
+pub mod pipeline;
+pub mod render;
+pub mod shutdown;
+pub mod source;
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, Mode};
+use crate::health::{Component, Health};
+use crate::mailer::log::LogMailer;
+use crate::mailer::smtp::SmtpMailer;
+use crate::mailer::Mailer;
+use crate::metrics::Metrics;
+use crate::pipeline::Pipeline;
+use crate::render::Renderer;
+use crate::source::rabbitmq::RabbitSource;
+
+/// Why the worker could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Templates or the default From are broken.
+    #[error(transparent)]
+    Render(#[from] render::SetupError),
+    /// The SMTP transport cannot be built.
+    #[error(transparent)]
+    Smtp(#[from] mailer::smtp::BuildError),
+    /// The SMTP server refuses us for a reason that waiting will not fix.
+    #[error("SMTP server {server} refused the worker: {detail}")]
+    SmtpRefused {
+        /// host:port
+        server: String,
+        /// What it said.
+        detail: String,
+    },
+    /// The broker source cannot be set up.
+    #[error(transparent)]
+    Source(#[from] source::rabbitmq::SetupError),
+    /// The deduplication store URL is unusable.
+    #[error(transparent)]
+    Store(#[from] idempotency::StoreError),
+    /// The HTTP port cannot be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Http {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Runs the worker until `stop` is cancelled (SIGTERM/SIGINT in `main`).
+pub async fn run(config: Config, stop: CancellationToken) -> Result<(), StartError> {
+    let metrics = Metrics::new();
+    let renderer = Renderer::new(
+        config.templates_dir.as_deref(),
+        config.from_address.as_deref(),
+        config.from_name.as_deref(),
+    )?;
+    if let Some(dir) = &config.templates_dir {
+        let names: Vec<&str> = renderer.template_names().collect();
+        tracing::info!(dir = %dir.display(), templates = ?names, "templates loaded");
+    }
+    let health = Health::new(
+        config
+            .idempotency
+            .as_ref()
+            .is_some_and(|i| i.on_unavailable == config::OnRedisUnavailable::Pause),
+        metrics.clone(),
+    );
+    match config.mode {
+        Mode::Send => {
+            if config.smtp.insecure_skip_verify {
+                tracing::error!(
+                    host = %config.smtp.host,
+                    "SMTP certificate verification is OFF: anyone between the worker and the server can read and change the mail"
+                );
+            }
+            let mailer = SmtpMailer::new(&config.smtp, metrics.clone())?;
+            let server = format!("{}:{}", config.smtp.host, config.smtp.port);
+            match mailer.probe().await {
+                Ok(()) => {
+                    health.set(Component::Smtp, true);
+                    tracing::info!(%server, tls = ?config.smtp.tls, "SMTP server reachable");
+                }
+                Err(error) if matches!(error.reason, "smtp_auth" | "smtp_tls") => {
+                    return Err(StartError::SmtpRefused {
+                        server,
+                        detail: error.detail,
+                    });
+                }
+                Err(error) => {
+                    tracing::warn!(%server, reason = error.reason, detail = %error.detail, "SMTP server not reachable yet; jobs will be retried");
+                }
+            }
+            serve(config, mailer, renderer, metrics, health, stop).await
+        }
+        Mode::Log => {
+            health.set(Component::Smtp, true);
+            tracing::info!("log mode: messages are rendered and logged, not sent");
+            serve(config, LogMailer, renderer, metrics, health, stop).await
+        }
+    }
+}
+
+async fn serve<M: Mailer>(
+    config: Config,
+    mailer: M,
+    renderer: Renderer,
+    metrics: Metrics,
+    health: Arc<Health>,
+    stop: CancellationToken,
+) -> Result<(), StartError> {
+    let dedup = config
+        .idempotency
+        .as_ref()
+        .map(idempotency::Dedup::new)
+        .transpose()?;
+    let plan = config.amqp.settings.plan(&config.retry);
+    let source = RabbitSource::new(config.amqp.clone(), plan, health.clone(), metrics.clone())?;
+    let http_stop = CancellationToken::new();
+    let http = http::serve(
+        config.http_addr,
+        metrics.clone(),
+        health.clone(),
+        http_stop.clone(),
+    )
+    .await
+    .map_err(|source| StartError::Http {
+        addr: config.http_addr,
+        source,
+    })?;
+    tracing::info!(addr = %config.http_addr, "serving /metrics, /healthz, /readyz");
+    let pipeline = Arc::new(Pipeline {
+        mailer,
+        renderer,
+        dedup,
+        on_store_unavailable: config
+            .idempotency
+            .as_ref()
+            .map_or(config::OnRedisUnavailable::Pause, |i| i.on_unavailable),
+        retry: config.retry,
+        limits: config.limits,
+        metrics,
+        health,
+        rate: config.smtp.rate_limit.and_then(pipeline::rate_limiter),
+    });
+    let watcher = {
+        let pipeline = pipeline.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move { pipeline.watch_smtp(stop).await })
+    };
+    let drained = pipeline::run(
+        pipeline,
+        source,
+        config.concurrency,
+        stop,
+        config.shutdown_timeout,
+    )
+    .await;
+    let _ = watcher.await;
+    http_stop.cancel();
+    let _ = http.await;
+    tracing::info!(abandoned = drained.abandoned, "worker stopped");
+    Ok(())
+}

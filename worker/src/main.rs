@@ -1,0 +1,58 @@
+//! `mailpipe-worker`: parse flags, set up logging, run until SIGTERM.
+#![forbid(unsafe_code)]
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use clap::Parser;
+use mailpipe_worker::config::{Args, Config, LogFormat};
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let filter = EnvFilter::try_new(&args.log).unwrap_or_else(|e| {
+        eprintln!(
+            "mailpipe-worker: bad log filter {:?} ({e}); using info",
+            args.log
+        );
+        EnvFilter::new("info")
+    });
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Json => subscriber.json().flatten_event(true).init(),
+        LogFormat::Text => subscriber.init(),
+    }
+    let config = match Config::from_args(args, &|name| std::env::var(name).ok()) {
+        Ok(config) => config,
+        Err(error) => {
+            tracing::error!("configuration: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            tracing::error!("cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let stop = CancellationToken::new();
+        mailpipe_worker::shutdown::on_signals(stop.clone()).map_err(anyhow::Error::from)?;
+        mailpipe_worker::run(config, stop)
+            .await
+            .map_err(anyhow::Error::from)
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            ExitCode::from(1)
+        }
+    }
+}

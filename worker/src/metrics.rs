@@ -1,0 +1,173 @@
+//! The worker's Prometheus metrics (prefix `mailpipe_`), registered once and shared.
+//!
+//! Every label is bounded: reasons are the static labels of failures, never error text.
+//! Dashboards and alert rules depend on these names; rename nothing lightly.
+
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
+
+/// All worker metrics.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// Deliveries taken from the source (redeliveries included).
+    pub consumed: IntCounter,
+    /// Jobs the SMTP server accepted (or, in log mode, rendered and logged).
+    pub sent: IntCounter,
+    /// Failed processing attempts, by reason.
+    pub failed: IntCounterVec,
+    /// Jobs put back for a later attempt, by reason.
+    pub retried: IntCounterVec,
+    /// Jobs dead-lettered (or dropped when dead-lettering is off), by reason.
+    pub dead_lettered: IntCounterVec,
+    /// Jobs skipped because their send was already recorded.
+    pub duplicates_skipped: IntCounter,
+    /// Jobs past their `not_after`.
+    pub expired: IntCounter,
+    /// Jobs being processed now.
+    pub in_flight: IntGauge,
+    /// Time from delivery to settlement.
+    pub processing_seconds: Histogram,
+    /// Time of one SMTP transaction.
+    pub smtp_send_seconds: Histogram,
+    /// SMTP connections: `max` is the pool cap, `busy` those carrying a send now.
+    pub smtp_pool_connections: IntGaugeVec,
+    /// Reconnections to the broker.
+    pub broker_reconnects: IntCounter,
+    /// Errors talking to the deduplication store, by operation.
+    pub idempotency_errors: IntCounterVec,
+    /// 1 when the worker is ready (broker, SMTP and store reachable), else 0.
+    pub ready: IntGauge,
+}
+
+const SECONDS_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let counter_vec = |name: &str, help: &str, label: &str| {
+            let c = IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let histogram = |name: &str, help: &str| {
+            let opts = HistogramOpts::new(name, help).buckets(SECONDS_BUCKETS.to_vec());
+            let h = Histogram::with_opts(opts).expect("valid metric");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("unique metric");
+            h
+        };
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
+        };
+        let build_info = IntGaugeVec::new(
+            Opts::new("mailpipe_worker_build_info", "Worker version; always 1."),
+            &["version", "source"],
+        )
+        .expect("valid metric");
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), "rabbitmq"])
+            .set(1);
+        registry
+            .register(Box::new(build_info))
+            .expect("unique metric");
+        let smtp_pool_connections = IntGaugeVec::new(
+            Opts::new(
+                "mailpipe_smtp_pool_connections",
+                "SMTP connections: max is the pool cap, busy those carrying a send.",
+            ),
+            &["state"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(smtp_pool_connections.clone()))
+            .expect("unique metric");
+
+        Metrics {
+            consumed: counter(
+                "mailpipe_jobs_consumed_total",
+                "Deliveries taken from the source.",
+            ),
+            sent: counter(
+                "mailpipe_jobs_sent_total",
+                "Jobs accepted by the SMTP server.",
+            ),
+            failed: counter_vec(
+                "mailpipe_jobs_failed_total",
+                "Failed attempts by reason.",
+                "reason",
+            ),
+            retried: counter_vec(
+                "mailpipe_jobs_retried_total",
+                "Jobs scheduled for another attempt.",
+                "reason",
+            ),
+            dead_lettered: counter_vec(
+                "mailpipe_jobs_dead_lettered_total",
+                "Jobs dead-lettered by reason.",
+                "reason",
+            ),
+            duplicates_skipped: counter(
+                "mailpipe_jobs_duplicates_skipped_total",
+                "Jobs not sent because their send was already recorded.",
+            ),
+            expired: counter(
+                "mailpipe_jobs_expired_total",
+                "Jobs dead-lettered past not_after.",
+            ),
+            in_flight: gauge("mailpipe_jobs_in_flight", "Jobs being processed."),
+            processing_seconds: histogram(
+                "mailpipe_job_processing_duration_seconds",
+                "Time from delivery to settlement.",
+            ),
+            smtp_send_seconds: histogram(
+                "mailpipe_smtp_send_duration_seconds",
+                "Time of one SMTP transaction.",
+            ),
+            smtp_pool_connections,
+            broker_reconnects: counter(
+                "mailpipe_broker_reconnects_total",
+                "Connections to the broker re-established.",
+            ),
+            idempotency_errors: counter_vec(
+                "mailpipe_idempotency_errors_total",
+                "Errors talking to the deduplication store.",
+                "operation",
+            ),
+            ready: gauge("mailpipe_worker_ready", "1 when the worker is ready."),
+            registry,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let families = self.registry.gather();
+        prometheus::TextEncoder::new()
+            .encode_to_string(&families)
+            .expect("text encoding of gathered metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

@@ -1,0 +1,463 @@
+//! RabbitMQ source (lapin): declare or verify the topology, consume with a prefetch, settle
+//! with publisher confirms.
+//!
+//! One connection carries two channels: the consumer channel (acks, nacks) and a publisher
+//! channel in confirm mode (retry and dead-letter copies). A retry or dead-letter copy is
+//! published and confirmed *before* the original is acked, so a crash in between leaves a
+//! duplicate, never a loss. When the connection drops, unacked deliveries return to the queue
+//! on the broker's side; `next` reconnects with capped exponential backoff and readiness is
+//! false meanwhile.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    BasicRejectOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::tcp::OwnedTLSConfig;
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::Acker;
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer};
+use mailpipe_contract::naming::{self, headers};
+use mailpipe_contract::topology::{ArgValue, ExchangeKind, TopologyPlan};
+use tokio_util::sync::CancellationToken;
+
+use super::{Delivery, MessageSource, Settle, SettleError, Settlement};
+use crate::backoff::Backoff;
+use crate::config::{AmqpConfig, TopologyMode};
+use crate::health::{Component, Health};
+use crate::metrics::Metrics;
+
+/// Consumes the work queue of one pipeline.
+pub struct RabbitSource {
+    config: AmqpConfig,
+    plan: TopologyPlan,
+    tls: OwnedTLSConfig,
+    health: Arc<Health>,
+    metrics: Metrics,
+    live: Option<Live>,
+    backoff: Backoff,
+    connected_once: bool,
+}
+
+struct Live {
+    connection: Connection,
+    consumer: Consumer,
+    publisher: Channel,
+}
+
+/// Setting up the source failed before any connection was tried.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read AMQP CA file {path}: {source}")]
+pub struct SetupError {
+    path: String,
+    source: std::io::Error,
+}
+
+impl RabbitSource {
+    /// Prepares the source; it connects on the first `next`.
+    pub fn new(
+        config: AmqpConfig,
+        plan: TopologyPlan,
+        health: Arc<Health>,
+        metrics: Metrics,
+    ) -> Result<RabbitSource, SetupError> {
+        let cert_chain = match &config.ca_file {
+            Some(path) => Some(std::fs::read_to_string(path).map_err(|source| SetupError {
+                path: path.display().to_string(),
+                source,
+            })?),
+            None => None,
+        };
+        Ok(RabbitSource {
+            config,
+            plan,
+            tls: OwnedTLSConfig {
+                identity: None,
+                cert_chain,
+            },
+            health,
+            metrics,
+            live: None,
+            backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(30)),
+            connected_once: false,
+        })
+    }
+
+    async fn connect(&self) -> Result<Live, lapin::Error> {
+        let properties =
+            ConnectionProperties::default().with_connection_name("mailpipe-worker".into());
+        let runtime = lapin::runtime::default_runtime()?;
+        let connection = Connection::connect_with_config(
+            self.config.url.expose(),
+            properties,
+            self.tls.clone(),
+            runtime,
+        )
+        .await?;
+        let setup = connection.create_channel().await?;
+        declare(&setup, &self.plan, self.config.topology).await?;
+        let _ = setup.close(200, "topology ready".into()).await;
+
+        let publisher = connection.create_channel().await?;
+        publisher
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        let channel = connection.create_channel().await?;
+        channel
+            .basic_qos(self.config.prefetch, BasicQosOptions::default())
+            .await?;
+        let consumer = channel
+            .basic_consume(
+                self.config.settings.queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(Live {
+            connection,
+            consumer,
+            publisher,
+        })
+    }
+
+    fn wrap(&self, delivery: lapin::message::Delivery, publisher: &Channel) -> Delivery {
+        let attempt = delivery
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get(headers::ATTEMPT))
+            .and_then(amqp_int)
+            .map(|a| a.clamp(1, u32::MAX.into()) as u32)
+            .unwrap_or(1);
+        let body: Arc<[u8]> = delivery.data.into();
+        let settings = &self.config.settings;
+        Delivery {
+            body: body.clone(),
+            attempt,
+            settle: Box::new(RabbitSettle {
+                acker: delivery.acker,
+                publisher: publisher.clone(),
+                properties: delivery.properties,
+                body,
+                exchange: delivery.exchange.to_string(),
+                routing_key: delivery.routing_key.to_string(),
+                work_queue: settings.queue.clone(),
+                dead_letter: settings.dead_letter,
+            }),
+        }
+    }
+}
+
+fn amqp_int(value: &AMQPValue) -> Option<i64> {
+    match value {
+        AMQPValue::ShortShortInt(v) => Some((*v).into()),
+        AMQPValue::ShortShortUInt(v) => Some((*v).into()),
+        AMQPValue::ShortInt(v) => Some((*v).into()),
+        AMQPValue::ShortUInt(v) => Some((*v).into()),
+        AMQPValue::LongInt(v) => Some((*v).into()),
+        AMQPValue::LongUInt(v) => Some((*v).into()),
+        AMQPValue::LongLongInt(v) => Some(*v),
+        _ => None,
+    }
+}
+
+fn lapin_kind(kind: ExchangeKind) -> lapin::ExchangeKind {
+    match kind {
+        ExchangeKind::Fanout => lapin::ExchangeKind::Fanout,
+        ExchangeKind::Direct => lapin::ExchangeKind::Direct,
+        ExchangeKind::Topic => lapin::ExchangeKind::Topic,
+    }
+}
+
+fn field_table(args: &std::collections::BTreeMap<String, ArgValue>) -> FieldTable {
+    let mut table = FieldTable::default();
+    for (key, value) in args {
+        let value = match value {
+            ArgValue::Str(s) => AMQPValue::LongString(LongString::from(s.as_str())),
+            ArgValue::Int(i) => AMQPValue::LongLongInt(*i),
+        };
+        table.insert(ShortString::from(key.as_str()), value);
+    }
+    table
+}
+
+/// Declares (or, in verify mode, passively checks) every part of the plan.
+async fn declare(
+    channel: &Channel,
+    plan: &TopologyPlan,
+    mode: TopologyMode,
+) -> Result<(), lapin::Error> {
+    let passive = mode == TopologyMode::Verify;
+    for exchange in &plan.exchanges {
+        channel
+            .exchange_declare(
+                exchange.name.as_str().into(),
+                lapin_kind(exchange.kind),
+                ExchangeDeclareOptions {
+                    passive,
+                    durable: true,
+                    ..ExchangeDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+    }
+    for queue in &plan.queues {
+        channel
+            .queue_declare(
+                queue.name.as_str().into(),
+                QueueDeclareOptions {
+                    passive,
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                if passive {
+                    FieldTable::default()
+                } else {
+                    field_table(&queue.args)
+                },
+            )
+            .await?;
+    }
+    if !passive {
+        for binding in &plan.bindings {
+            channel
+                .queue_bind(
+                    binding.queue.as_str().into(),
+                    binding.exchange.as_str().into(),
+                    binding.routing_key.as_str().into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+impl MessageSource for RabbitSource {
+    async fn next(&mut self, stop: &CancellationToken) -> Option<Delivery> {
+        loop {
+            if self.live.is_none() {
+                let connected = tokio::select! {
+                    biased;
+                    _ = stop.cancelled() => return None,
+                    result = self.connect() => result,
+                };
+                match connected {
+                    Ok(live) => {
+                        if self.connected_once {
+                            self.metrics.broker_reconnects.inc();
+                        }
+                        self.connected_once = true;
+                        tracing::info!(queue = %self.config.settings.queue, "connected to the broker, consuming");
+                        self.health.set(Component::Broker, true);
+                        self.backoff.reset();
+                        self.live = Some(live);
+                    }
+                    Err(error) => {
+                        self.health.set(Component::Broker, false);
+                        let delay = self.backoff.next_delay();
+                        tracing::warn!(%error, retry_in = ?delay, "cannot connect to the broker");
+                        tokio::select! {
+                            _ = stop.cancelled() => return None,
+                            _ = tokio::time::sleep(delay) => continue,
+                        }
+                    }
+                }
+            }
+            let live = self.live.as_mut().expect("connected above");
+            let item = tokio::select! {
+                biased;
+                _ = stop.cancelled() => return None,
+                item = live.consumer.next() => item,
+            };
+            match item {
+                Some(Ok(delivery)) => {
+                    let publisher = live.publisher.clone();
+                    return Some(self.wrap(delivery, &publisher));
+                }
+                Some(Err(error)) => {
+                    tracing::warn!(%error, "lost the broker connection; reconnecting");
+                }
+                None => tracing::warn!("the broker cancelled the consumer; reconnecting"),
+            }
+            self.health.set(Component::Broker, false);
+            if let Some(old) = self.live.take() {
+                let _ = old.connection.close(320, "reconnecting".into()).await;
+            }
+        }
+    }
+
+    async fn close(self) {
+        if let Some(live) = self.live {
+            if let Err(error) = live
+                .connection
+                .close(200, "worker shutting down".into())
+                .await
+            {
+                tracing::debug!(%error, "closing the broker connection");
+            }
+        }
+        self.health.set(Component::Broker, false);
+    }
+}
+
+struct RabbitSettle {
+    acker: Acker,
+    publisher: Channel,
+    properties: BasicProperties,
+    body: Arc<[u8]>,
+    exchange: String,
+    routing_key: String,
+    work_queue: String,
+    dead_letter: bool,
+}
+
+impl RabbitSettle {
+    /// Publishes a copy with extra headers and waits for the broker's confirm.
+    /// `Ok(false)` means the broker could not route it (the target queue is missing).
+    async fn publish_copy(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        extra: Vec<(&'static str, AMQPValue)>,
+    ) -> Result<bool, lapin::Error> {
+        let mut table = self.properties.headers().clone().unwrap_or_default();
+        for (key, value) in extra {
+            table.insert(key.into(), value);
+        }
+        let properties = self
+            .properties
+            .clone()
+            .with_headers(table)
+            .with_delivery_mode(2);
+        let confirm = self
+            .publisher
+            .basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                &self.body,
+                properties,
+            )
+            .await?
+            .await?;
+        Ok(matches!(confirm, Confirmation::Ack(None)))
+    }
+
+    async fn ack(&self) -> Result<(), SettleError> {
+        match self.acker.ack(BasicAckOptions::default()).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(SettleError("the channel closed before the ack".into())),
+            Err(e) => Err(SettleError(e.to_string())),
+        }
+    }
+
+    async fn reject_without_requeue(&self) -> Result<(), SettleError> {
+        self.acker
+            .reject(BasicRejectOptions { requeue: false })
+            .await
+            .map(drop)
+            .map_err(|e| SettleError(e.to_string()))
+    }
+
+    async fn apply(self, settlement: Settlement) -> Result<(), SettleError> {
+        let lapin_error = |e: lapin::Error| SettleError(e.to_string());
+        match settlement {
+            Settlement::Ack => self.ack().await,
+            Settlement::Requeue => self
+                .acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..BasicNackOptions::default()
+                })
+                .await
+                .map(drop)
+                .map_err(lapin_error),
+            Settlement::Retry {
+                next_attempt,
+                after,
+            } => {
+                let queue = naming::delay_queue(&self.work_queue, after);
+                let attempt = AMQPValue::LongLongInt(next_attempt.into());
+                if self
+                    .publish_copy("", &queue, vec![(headers::ATTEMPT, attempt)])
+                    .await
+                    .map_err(lapin_error)?
+                {
+                    self.ack().await
+                } else {
+                    // The delay queue is missing (deleted, or a policy the topology was not
+                    // declared for): hand the job to the broker's dead-lettering instead of
+                    // losing it or looping on it.
+                    tracing::error!(%queue, "retry delay queue is missing; dead-lettering through the broker");
+                    self.reject_without_requeue().await
+                }
+            }
+            Settlement::DeadLetter {
+                reason,
+                detail,
+                attempts,
+                job_id,
+            } => {
+                if !self.dead_letter {
+                    return self.reject_without_requeue().await;
+                }
+                let long = |s: &str| AMQPValue::LongString(LongString::from(s));
+                let extra = vec![
+                    (headers::REASON, long(reason)),
+                    (headers::DETAIL, long(&truncate(&detail, 500))),
+                    (headers::ATTEMPT, AMQPValue::LongLongInt(attempts.into())),
+                    (headers::JOB_ID, long(&job_id)),
+                    (
+                        headers::DEAD_LETTERED_AT,
+                        long(&chrono::Utc::now().to_rfc3339()),
+                    ),
+                    (headers::ORIGINAL_EXCHANGE, long(&self.exchange)),
+                    (headers::ORIGINAL_ROUTING_KEY, long(&self.routing_key)),
+                ];
+                let dlx = naming::dead_letter_exchange(&self.work_queue);
+                if self
+                    .publish_copy(&dlx, "", extra)
+                    .await
+                    .map_err(lapin_error)?
+                {
+                    self.ack().await
+                } else {
+                    tracing::error!(exchange = %dlx, "dead-letter exchange has no queue; rejecting to the broker");
+                    self.reject_without_requeue().await
+                }
+            }
+        }
+    }
+}
+
+fn truncate(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &text[..end])
+}
+
+impl Settle for RabbitSettle {
+    fn settle(
+        self: Box<Self>,
+        settlement: Settlement,
+    ) -> BoxFuture<'static, Result<(), SettleError>> {
+        Box::pin(self.apply(settlement))
+    }
+}
