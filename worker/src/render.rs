@@ -266,10 +266,20 @@ fn message_id(job_id: &str, from: &Mailbox) -> String {
     format!("<{hex}@{}>", from.email.domain())
 }
 
-/// The job id: the producer's, else `sha256:` and the hex SHA-256 of the raw body.
+/// The job id: the producer's (read from the raw JSON even when the job is invalid, so a
+/// dead-lettered job can be found by it), else `sha256:` and the hex SHA-256 of the body.
 pub fn job_id(job: Option<&EmailJob>, body: &[u8]) -> String {
     if let Some(id) = job.and_then(|j| j.id.clone()) {
         return id;
+    }
+    #[derive(serde::Deserialize)]
+    struct IdOnly {
+        id: String,
+    }
+    if let Ok(IdOnly { id }) = serde_json::from_slice(body) {
+        if !id.is_empty() && id.len() <= 200 && !id.chars().any(char::is_control) {
+            return id;
+        }
     }
     let digest = Sha256::digest(body);
     let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
@@ -416,6 +426,10 @@ mod tests {
         );
         let j = job(r#"{"id":"given","to":["a@example.com"],"subject":"s","text":"t"}"#);
         assert_eq!(job_id(Some(&j), b"ignored"), "given");
+        let invalid = br#"{"id":"kept","subject":"no recipient"}"#;
+        assert_eq!(job_id(None, invalid), "kept");
+        let bad_id = b"{\"id\":\"a\\nb\"}";
+        assert!(job_id(None, bad_id).starts_with("sha256:"));
     }
 
     #[test]

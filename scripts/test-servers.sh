@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Installs and starts what the tests and the demo need, when missing:
+# RabbitMQ (shared node on 127.0.0.1:5672), Redis (127.0.0.1:6379), python3-aiosmtpd
+# (the test SMTP server), openssl, and maildev (npm, into $MAILPIPE_TOOLS, outside the clone).
+# Safe to run again: it only acts on what is missing.
+set -euo pipefail
+
+TOOLS="${MAILPIPE_TOOLS:-$HOME/.cache/mailpipe/tools}"
+mkdir -p "$TOOLS"
+
+log() { printf '[test-servers] %s\n' "$*" >&2; }
+
+apt_updated=0
+apt_install() {
+  if [ "$apt_updated" = 0 ]; then
+    log "apt-get update"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+    apt_updated=1
+  fi
+  log "apt-get install $*"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+wait_port() {
+  local port=$1 what=$2
+  for _ in $(seq 1 120); do
+    port_open "$port" && return 0
+    sleep 0.5
+  done
+  log "$what did not start listening on $port"
+  return 1
+}
+
+missing=()
+command -v rabbitmq-server >/dev/null || missing+=(rabbitmq-server)
+command -v redis-server >/dev/null || missing+=(redis-server)
+command -v openssl >/dev/null || missing+=(openssl)
+/usr/bin/python3 -c 'import aiosmtpd' 2>/dev/null || missing+=(python3-aiosmtpd)
+command -v npm >/dev/null || missing+=(npm)
+if [ "${#missing[@]}" -gt 0 ]; then
+  apt_install "${missing[@]}"
+fi
+
+if ! port_open 5672; then
+  log "starting RabbitMQ"
+  rabbitmq-server -detached
+  wait_port 5672 RabbitMQ
+  rabbitmqctl await_startup >/dev/null
+fi
+
+if ! port_open 6379; then
+  log "starting Redis"
+  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no >/dev/null
+  wait_port 6379 Redis
+fi
+
+if [ ! -x "$TOOLS/node_modules/.bin/maildev" ]; then
+  log "npm install maildev@3 into $TOOLS"
+  (cd "$TOOLS" && npm install --no-audit --no-fund --loglevel=error maildev@3 >/dev/null)
+fi
+
+log "ready: RabbitMQ 5672, Redis 6379, aiosmtpd, maildev ($TOOLS)"

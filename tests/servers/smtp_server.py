@@ -1,0 +1,147 @@
+#!/usr/bin/python3
+"""A real SMTP server for mailpipe's end-to-end tests, built on aiosmtpd.
+
+It speaks plain SMTP, STARTTLS (required, with AUTH only after TLS) or implicit TLS, can
+require AUTH, and answers scripted faults so tests can drive the worker's retry paths:
+- recipients whose local part starts with "reject5xx" get "550 5.1.1" at RCPT;
+- a fault set through the control API answers every DATA with the given code;
+- --delay-ms holds each DATA reply (a slow provider, for shutdown tests).
+
+Control API (HTTP on 127.0.0.1): GET /messages (JSON list), GET /count,
+POST /fault {"code": 451, "text": "..."}, DELETE /fault.
+On start it prints one JSON line: {"smtp_port": N, "control_port": M}.
+"""
+import argparse
+import asyncio
+import json
+import ssl
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
+
+LOCK = threading.Lock()
+MESSAGES = []
+FAULT = {"code": None, "text": ""}
+
+
+class Handler:
+    def __init__(self, delay_ms):
+        self.delay = delay_ms / 1000.0
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        if address.split("@")[0].startswith("reject5xx"):
+            return "550 5.1.1 mailbox unavailable"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server, session, envelope):
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        with LOCK:
+            code, text = FAULT["code"], FAULT["text"]
+            if code is None:
+                MESSAGES.append({
+                    "mail_from": envelope.mail_from,
+                    "rcpt_tos": list(envelope.rcpt_tos),
+                    "data": envelope.content.decode("utf-8", "replace"),
+                })
+        if code is not None:
+            return f"{code} {text}"
+        return "250 Message accepted for delivery"
+
+
+class Authenticator:
+    def __init__(self, user, password):
+        self.user, self.password = user.encode(), password.encode()
+
+    def __call__(self, server, session, envelope, mechanism, auth_data):
+        ok = isinstance(auth_data, LoginPassword) and \
+            auth_data.login == self.user and auth_data.password == self.password
+        if ok:
+            return AuthResult(success=True)
+        # handled=False lets aiosmtpd answer 535; handled=True would leave the client hanging.
+        return AuthResult(success=False, handled=False)
+
+
+class Control(BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def reply(self, code, body):
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        with LOCK:
+            if self.path == "/messages":
+                return self.reply(200, MESSAGES)
+            if self.path == "/count":
+                return self.reply(200, {"count": len(MESSAGES)})
+        self.reply(404, {"error": "not found"})
+
+    def do_POST(self):
+        if self.path != "/fault":
+            return self.reply(404, {"error": "not found"})
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        with LOCK:
+            FAULT["code"], FAULT["text"] = int(body["code"]), body.get("text", "fault")
+        self.reply(200, FAULT)
+
+    def do_DELETE(self):
+        with LOCK:
+            FAULT["code"] = None
+        self.reply(200, FAULT)
+
+
+async def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--control-port", type=int, default=0)
+    parser.add_argument("--tls", choices=["none", "starttls", "implicit"], default="none")
+    parser.add_argument("--cert")
+    parser.add_argument("--key")
+    parser.add_argument("--auth", help="user:password; AUTH is then required")
+    parser.add_argument("--delay-ms", type=int, default=0)
+    args = parser.parse_args()
+
+    context = None
+    if args.tls != "none":
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(args.cert, args.key)
+    authenticator = None
+    if args.auth:
+        user, password = args.auth.split(":", 1)
+        authenticator = Authenticator(user, password)
+
+    def factory():
+        options = dict(hostname="mailpipe-test-smtp", data_size_limit=10 * 1024 * 1024)
+        if authenticator:
+            options.update(authenticator=authenticator, auth_required=True,
+                           auth_require_tls=args.tls != "none")
+        if args.tls == "starttls":
+            options.update(tls_context=context, require_starttls=True)
+        return SMTP(Handler(args.delay_ms), **options)
+
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        factory, "127.0.0.1", args.port,
+        ssl=context if args.tls == "implicit" else None, reuse_address=True)
+    port = server.sockets[0].getsockname()[1]
+    control = ThreadingHTTPServer(("127.0.0.1", args.control_port), Control)
+    threading.Thread(target=control.serve_forever, daemon=True).start()
+    print(json.dumps({"smtp_port": port, "control_port": control.server_address[1]}), flush=True)
+    async with server:
+        await server.serve_forever()
+
+
+if __name__ == "__main__":
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        sys.exit(0)

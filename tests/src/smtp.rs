@@ -1,0 +1,289 @@
+//! Real SMTP servers for tests: the project's aiosmtpd server (plain, STARTTLS, implicit
+//! TLS, AUTH, scripted faults) and maildev (a popular development SMTP server with a REST
+//! API), each on its own ports.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::process::Proc;
+use crate::{eventually, repo_root, tools_dir};
+
+/// Transport security of the test server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SmtpTls {
+    /// Plain SMTP.
+    None,
+    /// STARTTLS required before anything else.
+    Starttls,
+    /// TLS from the first byte.
+    Implicit,
+}
+
+/// How to start the aiosmtpd server.
+#[derive(Debug, Clone)]
+pub struct SmtpOptions {
+    /// Transport security.
+    pub tls: SmtpTls,
+    /// Certificate and key, for TLS.
+    pub cert: Option<(PathBuf, PathBuf)>,
+    /// Required credentials.
+    pub auth: Option<(String, String)>,
+    /// Delay before each DATA reply.
+    pub delay_ms: u32,
+}
+
+impl Default for SmtpOptions {
+    fn default() -> Self {
+        SmtpOptions {
+            tls: SmtpTls::None,
+            cert: None,
+            auth: None,
+            delay_ms: 0,
+        }
+    }
+}
+
+/// One message as the server received it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Received {
+    /// MAIL FROM.
+    pub mail_from: String,
+    /// RCPT TO.
+    pub rcpt_tos: Vec<String>,
+    /// The whole message.
+    pub data: String,
+}
+
+#[derive(Deserialize)]
+struct Ports {
+    smtp_port: u16,
+    control_port: u16,
+}
+
+/// The aiosmtpd-based test server.
+pub struct SmtpServer {
+    proc: Option<Proc>,
+    /// The SMTP port (kept across restarts).
+    pub port: u16,
+    control_port: u16,
+    options: SmtpOptions,
+    dir: tempfile::TempDir,
+    earlier: Vec<Received>,
+    http: reqwest::Client,
+}
+
+const PYTHON: &str = "/usr/bin/python3";
+
+impl SmtpServer {
+    /// Starts a server on a free port.
+    pub async fn start(options: SmtpOptions) -> SmtpServer {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut server = SmtpServer {
+            proc: None,
+            port: 0,
+            control_port: 0,
+            options,
+            dir,
+            earlier: Vec::new(),
+            http: reqwest::Client::new(),
+        };
+        server.launch().await;
+        server
+    }
+
+    async fn launch(&mut self) {
+        let check = Command::new(PYTHON)
+            .args(["-c", "import aiosmtpd"])
+            .output();
+        if !check.map(|o| o.status.success()).unwrap_or(false) {
+            panic!("the test SMTP server needs {PYTHON} with aiosmtpd: apt-get install -y python3-aiosmtpd (scripts/test-servers.sh does it)");
+        }
+        let log = self.dir.path().join(format!("smtp-{}.log", self.port));
+        let _ = std::fs::remove_file(&log);
+        let mut command = Command::new(PYTHON);
+        command
+            .arg(repo_root().join("tests/servers/smtp_server.py"))
+            .args(["--port", &self.port.to_string()])
+            .args(["--control-port", &self.control_port.to_string()])
+            .args(["--delay-ms", &self.options.delay_ms.to_string()])
+            .args([
+                "--tls",
+                match self.options.tls {
+                    SmtpTls::None => "none",
+                    SmtpTls::Starttls => "starttls",
+                    SmtpTls::Implicit => "implicit",
+                },
+            ]);
+        if let Some((cert, key)) = &self.options.cert {
+            command.arg("--cert").arg(cert).arg("--key").arg(key);
+        }
+        if let Some((user, password)) = &self.options.auth {
+            command.args(["--auth", &format!("{user}:{password}")]);
+        }
+        let proc = Proc::spawn("smtp server", command, &log);
+        let ports: Ports = eventually(Duration::from_secs(15), "the SMTP server to start", || {
+            let text = proc.output();
+            async move {
+                text.lines()
+                    .find(|l| l.starts_with('{'))
+                    .and_then(|l| serde_json::from_str(l).ok())
+            }
+        })
+        .await;
+        self.port = ports.smtp_port;
+        self.control_port = ports.control_port;
+        self.proc = Some(proc);
+    }
+
+    fn control(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.control_port)
+    }
+
+    /// Every message received, across restarts.
+    pub async fn messages(&self) -> Vec<Received> {
+        let mut all = self.earlier.clone();
+        if self.proc.is_some() {
+            let current: Vec<Received> = self
+                .http
+                .get(self.control("/messages"))
+                .send()
+                .await
+                .expect("SMTP control API answers")
+                .json()
+                .await
+                .expect("messages are JSON");
+            all.extend(current);
+        }
+        all
+    }
+
+    /// How many messages arrived, across restarts.
+    pub async fn count(&self) -> usize {
+        self.messages().await.len()
+    }
+
+    /// From now on every DATA is answered with `code text`.
+    pub async fn set_fault(&self, code: u16, text: &str) {
+        self.http
+            .post(self.control("/fault"))
+            .json(&serde_json::json!({"code": code, "text": text}))
+            .send()
+            .await
+            .expect("SMTP control API answers");
+    }
+
+    /// Back to accepting messages.
+    pub async fn clear_fault(&self) {
+        self.http
+            .delete(self.control("/fault"))
+            .send()
+            .await
+            .expect("SMTP control API answers");
+    }
+
+    /// Stops the server (keeping what it received so far).
+    pub async fn stop(&mut self) {
+        self.earlier = self.messages().await;
+        if let Some(mut proc) = self.proc.take() {
+            proc.kill();
+        }
+    }
+
+    /// Starts it again on the same ports.
+    pub async fn restart(&mut self) {
+        assert!(self.proc.is_none(), "stop the server first");
+        self.launch().await;
+    }
+
+    /// The server's own log.
+    pub fn log(&self) -> String {
+        self.proc.as_ref().map(Proc::output).unwrap_or_default()
+    }
+}
+
+/// A message as maildev reports it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct MaildevEmail {
+    /// Subject.
+    pub subject: String,
+    /// Plain-text body.
+    #[serde(default)]
+    pub text: Option<String>,
+    /// HTML body.
+    #[serde(default)]
+    pub html: Option<String>,
+    /// Recipients.
+    pub to: Vec<MaildevAddress>,
+    /// The Message-ID header, among others.
+    #[serde(default)]
+    pub headers: serde_json::Map<String, serde_json::Value>,
+}
+
+/// One address in a maildev message.
+#[derive(Debug, Clone, Deserialize)]
+pub struct MaildevAddress {
+    /// The address.
+    pub address: String,
+}
+
+/// maildev on its own SMTP and web ports.
+pub struct Maildev {
+    _proc: Proc,
+    /// SMTP port.
+    pub smtp_port: u16,
+    web_port: u16,
+    _dir: tempfile::TempDir,
+    http: reqwest::Client,
+}
+
+impl Maildev {
+    /// Starts maildev from the tools directory.
+    pub async fn start() -> Maildev {
+        let bin = tools_dir().join("node_modules/.bin/maildev");
+        if !bin.exists() {
+            panic!("maildev is not installed at {}: run scripts/test-servers.sh (npm install maildev@3)", bin.display());
+        }
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (smtp_port, web_port) = (crate::free_port(), crate::free_port());
+        let mut command = Command::new(bin);
+        command
+            .args(["--smtp", &smtp_port.to_string(), "--ip", "127.0.0.1"])
+            .args(["--web", &web_port.to_string(), "--web-ip", "127.0.0.1"]);
+        let proc = Proc::spawn("maildev", command, &dir.path().join("maildev.log"));
+        let http = reqwest::Client::new();
+        let url = format!("http://127.0.0.1:{web_port}/api/email");
+        eventually(Duration::from_secs(20), "maildev to start", || {
+            let request = http.get(&url).send();
+            async move {
+                request
+                    .await
+                    .ok()
+                    .filter(|r| r.status().is_success())
+                    .map(drop)
+            }
+        })
+        .await;
+        Maildev {
+            _proc: proc,
+            smtp_port,
+            web_port,
+            _dir: dir,
+            http,
+        }
+    }
+
+    /// Every message maildev holds.
+    pub async fn emails(&self) -> Vec<MaildevEmail> {
+        self.http
+            .get(format!("http://127.0.0.1:{}/api/email", self.web_port))
+            .send()
+            .await
+            .expect("maildev answers")
+            .json()
+            .await
+            .expect("maildev emails are JSON")
+    }
+}

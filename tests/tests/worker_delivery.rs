@@ -1,0 +1,269 @@
+//! Jobs in, mail out: the worker against the real RabbitMQ and real SMTP servers.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use mailpipe_contract::RetryPolicy;
+use mailpipe_tests::amqp::{self, Names, SHARED_URL};
+use mailpipe_tests::jobs;
+use mailpipe_tests::smtp::{Maildev, SmtpOptions, SmtpServer};
+use mailpipe_tests::worker::WorkerSpec;
+use mailpipe_tests::{eventually, unique};
+
+fn test_retry() -> RetryPolicy {
+    RetryPolicy {
+        max_attempts: 5,
+        initial: Duration::from_millis(200),
+        multiplier: 2.0,
+        max: Duration::from_secs(2),
+    }
+}
+
+#[tokio::test]
+async fn a_thousand_jobs_arrive_exactly_once_with_the_right_content() {
+    const N: usize = 1000;
+    let maildev = Maildev::start().await;
+    let names = Names::new("thousand");
+    let run = unique("run");
+    let worker = WorkerSpec::new(SHARED_URL, &names, maildev.smtp_port)
+        .args(&["--concurrency", "16"])
+        .spawn();
+    worker.wait_ready(Duration::from_secs(30)).await;
+
+    amqp::publish(
+        SHARED_URL,
+        &names.exchange,
+        (0..N).map(|n| jobs::numbered(&run, n)),
+    )
+    .await;
+
+    let emails = eventually(
+        Duration::from_secs(120),
+        "1000 emails at maildev",
+        || async {
+            let emails = maildev.emails().await;
+            (emails.len() >= N).then_some(emails)
+        },
+    )
+    .await;
+    // Give a straggler (a duplicate) the chance to show up before counting.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let emails = if maildev.emails().await.len() > emails.len() {
+        maildev.emails().await
+    } else {
+        emails
+    };
+    assert_eq!(emails.len(), N, "exactly {N} messages at the SMTP server");
+    let mut seen = BTreeSet::new();
+    for email in &emails {
+        let n = jobs::number_in_subject(&email.subject, &run)
+            .unwrap_or_else(|| panic!("unexpected subject {:?}", email.subject));
+        assert!(seen.insert(n), "job {n} arrived twice");
+        let to: Vec<&str> = email.to.iter().map(|a| a.address.as_str()).collect();
+        assert_eq!(to, [format!("user{n}@example.com")], "recipient of job {n}");
+        let text = email.text.as_deref().unwrap_or_default();
+        assert!(
+            text.contains(&format!("this is job {n}.")),
+            "text of job {n}: {text:?}"
+        );
+        let html = email.html.as_deref().unwrap_or_default();
+        assert!(
+            html.contains(&format!("<b>{n}</b>")),
+            "html of job {n}: {html:?}"
+        );
+    }
+    assert_eq!(seen.len(), N);
+
+    assert_eq!(
+        amqp::ready(SHARED_URL, &names.queue).await,
+        0,
+        "work queue empty"
+    );
+    let dlq = mailpipe_contract::naming::dead_letter_queue(&names.queue);
+    assert_eq!(
+        amqp::ready(SHARED_URL, &dlq).await,
+        0,
+        "nothing dead-lettered"
+    );
+    let metrics = eventually(Duration::from_secs(10), "metrics to settle", || async {
+        let m = worker.metrics().await;
+        (m.get("mailpipe_jobs_in_flight") == Some(&0.0)).then_some(m)
+    })
+    .await;
+    assert_eq!(metrics["mailpipe_jobs_consumed_total"], N as f64);
+    assert_eq!(metrics["mailpipe_jobs_sent_total"], N as f64);
+    assert_eq!(
+        metrics["mailpipe_job_processing_duration_seconds_count"],
+        N as f64
+    );
+    assert_eq!(
+        metrics["mailpipe_smtp_send_duration_seconds_count"],
+        N as f64
+    );
+    assert_eq!(metrics["mailpipe_worker_ready"], 1.0);
+    assert!(
+        !metrics
+            .keys()
+            .any(|k| k.starts_with("mailpipe_jobs_failed_total")),
+        "no failures"
+    );
+
+    amqp::delete_plan(SHARED_URL, &names.plan(&RetryPolicy::default())).await;
+}
+
+#[tokio::test]
+async fn invalid_and_rejected_jobs_are_dead_lettered_with_a_reason_and_nothing_loops() {
+    let smtp = SmtpServer::start(SmtpOptions::default()).await;
+    let names = Names::new("invalid");
+    let worker = WorkerSpec::new(SHARED_URL, &names, smtp.port)
+        .args(&["--backoff-initial", "200ms"])
+        .spawn();
+    worker.wait_ready(Duration::from_secs(30)).await;
+
+    let malformed = b"{\"to\": [\"a@example.com\"], \"subject\": ".to_vec();
+    let injection = br#"{"id":"inject","to":["a@example.com"],"subject":"Hi\r\nBcc: victim@example.com","text":"x"}"#.to_vec();
+    let rejected =
+        br#"{"id":"reject","to":["reject5xx@example.com"],"subject":"s","text":"x"}"#.to_vec();
+    let expired = br#"{"id":"late","to":["a@example.com"],"subject":"code","text":"123456","not_after":"2020-01-01T00:00:00Z"}"#.to_vec();
+    let fine = br#"{"id":"fine","to":["ok@example.com"],"subject":"fine","text":"x"}"#.to_vec();
+    amqp::publish(
+        SHARED_URL,
+        &names.exchange,
+        [malformed, injection, rejected, expired, fine],
+    )
+    .await;
+
+    let dlq = mailpipe_contract::naming::dead_letter_queue(&names.queue);
+    eventually(Duration::from_secs(30), "4 dead-lettered jobs", || async {
+        (amqp::ready(SHARED_URL, &dlq).await >= 4).then_some(())
+    })
+    .await;
+    eventually(
+        Duration::from_secs(10),
+        "the valid job delivered",
+        || async { (smtp.count().await == 1).then_some(()) },
+    )
+    .await;
+    // Nothing loops: after a pause, no further consumption happened.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let metrics = worker.metrics().await;
+    assert_eq!(
+        metrics["mailpipe_jobs_consumed_total"], 5.0,
+        "each job consumed once"
+    );
+    assert_eq!(metrics["mailpipe_jobs_sent_total"], 1.0);
+    assert_eq!(metrics["mailpipe_jobs_expired_total"], 1.0);
+    assert!(
+        !metrics
+            .keys()
+            .any(|k| k.starts_with("mailpipe_jobs_retried_total")),
+        "no retries"
+    );
+
+    let mut reasons: Vec<(String, String)> = amqp::take_all(SHARED_URL, &dlq)
+        .await
+        .into_iter()
+        .map(|got| {
+            assert!(
+                got.headers.contains_key("x-mailpipe-detail"),
+                "{:?}",
+                got.headers
+            );
+            assert_eq!(
+                got.headers.get("x-mailpipe-attempt").map(String::as_str),
+                Some("1")
+            );
+            (
+                got.headers["x-mailpipe-job-id"].clone(),
+                got.headers["x-mailpipe-reason"].clone(),
+            )
+        })
+        .collect();
+    reasons.sort();
+    let malformed_id = reasons
+        .iter()
+        .find(|(id, _)| id.starts_with("sha256:"))
+        .map(|(id, _)| id.clone())
+        .expect("the malformed job gets a derived id");
+    assert_eq!(
+        reasons,
+        vec![
+            ("inject".to_string(), "header_injection".to_string()),
+            ("late".to_string(), "expired".to_string()),
+            ("reject".to_string(), "smtp_5xx".to_string()),
+            (malformed_id, "malformed_json".to_string()),
+        ]
+    );
+    let received = smtp.messages().await;
+    assert_eq!(received[0].rcpt_tos, ["ok@example.com"]);
+    assert!(received.iter().all(|m| !m.data.contains("victim")));
+
+    amqp::delete_plan(SHARED_URL, &names.plan(&test_retry())).await;
+}
+
+#[tokio::test]
+async fn templates_render_html_and_text_parts() {
+    let smtp = SmtpServer::start(SmtpOptions::default()).await;
+    let names = Names::new("templates");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("otp.subject"), "Your code is {{ code }}").unwrap();
+    std::fs::write(dir.path().join("otp.txt"), "Code: {{ code }}").unwrap();
+    std::fs::write(
+        dir.path().join("otp.html"),
+        "<p>Code: <b>{{ code }}</b> for {{ name }}</p>",
+    )
+    .unwrap();
+    let worker = WorkerSpec::new(SHARED_URL, &names, smtp.port)
+        .args(&["--templates-dir", dir.path().to_str().unwrap()])
+        .spawn();
+    worker.wait_ready(Duration::from_secs(30)).await;
+    let job = br#"{"to":["a@example.com"],"template":{"name":"otp","data":{"code":"424242","name":"<Ann>"}}}"#;
+    amqp::publish(SHARED_URL, &names.exchange, [job.to_vec()]).await;
+    let message = eventually(Duration::from_secs(20), "the templated message", || async {
+        smtp.messages().await.pop()
+    })
+    .await;
+    assert!(
+        message.data.contains("Subject: Your code is 424242"),
+        "{}",
+        message.data
+    );
+    assert!(
+        message.data.contains("multipart/alternative"),
+        "{}",
+        message.data
+    );
+    assert!(message.data.contains("Code: 424242"), "{}", message.data);
+    assert!(message.data.contains("&lt;Ann&gt;"), "{}", message.data);
+    amqp::delete_plan(SHARED_URL, &names.plan(&test_retry())).await;
+}
+
+#[tokio::test]
+async fn log_mode_renders_and_acks_without_sending() {
+    let smtp = SmtpServer::start(SmtpOptions::default()).await;
+    let names = Names::new("logmode");
+    let worker = WorkerSpec::new(SHARED_URL, &names, smtp.port)
+        .args(&["--mode", "log"])
+        .spawn();
+    worker.wait_ready(Duration::from_secs(30)).await;
+    let run = unique("run");
+    amqp::publish(
+        SHARED_URL,
+        &names.exchange,
+        (0..3).map(|n| jobs::numbered(&run, n)),
+    )
+    .await;
+    eventually(Duration::from_secs(20), "3 jobs handled", || async {
+        (worker.metric("mailpipe_jobs_sent_total").await == 3.0).then_some(())
+    })
+    .await;
+    assert_eq!(smtp.count().await, 0, "log mode sends nothing");
+    assert_eq!(amqp::ready(SHARED_URL, &names.queue).await, 0);
+    let output = worker.output();
+    assert!(output.contains("log mode: message rendered"), "{output}");
+    assert!(
+        !output.contains("user1@example.com"),
+        "no recipients at info level"
+    );
+    amqp::delete_plan(SHARED_URL, &names.plan(&test_retry())).await;
+}
