@@ -135,6 +135,24 @@ impl RabbitSource {
             .and_then(amqp_int)
             .map(|a| a.clamp(1, u32::MAX.into()) as u32)
             .unwrap_or(1);
+        // A retried job comes back through the default exchange; the headers written on
+        // its first retry remember where the producer published it.
+        let header_text = |name: &str| {
+            delivery
+                .properties
+                .headers()
+                .as_ref()
+                .and_then(|h| match h.inner().get(name) {
+                    Some(AMQPValue::LongString(s)) => {
+                        Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
+                    }
+                    _ => None,
+                })
+        };
+        let exchange = header_text(headers::ORIGINAL_EXCHANGE)
+            .unwrap_or_else(|| delivery.exchange.to_string());
+        let routing_key = header_text(headers::ORIGINAL_ROUTING_KEY)
+            .unwrap_or_else(|| delivery.routing_key.to_string());
         let body: Arc<[u8]> = delivery.data.into();
         let settings = &self.config.settings;
         Delivery {
@@ -145,8 +163,8 @@ impl RabbitSource {
                 publisher: publisher.clone(),
                 properties: delivery.properties,
                 body,
-                exchange: delivery.exchange.to_string(),
-                routing_key: delivery.routing_key.to_string(),
+                exchange,
+                routing_key,
                 work_queue: settings.queue.clone(),
                 dead_letter: settings.dead_letter,
             }),
@@ -389,9 +407,17 @@ impl RabbitSettle {
                 after,
             } => {
                 let queue = naming::delay_queue(&self.work_queue, after);
-                let attempt = AMQPValue::LongLongInt(next_attempt.into());
+                let long = |s: &str| AMQPValue::LongString(LongString::from(s));
+                let extra = vec![
+                    (
+                        headers::ATTEMPT,
+                        AMQPValue::LongLongInt(next_attempt.into()),
+                    ),
+                    (headers::ORIGINAL_EXCHANGE, long(&self.exchange)),
+                    (headers::ORIGINAL_ROUTING_KEY, long(&self.routing_key)),
+                ];
                 if self
-                    .publish_copy("", &queue, vec![(headers::ATTEMPT, attempt)])
+                    .publish_copy("", &queue, extra)
                     .await
                     .map_err(lapin_error)?
                 {
