@@ -56,6 +56,13 @@ impl Dedup {
         Ok(connection.exists(self.key(job_id)).await?)
     }
 
+    /// Checks that the store answers.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let mut connection = self.connection.clone();
+        let _: String = redis::cmd("PING").query_async(&mut connection).await?;
+        Ok(())
+    }
+
     /// Records that `job_id` was accepted by the SMTP server.
     pub async fn record_sent(&self, job_id: &str) -> Result<(), StoreError> {
         let mut connection = self.connection.clone();

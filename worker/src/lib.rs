@@ -165,7 +165,7 @@ async fn serve<M: Mailer>(
     let watcher = {
         let pipeline = pipeline.clone();
         let stop = stop.clone();
-        tokio::spawn(async move { pipeline.watch_smtp(stop).await })
+        tokio::spawn(async move { pipeline.watch_dependencies(stop).await })
     };
     let drained = pipeline::run(
         pipeline,

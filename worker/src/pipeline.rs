@@ -285,31 +285,51 @@ impl<M: Mailer> Pipeline<M> {
         }
     }
 
-    /// While the SMTP server is marked down, probes it with capped backoff so readiness
-    /// comes back without waiting for the next job.
-    pub async fn watch_smtp(&self, stop: CancellationToken) {
-        let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+    /// While the SMTP server or the deduplication store is marked down, probes it with
+    /// capped backoff, so readiness comes back (and is right at start-up) without waiting
+    /// for the next job.
+    pub async fn watch_dependencies(&self, stop: CancellationToken) {
+        let mut smtp_backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+        let mut store_backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
         loop {
-            let wait = if self.health.is_up(Component::Smtp) {
-                backoff.reset();
-                Duration::from_secs(1)
+            // The next look: in a second while all is well, else after the shortest backoff.
+            let mut retry_in: Option<Duration> = None;
+            if self.health.is_up(Component::Smtp) {
+                smtp_backoff.reset();
             } else {
                 match self.mailer.probe().await {
                     Ok(()) => {
                         if self.health.set(Component::Smtp, true) {
-                            tracing::info!("SMTP server reachable again");
+                            tracing::info!("SMTP server reachable");
                         }
-                        Duration::from_secs(1)
                     }
                     Err(error) => {
                         tracing::debug!(reason = error.reason, "SMTP probe failed");
-                        backoff.next_delay()
+                        retry_in = Some(smtp_backoff.next_delay());
                     }
                 }
-            };
+            }
+            if let Some(dedup) = &self.dedup {
+                if self.health.is_up(Component::Store) {
+                    store_backoff.reset();
+                } else {
+                    match dedup.ping().await {
+                        Ok(()) => {
+                            if self.health.set(Component::Store, true) {
+                                tracing::info!("deduplication store reachable");
+                            }
+                        }
+                        Err(error) => {
+                            tracing::debug!(%error, "deduplication store probe failed");
+                            let delay = store_backoff.next_delay();
+                            retry_in = Some(retry_in.map_or(delay, |d| d.min(delay)));
+                        }
+                    }
+                }
+            }
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(wait) => {}
+                _ = tokio::time::sleep(retry_in.unwrap_or(Duration::from_secs(1))) => {}
             }
         }
     }
