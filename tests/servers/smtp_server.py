@@ -123,7 +123,7 @@ async def main():
         options = dict(hostname="mailpipe-test-smtp", data_size_limit=10 * 1024 * 1024)
         if authenticator:
             options.update(authenticator=authenticator, auth_required=True,
-                           auth_require_tls=args.tls != "none")
+                           auth_require_tls=args.tls == "starttls")
         if args.tls == "starttls":
             options.update(tls_context=context, require_starttls=True)
         return SMTP(Handler(args.delay_ms), **options)

@@ -94,7 +94,7 @@ fn classify(error: &lettre::transport::smtp::Error) -> SendError {
         let numeric: u16 = code.to_string().parse().unwrap_or(500);
         return SendError::from_reply(numeric, error.to_string());
     }
-    let reason = if error.is_tls() {
+    let reason = if error.is_tls() || has_tls_failure(error) {
         "smtp_tls"
     } else if error.is_timeout() {
         "smtp_timeout"
@@ -102,6 +102,29 @@ fn classify(error: &lettre::transport::smtp::Error) -> SendError {
         "smtp_connection"
     };
     SendError::without_reply(reason, error_chain(error))
+}
+
+/// Whether a TLS failure (an untrusted or invalid certificate, a failed handshake) sits in
+/// the error's chain. lettre reports rustls errors met during the handshake as connection
+/// errors wrapping an `io::Error`, whose `source()` skips the rustls error itself, so
+/// `io::Error::get_ref` is looked into as well.
+fn has_tls_failure(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(current) = next {
+        if current.downcast_ref::<rustls::Error>().is_some() {
+            return true;
+        }
+        if let Some(inner) = current
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            if has_tls_failure(inner) {
+                return true;
+            }
+        }
+        next = current.source();
+    }
+    false
 }
 
 /// The error and its sources on one line (lettre's top-level text is often just "Connection
@@ -145,5 +168,21 @@ impl Mailer for SmtpMailer {
             )),
             Err(e) => Err(classify(&e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_certificate_error_wrapped_in_io_errors_is_a_tls_failure() {
+        let rustls_error =
+            rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
+        let wrapped = std::io::Error::new(std::io::ErrorKind::InvalidData, rustls_error);
+        let outer = std::io::Error::other(wrapped);
+        assert!(has_tls_failure(&outer));
+        let plain = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        assert!(!has_tls_failure(&plain));
     }
 }
