@@ -1,1 +1,318 @@
-fn main() {}
+//! Benchmark: jobs per second of one worker process against a fast local SMTP sink over
+//! 16 connections, beside two ceilings measured in the same run on the same machine:
+//! the raw AMQP consume+ack rate (lapin, no work) and the raw SMTP rate over 16 reused
+//! connections (lettre's pool, pre-built messages). Also the worker's CPU microseconds per
+//! job (user+sys over jobs) and its peak RSS. Each figure is the median of `RUNS` runs.
+//!
+//! Run: `scripts/bench.sh` (release build; RabbitMQ on 127.0.0.1:5672).
+#![forbid(unsafe_code)]
+
+mod sink;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use lettre::transport::smtp::PoolConfig;
+use lettre::{AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
+use mailpipe_contract::RetryPolicy;
+use mailpipe_tests::amqp::{self, Names, SHARED_URL};
+use mailpipe_tests::worker::WorkerSpec;
+use nix::sys::signal::Signal;
+
+const RUNS: usize = 3;
+const CONNECTIONS: usize = 16;
+
+/// A job of about 1.5 KB: about 1 KiB of HTML body plus text and metadata.
+fn job(n: usize) -> Vec<u8> {
+    let paragraph =
+        "<p>Thank you for your order. Your parcel is on its way and will arrive soon.</p>\n";
+    let html = format!(
+        "<html><body><h1>Order {n}</h1>\n{}</body></html>",
+        paragraph.repeat(12)
+    );
+    serde_json::to_vec(&serde_json::json!({
+        "id": format!("bench-{n}"),
+        "to": [format!("Customer {n} <customer{n}@example.com>")],
+        "subject": format!("Your order {n} has shipped"),
+        "text": "Your order has shipped. Thank you for shopping with us. Track it any time from your account page; reply to this message if anything is wrong with the delivery address or the items.",
+        "html": html,
+        "headers": {"X-Campaign": "bench"},
+    }))
+    .expect("serializable")
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    values[values.len() / 2]
+}
+
+/// Raw consume+ack: prefill a queue with `n` jobs, then consume and ack them as fast as
+/// lapin can (prefetch 64), no processing.
+async fn raw_amqp(n: usize) -> anyhow::Result<f64> {
+    let names = Names::new("bench_raw_amqp");
+    let connection = amqp::connect(SHARED_URL).await;
+    let channel = connection.create_channel().await?;
+    channel
+        .queue_declare(
+            names.queue.as_str().into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .exchange_declare(
+            names.exchange.as_str().into(),
+            lapin::ExchangeKind::Fanout,
+            Default::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_bind(
+            names.queue.as_str().into(),
+            names.exchange.as_str().into(),
+            "".into(),
+            Default::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    amqp::publish(SHARED_URL, &names.exchange, (0..n).map(job)).await;
+    channel.basic_qos(64, BasicQosOptions::default()).await?;
+    let mut consumer = channel
+        .basic_consume(
+            names.queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let started = Instant::now();
+    for _ in 0..n {
+        let delivery = consumer.next().await.expect("a delivery")?;
+        delivery.acker.ack(BasicAckOptions::default()).await?;
+    }
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    let _ = channel
+        .queue_delete(names.queue.as_str().into(), Default::default())
+        .await;
+    let _ = channel
+        .exchange_delete(names.exchange.as_str().into(), Default::default())
+        .await;
+    let _ = connection.close(200, "done".into()).await;
+    Ok(rate)
+}
+
+/// A pre-built message like the worker builds from `job(0)`.
+fn prebuilt() -> anyhow::Result<(lettre::address::Envelope, Vec<u8>)> {
+    let message = lettre::Message::builder()
+        .from("bench@example.com".parse()?)
+        .to("customer@example.com".parse()?)
+        .subject("Your order has shipped")
+        .multipart(lettre::message::MultiPart::alternative_plain_html(
+            "Your order has shipped.".to_string(),
+            String::from_utf8(job(0))?,
+        ))?;
+    Ok((message.envelope().clone(), message.formatted()))
+}
+
+/// Sends `n` messages from 16 tasks through `send`, returning messages per second.
+async fn over_16<F, Fut>(n: usize, send: F) -> anyhow::Result<f64>
+where
+    F: Fn() -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let started = Instant::now();
+    let per_task = n / CONNECTIONS;
+    let mut tasks = Vec::new();
+    for _ in 0..CONNECTIONS {
+        let send = send.clone();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..per_task {
+                send().await;
+            }
+        }));
+    }
+    for task in tasks {
+        task.await?;
+    }
+    Ok((per_task * CONNECTIONS) as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Raw SMTP through the worker's own mailer (its pool of 16 connections), no AMQP, no
+/// parsing or rendering: the ceiling of the worker's SMTP path.
+async fn raw_smtp(port: u16, stats: &sink::SinkStats, n: usize) -> anyhow::Result<f64> {
+    use mailpipe_worker::config::{SmtpConfig, TlsMode};
+    use mailpipe_worker::mailer::{smtp::SmtpMailer, Mailer, Outgoing};
+    stats.reset();
+    let config = SmtpConfig {
+        host: "127.0.0.1".into(),
+        port,
+        tls: TlsMode::None,
+        ca_file: None,
+        insecure_skip_verify: false,
+        credentials: None,
+        pool_size: CONNECTIONS as u32,
+        rate_limit: None,
+        timeout: Duration::from_secs(30),
+    };
+    let mailer = Arc::new(SmtpMailer::new(
+        &config,
+        mailpipe_worker::metrics::Metrics::new(),
+    )?);
+    let (envelope, bytes) = prebuilt()?;
+    let outgoing = Arc::new(Outgoing { envelope, bytes });
+    over_16(n, move || {
+        let (mailer, outgoing) = (mailer.clone(), outgoing.clone());
+        async move { mailer.send(&outgoing).await.expect("the sink accepts") }
+    })
+    .await
+}
+
+/// The same through lettre's own pooled transport, for reference: its sockets have Nagle's
+/// algorithm on, so each message waits for the server's delayed ACK.
+async fn lettre_pool(port: u16, stats: &sink::SinkStats, n: usize) -> anyhow::Result<f64> {
+    stats.reset();
+    let transport: AsyncSmtpTransport<Tokio1Executor> =
+        AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous("127.0.0.1")
+            .port(port)
+            .pool_config(PoolConfig::new().max_size(CONNECTIONS as u32))
+            .build();
+    let transport = Arc::new(transport);
+    let (envelope, bytes) = prebuilt()?;
+    let message = Arc::new((envelope, bytes));
+    over_16(n, move || {
+        let (transport, message) = (transport.clone(), message.clone());
+        async move {
+            transport
+                .send_raw(&message.0, &message.1)
+                .await
+                .expect("the sink accepts");
+        }
+    })
+    .await
+}
+
+/// CPU seconds (user+sys) and peak RSS (KiB) of a live process, from /proc.
+fn proc_usage(pid: u32) -> anyhow::Result<(f64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
+    let clock_ticks = 100.0; // USER_HZ on Linux
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let hwm = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    Ok((ticks / clock_ticks, hwm))
+}
+
+struct WorkerRun {
+    jobs_per_second: f64,
+    cpu_us_per_job: f64,
+    peak_rss_mib: f64,
+}
+
+/// The worker: prefill the queue with `n` jobs, start one worker process (16 concurrent
+/// jobs, 16 SMTP connections), and time from the first to the last message at the sink.
+async fn worker(port: u16, stats: &sink::SinkStats, n: usize) -> anyhow::Result<WorkerRun> {
+    stats.reset();
+    let names = Names::new("bench_worker");
+    let spec = WorkerSpec::new(SHARED_URL, &names, port).args(&[
+        "--concurrency",
+        "16",
+        "--smtp-pool-size",
+        "16",
+        "--log",
+        "warn",
+    ]);
+    // Declare the topology with a short-lived worker, then prefill.
+    {
+        let mut first = spec.spawn();
+        first.wait_ready(Duration::from_secs(30)).await;
+        first.signal(Signal::SIGTERM);
+        first.wait_exit(Duration::from_secs(30));
+    }
+    amqp::publish(SHARED_URL, &names.exchange, (0..n).map(job)).await;
+    let mut worker = spec.spawn();
+    while (stats.messages.load(Ordering::SeqCst) as usize) < n {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let (first, last) = stats
+        .window
+        .lock()
+        .expect("lock")
+        .expect("messages arrived");
+    let (cpu_seconds, peak_rss_kib) = proc_usage(worker.pid())?;
+    worker.signal(Signal::SIGTERM);
+    worker.wait_exit(Duration::from_secs(30));
+    amqp::delete_plan(SHARED_URL, &names.plan(&RetryPolicy::default())).await;
+    Ok(WorkerRun {
+        jobs_per_second: (n - 1) as f64 / (last - first).as_secs_f64(),
+        cpu_us_per_job: cpu_seconds * 1e6 / n as f64,
+        peak_rss_mib: peak_rss_kib as f64 / 1024.0,
+    })
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let n: usize = std::env::args()
+        .nth(1)
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(20_000);
+    let (port, stats) = sink::start().await?;
+    println!(
+        "worker throughput: {n} jobs of {} bytes per run, {RUNS} runs, medians",
+        job(0).len()
+    );
+    let (mut amqp_rates, mut smtp_rates, mut worker_rates, mut cpu, mut rss) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut lettre_rates = Vec::new();
+    for run in 1..=RUNS {
+        let a = raw_amqp(n).await?;
+        let s = raw_smtp(port, &stats, n).await?;
+        // lettre's pool is about 360/s here: a tenth of the jobs is plenty to measure it.
+        let l = lettre_pool(port, &stats, (n / 10).max(CONNECTIONS)).await?;
+        let w = worker(port, &stats, n).await?;
+        println!(
+            "run {run}: raw AMQP consume+ack {a:.0}/s, raw SMTP x{CONNECTIONS} {s:.0}/s (lettre's pool {l:.0}/s), worker {:.0} jobs/s, {:.0} us CPU/job, peak RSS {:.1} MiB",
+            w.jobs_per_second, w.cpu_us_per_job, w.peak_rss_mib
+        );
+        amqp_rates.push(a);
+        smtp_rates.push(s);
+        lettre_rates.push(l);
+        worker_rates.push(w.jobs_per_second);
+        cpu.push(w.cpu_us_per_job);
+        rss.push(w.peak_rss_mib);
+    }
+    let (a, s, w) = (median(amqp_rates), median(smtp_rates), median(worker_rates));
+    println!("median raw AMQP consume+ack:        {a:>8.0} msgs/s");
+    println!("median raw SMTP, {CONNECTIONS} connections:     {s:>8.0} msgs/s");
+    println!(
+        "median lettre's own pool, 16 conns: {:>8.0} msgs/s (reference)",
+        median(lettre_rates)
+    );
+    println!("median worker (16 conc, 16 conns): {w:>8.0} jobs/s ({:.0}% of raw AMQP, {:.0}% of raw SMTP)", 100.0 * w / a, 100.0 * w / s);
+    println!(
+        "median worker CPU per job:          {:>8.0} us (user+sys)",
+        median(cpu)
+    );
+    println!(
+        "worker peak RSS (max of runs):      {:>8.1} MiB",
+        rss.iter().cloned().fold(0.0, f64::max)
+    );
+    Ok(())
+}

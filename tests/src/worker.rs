@@ -18,12 +18,13 @@ pub fn binary() -> PathBuf {
     if let Some(path) = std::env::var_os("MAILPIPE_WORKER_BIN") {
         return path.into();
     }
-    let exe = std::env::current_exe().expect("test executable path");
-    let profile_dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("test executables live in target/<profile>/deps");
-    let bin = profile_dir.join("mailpipe-worker");
+    // Test executables live in target/<profile>/deps, binaries in target/<profile>.
+    let exe = std::env::current_exe().expect("executable path");
+    let dir = exe.parent().expect("executable directory");
+    let bin = [dir.join("mailpipe-worker"), dir.join("../mailpipe-worker")]
+        .into_iter()
+        .find(|p| p.exists())
+        .unwrap_or_else(|| dir.join("../mailpipe-worker"));
     assert!(
         bin.exists(),
         "{} is missing: build it first (cargo build -p mailpipe-worker), as .ci/run does",
@@ -204,6 +205,11 @@ impl Worker {
                 self.output()
             ),
         }
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
     }
 
     /// Kills it with SIGKILL.

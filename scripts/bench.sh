@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Benchmarks (not tests): builds in release mode and prints figures.
+# Usage: scripts/bench.sh [JOBS_PER_RUN]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/mailpipe/target}"
+bash scripts/test-servers.sh
+cargo build --release --locked -q -p mailpipe-worker -p mailpipe-bench
+exec "$CARGO_TARGET_DIR/release/worker-throughput" "$@"
