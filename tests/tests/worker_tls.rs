@@ -138,6 +138,28 @@ async fn implicit_tls_delivers() {
 }
 
 #[tokio::test]
+async fn implicit_tls_refuses_an_untrusted_certificate() {
+    let (pki, _dir) = pki();
+    let smtp = SmtpServer::start(SmtpOptions {
+        tls: SmtpTls::Implicit,
+        cert: Some((pki.cert.clone(), pki.key.clone())),
+        auth: Some(("mailer".into(), "s3cret".into())),
+        ..SmtpOptions::default()
+    })
+    .await;
+    let names = Names::new("implicituntrusted");
+    let mut worker = tls_spec(&names, &smtp, "tls", &pki.other_ca, "s3cret").spawn();
+    let status = worker.wait_exit(Duration::from_secs(30));
+    assert!(!status.success());
+    let output = worker.output();
+    assert!(output.contains("refused the worker"), "{output}");
+    assert!(
+        output.contains("UnknownIssuer") || output.contains("BadSignature"),
+        "{output}"
+    );
+}
+
+#[tokio::test]
 async fn private_broker_amqps_with_a_ca_file_delivers_and_a_wrong_ca_is_refused() {
     let (pki, _dir) = pki();
     let (ca, cert, key, other) = (

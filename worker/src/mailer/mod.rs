@@ -7,6 +7,7 @@
 
 pub mod log;
 pub mod smtp;
+pub mod tls;
 
 use std::future::Future;
 

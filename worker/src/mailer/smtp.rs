@@ -8,7 +8,8 @@
 //! 360 messages per second even against a local server. Owning the sockets is also where a
 //! pipelining (RFC 2920) transport will sit.
 //!
-//! STARTTLS is required by default; implicit TLS and plain are explicit choices.
+//! STARTTLS is required by default (lettre upgrades the connection); implicit TLS (the
+//! handshake done in `tls.rs`) and plain are explicit choices.
 //! Certificates are verified against the system roots, or only against a given CA bundle;
 //! skipping verification is an opt-in that `run` logs loudly. A connection that failed is
 //! dropped, never returned to the pool; one idle for a while is checked with NOOP before
@@ -26,6 +27,7 @@ use lettre::transport::smtp::extension::ClientId;
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 
+use super::tls::ImplicitTls;
 use super::{Mailer, Outgoing, SendError};
 use crate::config::{SmtpConfig, TlsMode};
 use crate::metrics::Metrics;
@@ -40,8 +42,8 @@ const MECHANISMS: &[Mechanism] = &[Mechanism::Plain, Mechanism::Login];
 pub struct SmtpMailer {
     host: String,
     port: u16,
-    tls: TlsMode,
     tls_parameters: Option<TlsParameters>,
+    implicit_tls: Option<ImplicitTls>,
     credentials: Option<Credentials>,
     hello: ClientId,
     timeout: Duration,
@@ -62,14 +64,18 @@ pub enum BuildError {
     /// The CA file or TLS settings were refused.
     #[error("SMTP TLS settings: {0}")]
     Tls(lettre::transport::smtp::Error),
+    /// The TLS client configuration cannot be built.
+    #[error("SMTP TLS settings: {0}")]
+    Settings(String),
 }
 
 impl SmtpMailer {
     /// Prepares the pool; connections open on the first send or probe.
     pub fn new(config: &SmtpConfig, metrics: Metrics) -> Result<SmtpMailer, BuildError> {
-        let tls_parameters = match config.tls {
-            TlsMode::None => None,
-            TlsMode::Starttls | TlsMode::Tls => Some(tls_parameters(config)?),
+        let (tls_parameters, implicit_tls) = match config.tls {
+            TlsMode::None => (None, None),
+            TlsMode::Starttls => (Some(tls_parameters(config)?), None),
+            TlsMode::Tls => (None, Some(ImplicitTls::new(config)?)),
         };
         let credentials = config
             .credentials
@@ -88,8 +94,8 @@ impl SmtpMailer {
         Ok(SmtpMailer {
             host: config.host.clone(),
             port: config.port,
-            tls: config.tls,
             tls_parameters,
+            implicit_tls,
             credentials,
             hello: ClientId::default(),
             timeout: config.timeout,
@@ -101,26 +107,35 @@ impl SmtpMailer {
 
     /// Opens, secures and authenticates a new connection.
     async fn open(&self) -> Result<AsyncSmtpConnection, SendError> {
-        let mut connection = match self.tls {
-            TlsMode::Tls => {
-                // Implicit TLS: lettre connects the socket itself (see the README's limits).
-                AsyncSmtpConnection::connect_tokio1(
-                    (self.host.as_str(), self.port),
-                    Some(self.timeout),
-                    &self.hello,
-                    self.tls_parameters.clone(),
-                    None,
-                )
-                .await
-                .map_err(|e| classify(&e))?
+        let stream = connect_tcp(&self.host, self.port, self.timeout).await?;
+        let mut connection = match &self.implicit_tls {
+            Some(tls) => {
+                let stream = tokio::time::timeout(self.timeout, tls.wrap(stream))
+                    .await
+                    .map_err(|_| {
+                        SendError::without_reply("smtp_timeout", "TLS handshake timed out".into())
+                    })?
+                    .map_err(|e| {
+                        let reason = if has_tls_failure(&e) {
+                            "smtp_tls"
+                        } else {
+                            "smtp_connection"
+                        };
+                        SendError::without_reply(
+                            reason,
+                            format!("TLS handshake: {}", error_chain(&e)),
+                        )
+                    })?;
+                AsyncSmtpConnection::connect_with_transport(Box::new(stream), &self.hello)
+                    .await
+                    .map_err(|e| classify(&e))?
             }
-            TlsMode::None | TlsMode::Starttls => {
-                let stream = connect_tcp(&self.host, self.port, self.timeout).await?;
+            None => {
                 let mut connection =
                     AsyncSmtpConnection::connect_with_transport(Box::new(stream), &self.hello)
                         .await
                         .map_err(|e| classify(&e))?;
-                if let (TlsMode::Starttls, Some(parameters)) = (self.tls, &self.tls_parameters) {
+                if let Some(parameters) = &self.tls_parameters {
                     connection
                         .starttls(parameters.clone(), &self.hello)
                         .await
