@@ -67,6 +67,11 @@ pub async fn publish(url: &str, exchange: &str, bodies: impl IntoIterator<Item =
     .await
 }
 
+/// Publishes the numbered jobs `range` of `run` (see [`crate::jobs::numbered`]).
+pub async fn publish_numbered(url: &str, exchange: &str, run: &str, range: std::ops::Range<usize>) {
+    publish(url, exchange, range.map(|n| crate::jobs::numbered(run, n))).await
+}
+
 /// Publishes with explicit properties.
 pub async fn publish_with(
     url: &str,
@@ -220,21 +225,18 @@ pub async fn delete_plan(url: &str, plan: &TopologyPlan) {
 /// Unacknowledged messages of `queue`, as the broker counts them (via rabbitmqctl, so it
 /// works while the consumer is frozen with SIGSTOP). `node` is None for the shared node.
 pub fn unacked(node: Option<&str>, queue: &str) -> u64 {
-    let mut command = std::process::Command::new("rabbitmqctl");
-    if let Some(node) = node {
-        command.args(["-n", node]);
-    }
-    let out = command
-        .args([
+    let listing = rabbitmqctl(
+        node,
+        &[
             "-q",
             "list_queues",
             "name",
             "messages_unacknowledged",
             "--no-table-headers",
-        ])
-        .output()
-        .expect("rabbitmqctl runs");
-    String::from_utf8_lossy(&out.stdout)
+        ],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    listing
         .lines()
         .filter_map(|line| {
             let mut parts = line.split_whitespace();
@@ -242,4 +244,25 @@ pub fn unacked(node: Option<&str>, queue: &str) -> u64 {
         })
         .next()
         .unwrap_or_else(|| panic!("queue {queue} not listed by rabbitmqctl"))
+}
+
+/// Runs rabbitmqctl against `node` (the shared node when None); its output, or why not.
+pub fn rabbitmqctl(node: Option<&str>, args: &[&str]) -> Result<String, String> {
+    let mut command = std::process::Command::new("rabbitmqctl");
+    if let Some(node) = node {
+        command.args(["-n", node]);
+    }
+    let out = command
+        .args(args)
+        .output()
+        .map_err(|e| format!("rabbitmqctl cannot run ({e}); apt-get install -y rabbitmq-server"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!(
+            "rabbitmqctl {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
 }

@@ -23,21 +23,7 @@ pub struct RabbitNode {
 }
 
 fn rabbitmqctl(node: &str, args: &[&str]) -> Result<String, String> {
-    let out = Command::new("rabbitmqctl")
-        .arg("-n")
-        .arg(node)
-        .args(args)
-        .output()
-        .map_err(|e| format!("rabbitmqctl cannot run ({e}); apt-get install -y rabbitmq-server"))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(format!(
-            "rabbitmqctl {args:?}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ))
-    }
+    crate::amqp::rabbitmqctl(Some(node), args)
 }
 
 fn chown_to_rabbitmq(dir: &Path) {

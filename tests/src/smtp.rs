@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::jobs;
 use crate::process::Proc;
 use crate::{eventually, repo_root, tools_dir};
 
@@ -163,6 +164,27 @@ impl SmtpServer {
     /// How many messages arrived, across restarts.
     pub async fn count(&self) -> usize {
         self.messages().await.len()
+    }
+
+    /// Waits until at least `n` messages arrived.
+    pub async fn wait_for_count(&self, n: usize, timeout: Duration) {
+        eventually(
+            timeout,
+            &format!("{n} messages at the SMTP server"),
+            || async { (self.count().await >= n).then_some(()) },
+        )
+        .await;
+    }
+
+    /// Which of the numbered jobs 0..n of `run` arrived, how often (see [`jobs::numbered`]).
+    pub async fn tally(&self, run: &str, n: usize) -> jobs::Tally {
+        let messages = self.messages().await;
+        jobs::tally(
+            messages
+                .iter()
+                .filter_map(|m| jobs::number_in_message(&m.data, run)),
+            n,
+        )
     }
 
     /// From now on every DATA is answered with `code text`.

@@ -9,18 +9,8 @@ use mailpipe_tests::jobs::{self, Tally};
 use mailpipe_tests::rabbit_node::RabbitNode;
 use mailpipe_tests::redis_server::{RedisServer, SHARED_URL as SHARED_REDIS};
 use mailpipe_tests::smtp::{SmtpOptions, SmtpServer};
+use mailpipe_tests::unique;
 use mailpipe_tests::worker::WorkerSpec;
-use mailpipe_tests::{eventually, unique};
-
-async fn tally(smtp: &SmtpServer, run: &str, n: usize) -> Tally {
-    let messages = smtp.messages().await;
-    jobs::tally(
-        messages
-            .iter()
-            .filter_map(|m| jobs::number_in_message(&m.data, run)),
-        n,
-    )
-}
 
 #[tokio::test]
 async fn redis_outage_pauses_sending_with_readiness_false_and_loses_nothing() {
@@ -45,10 +35,7 @@ async fn redis_outage_pauses_sending_with_readiness_false_and_loses_nothing() {
         (0..N).map(|n| jobs::numbered(&run, n)),
     )
     .await;
-    eventually(Duration::from_secs(30), "some jobs delivered", || async {
-        (smtp.count().await >= 30).then_some(())
-    })
-    .await;
+    smtp.wait_for_count(30, Duration::from_secs(30)).await;
 
     redis.stop();
     worker.wait_unready(Duration::from_secs(15)).await;
@@ -66,13 +53,10 @@ async fn redis_outage_pauses_sending_with_readiness_false_and_loses_nothing() {
 
     redis.restart().await;
     worker.wait_ready(Duration::from_secs(30)).await;
-    eventually(Duration::from_secs(60), "all jobs delivered", || async {
-        (smtp.count().await >= N).then_some(())
-    })
-    .await;
+    smtp.wait_for_count(N, Duration::from_secs(60)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
-        tally(&smtp, &run, N).await,
+        smtp.tally(&run, N).await,
         Tally {
             lost: 0,
             duplicated: 0,
@@ -113,10 +97,7 @@ async fn private_broker_restart_mid_run_worker_reconnects_and_completes() {
         (0..N).map(|n| jobs::numbered(&run, n)),
     )
     .await;
-    eventually(Duration::from_secs(30), "some jobs delivered", || async {
-        (smtp.count().await >= 50).then_some(())
-    })
-    .await;
+    smtp.wait_for_count(50, Duration::from_secs(30)).await;
 
     let node = tokio::task::spawn_blocking(move || {
         node.stop_app();
@@ -132,12 +113,9 @@ async fn private_broker_restart_mid_run_worker_reconnects_and_completes() {
     .await
     .unwrap();
     worker.wait_ready(Duration::from_secs(60)).await;
-    eventually(Duration::from_secs(90), "all jobs delivered", || async {
-        (smtp.count().await >= N).then_some(())
-    })
-    .await;
+    smtp.wait_for_count(N, Duration::from_secs(90)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let result = tally(&smtp, &run, N).await;
+    let result = smtp.tally(&run, N).await;
     println!(
         "broker restart: lost {}, duplicated {}",
         result.lost, result.duplicated

@@ -21,16 +21,6 @@ fn retry(max_attempts: u32) -> RetryPolicy {
     }
 }
 
-async fn numbers_received(smtp: &SmtpServer, run: &str, n: usize) -> jobs::Tally {
-    let messages = smtp.messages().await;
-    jobs::tally(
-        messages
-            .iter()
-            .filter_map(|m| jobs::number_in_message(&m.data, run)),
-        n,
-    )
-}
-
 #[tokio::test]
 async fn smtp_4xx_for_a_while_delays_delivery_but_dead_letters_nothing() {
     const N: usize = 20;
@@ -70,7 +60,7 @@ async fn smtp_4xx_for_a_while_delays_delivery_but_dead_letters_nothing() {
     )
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let tally = numbers_received(&smtp, &run, N).await;
+    let tally = smtp.tally(&run, N).await;
     assert_eq!(
         tally,
         jobs::Tally {
@@ -172,12 +162,9 @@ async fn smtp_server_down_then_back_delivers_everything_and_readiness_follows() 
 
     smtp.restart().await;
     worker.wait_ready(Duration::from_secs(30)).await;
-    eventually(Duration::from_secs(30), "all jobs delivered", || async {
-        (smtp.count().await >= N).then_some(())
-    })
-    .await;
+    smtp.wait_for_count(N, Duration::from_secs(30)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let tally = numbers_received(&smtp, &run, N).await;
+    let tally = smtp.tally(&run, N).await;
     assert_eq!(
         tally,
         jobs::Tally {
@@ -222,18 +209,18 @@ async fn quorum_queues_retry_and_dead_letter_at_least_once() {
         (smtp.count().await == 1).then_some(())
     })
     .await;
-    let types = std::process::Command::new("rabbitmqctl")
-        .args([
+    let listing = amqp::rabbitmqctl(
+        None,
+        &[
             "-q",
             "list_queues",
             "name",
             "type",
             "arguments",
             "--no-table-headers",
-        ])
-        .output()
-        .expect("rabbitmqctl");
-    let listing = String::from_utf8_lossy(&types.stdout);
+        ],
+    )
+    .expect("rabbitmqctl lists queues");
     let work = listing
         .lines()
         .find(|l| l.split_whitespace().next() == Some(names.queue.as_str()))

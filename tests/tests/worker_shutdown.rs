@@ -13,25 +13,6 @@ use mailpipe_tests::worker::{Worker, WorkerSpec};
 use mailpipe_tests::{eventually, unique};
 use nix::sys::signal::Signal;
 
-async fn tally(smtp: &SmtpServer, run: &str, n: usize) -> Tally {
-    let messages = smtp.messages().await;
-    jobs::tally(
-        messages
-            .iter()
-            .filter_map(|m| jobs::number_in_message(&m.data, run)),
-        n,
-    )
-}
-
-async fn wait_for_count(smtp: &SmtpServer, at_least: usize, timeout: Duration) {
-    eventually(
-        timeout,
-        &format!("{at_least} messages at the SMTP server"),
-        || async { (smtp.count().await >= at_least).then_some(()) },
-    )
-    .await;
-}
-
 #[tokio::test]
 async fn sigterm_mid_run_loses_nothing_and_sends_nothing_twice() {
     const N: usize = 200;
@@ -53,7 +34,7 @@ async fn sigterm_mid_run_loses_nothing_and_sends_nothing_twice() {
     )
     .await;
 
-    wait_for_count(&smtp, 40, Duration::from_secs(30)).await;
+    smtp.wait_for_count(40, Duration::from_secs(30)).await;
     let in_flight = worker.metric("mailpipe_jobs_in_flight").await;
     worker.signal(Signal::SIGTERM);
     let status = worker.wait_exit(Duration::from_secs(30));
@@ -72,9 +53,9 @@ async fn sigterm_mid_run_loses_nothing_and_sends_nothing_twice() {
 
     let second = spec.spawn();
     second.wait_ready(Duration::from_secs(30)).await;
-    wait_for_count(&smtp, N, Duration::from_secs(60)).await;
+    smtp.wait_for_count(N, Duration::from_secs(60)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let result = tally(&smtp, &run, N).await;
+    let result = smtp.tally(&run, N).await;
     println!(
         "SIGTERM run: lost {}, duplicated {}",
         result.lost, result.duplicated
@@ -127,7 +108,7 @@ async fn run_with_kills(label: &str, dedup: bool, kills: usize) -> (Tally, Vec<u
     let mut in_flight_at_kills = Vec::new();
     for kill in 0..kills {
         let target = (kill + 1) * N / (kills + 2);
-        wait_for_count(&smtp, target, Duration::from_secs(60)).await;
+        smtp.wait_for_count(target, Duration::from_secs(60)).await;
         worker.signal(Signal::SIGSTOP);
         let unacked = amqp::unacked(None, &names.queue);
         worker.kill();
@@ -135,7 +116,7 @@ async fn run_with_kills(label: &str, dedup: bool, kills: usize) -> (Tally, Vec<u
         worker = spec.spawn();
         worker.wait_ready(Duration::from_secs(30)).await;
     }
-    wait_for_count(&smtp, N, Duration::from_secs(90)).await;
+    smtp.wait_for_count(N, Duration::from_secs(90)).await;
     eventually(
         Duration::from_secs(30),
         "the work queue to drain",
@@ -146,7 +127,7 @@ async fn run_with_kills(label: &str, dedup: bool, kills: usize) -> (Tally, Vec<u
     )
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let result = tally(&smtp, &run, N).await;
+    let result = smtp.tally(&run, N).await;
     amqp::delete_plan(SHARED_URL, &names.plan(&RetryPolicy::default())).await;
     (result, in_flight_at_kills)
 }

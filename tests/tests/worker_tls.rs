@@ -17,9 +17,10 @@ fn pki() -> (TestPki, tempfile::TempDir) {
     (certs::make(dir.path()), dir)
 }
 
-async fn starttls_server(pki: &TestPki) -> SmtpServer {
+/// A test SMTP server with `tls`, requiring AUTH as mailer / s3cret.
+async fn tls_server(pki: &TestPki, tls: SmtpTls) -> SmtpServer {
     SmtpServer::start(SmtpOptions {
-        tls: SmtpTls::Starttls,
+        tls,
         cert: Some((pki.cert.clone(), pki.key.clone())),
         auth: Some(("mailer".into(), "s3cret".into())),
         ..SmtpOptions::default()
@@ -51,7 +52,7 @@ fn tls_spec(
 #[tokio::test]
 async fn starttls_with_auth_delivers_and_the_password_never_reaches_the_log() {
     let (pki, _dir) = pki();
-    let smtp = starttls_server(&pki).await;
+    let smtp = tls_server(&pki, SmtpTls::Starttls).await;
     let names = Names::new("starttls");
     let worker = tls_spec(&names, &smtp, "starttls", &pki.ca, "s3cret")
         .args(&["--log", "debug"])
@@ -80,7 +81,7 @@ async fn starttls_with_auth_delivers_and_the_password_never_reaches_the_log() {
 #[tokio::test]
 async fn a_wrong_smtp_password_is_a_clear_start_up_error() {
     let (pki, _dir) = pki();
-    let smtp = starttls_server(&pki).await;
+    let smtp = tls_server(&pki, SmtpTls::Starttls).await;
     let names = Names::new("badpass");
     let mut worker = tls_spec(&names, &smtp, "starttls", &pki.ca, "wrong").spawn();
     let status = worker.wait_exit(Duration::from_secs(30));
@@ -100,7 +101,7 @@ async fn a_wrong_smtp_password_is_a_clear_start_up_error() {
 #[tokio::test]
 async fn an_untrusted_smtp_certificate_is_a_clear_start_up_error() {
     let (pki, _dir) = pki();
-    let smtp = starttls_server(&pki).await;
+    let smtp = tls_server(&pki, SmtpTls::Starttls).await;
     let names = Names::new("untrusted");
     let mut worker = tls_spec(&names, &smtp, "starttls", &pki.other_ca, "s3cret").spawn();
     let status = worker.wait_exit(Duration::from_secs(30));
@@ -116,13 +117,7 @@ async fn an_untrusted_smtp_certificate_is_a_clear_start_up_error() {
 #[tokio::test]
 async fn implicit_tls_delivers() {
     let (pki, _dir) = pki();
-    let smtp = SmtpServer::start(SmtpOptions {
-        tls: SmtpTls::Implicit,
-        cert: Some((pki.cert.clone(), pki.key.clone())),
-        auth: Some(("mailer".into(), "s3cret".into())),
-        ..SmtpOptions::default()
-    })
-    .await;
+    let smtp = tls_server(&pki, SmtpTls::Implicit).await;
     let names = Names::new("implicit");
     let worker = tls_spec(&names, &smtp, "tls", &pki.ca, "s3cret").spawn();
     worker.wait_ready(Duration::from_secs(30)).await;
@@ -140,13 +135,7 @@ async fn implicit_tls_delivers() {
 #[tokio::test]
 async fn implicit_tls_refuses_an_untrusted_certificate() {
     let (pki, _dir) = pki();
-    let smtp = SmtpServer::start(SmtpOptions {
-        tls: SmtpTls::Implicit,
-        cert: Some((pki.cert.clone(), pki.key.clone())),
-        auth: Some(("mailer".into(), "s3cret".into())),
-        ..SmtpOptions::default()
-    })
-    .await;
+    let smtp = tls_server(&pki, SmtpTls::Implicit).await;
     let names = Names::new("implicituntrusted");
     let mut worker = tls_spec(&names, &smtp, "tls", &pki.other_ca, "s3cret").spawn();
     let status = worker.wait_exit(Duration::from_secs(30));

@@ -12,15 +12,7 @@ use mailpipe_tests::{eventually, jobs, unique};
 use nix::sys::signal::Signal;
 
 fn rabbitmqctl(args: &[&str]) {
-    let out = std::process::Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .expect("rabbitmqctl");
-    assert!(
-        out.status.success(),
-        "rabbitmqctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    amqp::rabbitmqctl(None, args).unwrap_or_else(|e| panic!("{e}"));
 }
 
 #[tokio::test]
