@@ -78,6 +78,16 @@ pub async fn publish_with(
     exchange: &str,
     messages: impl IntoIterator<Item = (Vec<u8>, BasicProperties)>,
 ) {
+    publish_routed(url, exchange, "", messages).await
+}
+
+/// Publishes with a routing key and explicit properties.
+pub async fn publish_routed(
+    url: &str,
+    exchange: &str,
+    routing_key: &str,
+    messages: impl IntoIterator<Item = (Vec<u8>, BasicProperties)>,
+) {
     let connection = connect(url).await;
     let channel = connection.create_channel().await.expect("channel");
     channel
@@ -89,7 +99,7 @@ pub async fn publish_with(
         let confirm = channel
             .basic_publish(
                 exchange.into(),
-                "".into(),
+                routing_key.into(),
                 BasicPublishOptions::default(),
                 &body,
                 properties.with_delivery_mode(2),

@@ -41,6 +41,49 @@ async fn a_worker_consumes_from_its_own_vhost() {
 }
 
 #[tokio::test]
+async fn a_topic_exchange_routes_only_matching_jobs_to_the_worker() {
+    let smtp = SmtpServer::start(SmtpOptions::default()).await;
+    let names = Names::new("topic");
+    let worker = WorkerSpec::new(SHARED_URL, &names, smtp.port)
+        .args(&["--exchange-type", "topic", "--routing-key", "mail.*"])
+        .spawn();
+    worker.wait_ready(Duration::from_secs(30)).await;
+    let run = unique("run");
+    let props = BasicProperties::default;
+    amqp::publish_routed(
+        SHARED_URL,
+        &names.exchange,
+        "sms.otp",
+        [(jobs::numbered(&run, 0), props())],
+    )
+    .await;
+    amqp::publish_routed(
+        SHARED_URL,
+        &names.exchange,
+        "mail.welcome",
+        [(jobs::numbered(&run, 1), props())],
+    )
+    .await;
+    smtp.wait_for_count(1, Duration::from_secs(20)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let tally = smtp.tally(&run, 2).await;
+    assert_eq!(
+        (tally.lost, tally.duplicated),
+        (1, 0),
+        "only the mail.* job arrives"
+    );
+    assert_eq!(smtp.messages().await[0].rcpt_tos, ["user1@example.com"]);
+    let settings = RabbitSettings {
+        exchange: names.exchange.clone(),
+        exchange_kind: mailpipe_contract::topology::ExchangeKind::Topic,
+        queue: names.queue.clone(),
+        routing_key: "mail.*".into(),
+        ..RabbitSettings::default()
+    };
+    amqp::delete_plan(SHARED_URL, &settings.plan(&RetryPolicy::default())).await;
+}
+
+#[tokio::test]
 async fn verify_mode_waits_for_the_topology_instead_of_creating_it() {
     let smtp = SmtpServer::start(SmtpOptions::default()).await;
     let names = Names::new("verify");
