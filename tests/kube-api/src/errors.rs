@@ -1,0 +1,176 @@
+//! API errors as the real server reports them: a `Status` object with reason and code.
+
+use serde_json::{json, Value};
+
+use crate::registry::Kind;
+
+/// An error answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiError {
+    /// HTTP status.
+    pub code: u16,
+    /// `NotFound`, `AlreadyExists`, `Conflict`, `Invalid`, `BadRequest`, ...
+    pub reason: &'static str,
+    /// Human message.
+    pub message: String,
+    /// `details`, when the real server sends them.
+    pub details: Option<Value>,
+}
+
+fn details(kind: &Kind, name: &str) -> Value {
+    let mut d = json!({"name": name, "kind": kind.plural});
+    if !kind.group.is_empty() {
+        d["group"] = json!(kind.group);
+    }
+    d
+}
+
+impl ApiError {
+    fn new(code: u16, reason: &'static str, message: String, details: Option<Value>) -> ApiError {
+        ApiError {
+            code,
+            reason,
+            message,
+            details,
+        }
+    }
+
+    /// 404 for an object.
+    pub fn not_found(kind: &Kind, name: &str) -> ApiError {
+        let message = format!("{} \"{name}\" not found", kind.group_resource());
+        ApiError::new(404, "NotFound", message, Some(details(kind, name)))
+    }
+
+    /// 404 for a path the server does not serve.
+    pub fn no_route() -> ApiError {
+        ApiError::new(
+            404,
+            "NotFound",
+            "the server could not find the requested resource".into(),
+            Some(json!({})),
+        )
+    }
+
+    /// 409 on create of an existing name.
+    pub fn already_exists(kind: &Kind, name: &str) -> ApiError {
+        let message = format!("{} \"{name}\" already exists", kind.group_resource());
+        ApiError::new(409, "AlreadyExists", message, Some(details(kind, name)))
+    }
+
+    /// 409 on a stale resourceVersion or precondition.
+    pub fn conflict(kind: &Kind, name: &str, why: &str) -> ApiError {
+        let message = format!(
+            "Operation cannot be fulfilled on {} \"{name}\": {why}",
+            kind.group_resource()
+        );
+        ApiError::new(409, "Conflict", message, Some(details(kind, name)))
+    }
+
+    /// 422 with field causes `(field, reason, message)`, as in
+    /// `EmailPipeline.mailpipe.dev "x" is invalid: field: message`.
+    pub fn invalid(
+        kind: &Kind,
+        name: &str,
+        causes: Vec<(String, &'static str, String)>,
+    ) -> ApiError {
+        let mut text: Vec<String> = causes.iter().map(|(f, _, m)| format!("{f}: {m}")).collect();
+        text.dedup();
+        let qualified = if kind.group.is_empty() {
+            kind.kind.clone()
+        } else {
+            format!("{}.{}", kind.kind, kind.group)
+        };
+        let message = format!("{qualified} \"{name}\" is invalid: {}", text.join(", "));
+        let mut d = details(kind, name);
+        d["kind"] = json!(kind.kind);
+        d["causes"] = causes
+            .iter()
+            .map(|(field, reason, message)| json!({"reason": reason, "message": message, "field": field}))
+            .collect();
+        ApiError::new(422, "Invalid", message, Some(d))
+    }
+
+    /// 422 for a custom-resource update without resourceVersion.
+    pub fn resource_version_required(kind: &Kind, name: &str) -> ApiError {
+        let message = "Invalid value: 0: must be specified for an update";
+        let mut d = details(kind, name);
+        d["causes"] = json!([{"reason": "FieldValueInvalid", "message": message, "field": "metadata.resourceVersion"}]);
+        ApiError::new(
+            422,
+            "Invalid",
+            format!(
+                "{} \"{name}\" is invalid: metadata.resourceVersion: {message}",
+                kind.group_resource()
+            ),
+            Some(d),
+        )
+    }
+
+    /// 422 for a JSON patch whose operation failed (the real server gives no detail).
+    pub fn patch_failed() -> ApiError {
+        ApiError::new(
+            422,
+            "Invalid",
+            "the server rejected our request due to an error in our request".into(),
+            Some(json!({})),
+        )
+    }
+
+    /// 400.
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(400, "BadRequest", message.into(), None)
+    }
+
+    /// 403.
+    pub fn forbidden(message: impl Into<String>) -> ApiError {
+        ApiError::new(403, "Forbidden", message.into(), None)
+    }
+
+    /// 405.
+    pub fn method_not_allowed() -> ApiError {
+        ApiError::new(
+            405,
+            "MethodNotAllowed",
+            "the server does not allow this method on the requested resource".into(),
+            Some(json!({})),
+        )
+    }
+
+    /// 410 for a watch from a resourceVersion older than the watch cache.
+    pub fn expired(rv: u64, oldest: u64) -> ApiError {
+        ApiError::new(
+            410,
+            "Expired",
+            format!("too old resource version: {rv} ({oldest})"),
+            None,
+        )
+    }
+
+    /// 415.
+    pub fn unsupported_media_type(content_type: &str) -> ApiError {
+        let _ = content_type;
+        ApiError::new(415, "UnsupportedMediaType", "the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml".into(), None)
+    }
+
+    /// 406.
+    pub fn not_acceptable(accept: &str) -> ApiError {
+        ApiError::new(406, "NotAcceptable", format!("only the following media types are accepted: application/json, application/yaml (got {accept})"), None)
+    }
+
+    /// The `Status` body.
+    pub fn body(&self) -> Value {
+        let mut status = json!({
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": self.message,
+            "reason": self.reason,
+            "code": self.code,
+        });
+        if let Some(details) = &self.details {
+            status["details"] = details.clone();
+        }
+        status
+    }
+}

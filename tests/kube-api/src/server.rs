@@ -1,0 +1,687 @@
+//! HTTP: routes Kubernetes API paths to the store, and streams watches.
+//!
+//! Paths: `/version`, `/healthz|readyz|livez`, discovery (`/api`, `/api/v1`, `/apis`,
+//! `/apis/G`, `/apis/G/V`), and resources under `/api/v1` or `/apis/G/V`:
+//! `[namespaces/NS/]PLURAL[/NAME[/SUBRESOURCE]]`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use serde_json::{json, Value};
+
+use crate::errors::ApiError;
+use crate::patch;
+use crate::registry::{api_group, Kind};
+use crate::selector::{labels_of, FieldSelector, LabelSelector};
+use crate::store::{Change, ChangeType, Deleted, Part, Store};
+
+/// Shared server state.
+pub type Shared = Arc<Mutex<Store>>;
+
+struct ResourcePath {
+    kind: Kind,
+    namespace: Option<String>,
+    name: Option<String>,
+    subresource: Option<String>,
+}
+
+fn json_response(status: u16, body: &Value) -> Response {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        json_response(self.code, &self.body())
+    }
+}
+
+/// The one handler: every request comes here.
+pub async fn handle(
+    axum::extract::State(store): axum::extract::State<Shared>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let query: HashMap<String, String> = uri
+        .query()
+        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+        .unwrap_or_default();
+    let accept = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/json")
+        .to_string();
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/json")
+        .to_string();
+    match route(
+        &store,
+        &method,
+        uri.path(),
+        &query,
+        &accept,
+        &content_type,
+        &body,
+    )
+    .await
+    {
+        Ok(response) => response,
+        Err(error) => error.into_response(),
+    }
+}
+
+async fn route(
+    store: &Shared,
+    method: &Method,
+    path: &str,
+    query: &HashMap<String, String>,
+    accept: &str,
+    content_type: &str,
+    body: &Bytes,
+) -> Result<Response, ApiError> {
+    let segments: Vec<&str> = path
+        .trim_matches('/')
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .collect();
+    match segments.as_slice() {
+        ["version"] => return Ok(json_response(200, &version())),
+        ["healthz" | "readyz" | "livez"] => {
+            return Ok((
+                StatusCode::OK,
+                [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+                "ok",
+            )
+                .into_response());
+        }
+        ["api"] => {
+            return Ok(json_response(
+                200,
+                &json!({
+                    "kind": "APIVersions",
+                    "versions": ["v1"],
+                    "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": "127.0.0.1"}],
+                }),
+            ));
+        }
+        ["apis"] => return Ok(json_response(200, &group_list(store))),
+        ["api", "v1"] => return Ok(json_response(200, &resource_list(store, "", "v1")?)),
+        ["apis", group] => return group_document(store, group),
+        ["apis", group, version] => {
+            return Ok(json_response(200, &resource_list(store, group, version)?))
+        }
+        _ => {}
+    }
+    if !accept_ok(accept) {
+        return Err(ApiError::not_acceptable(accept));
+    }
+    let (group, version, rest) = match segments.as_slice() {
+        ["api", "v1", rest @ ..] => ("", "v1", rest),
+        ["apis", group, version, rest @ ..] => (*group, *version, rest),
+        _ => return Err(ApiError::no_route()),
+    };
+    let target = resolve(store, group, version, rest)?;
+    let media = content_type.split(';').next().unwrap_or("").trim();
+    let readable = matches!(
+        media,
+        "application/json"
+            | "application/merge-patch+json"
+            | "application/json-patch+json"
+            | "application/strategic-merge-patch+json"
+            | "application/apply-patch+yaml"
+            | ""
+    );
+    if !body.is_empty() && !readable {
+        return Err(ApiError::unsupported_media_type(media));
+    }
+    let dry_run = query.get("dryRun").is_some_and(|v| v == "All");
+    match (&target.name, &target.subresource, method.clone()) {
+        (None, None, Method::GET) => {
+            let watching = query.get("watch").is_some_and(|w| w == "1" || w == "true");
+            if watching {
+                watch(store, target, query)
+            } else {
+                list(store, &target, query)
+            }
+        }
+        (None, None, Method::POST) => {
+            let object = parse_json(body)?;
+            let namespace = target.namespace.clone().unwrap_or_default();
+            let created = store.lock().expect("store lock").create(
+                &target.kind,
+                &namespace,
+                object,
+                dry_run,
+            )?;
+            Ok(json_response(201, &created))
+        }
+        (None, None, Method::DELETE) => delete_collection(store, &target, query),
+        (Some(_), _, Method::POST) => Err(ApiError::method_not_allowed()),
+        (Some(name), None, Method::GET) => {
+            let namespace = target.namespace.clone().unwrap_or_default();
+            Ok(json_response(
+                200,
+                &store
+                    .lock()
+                    .expect("store lock")
+                    .get(&target.kind, &namespace, name)?,
+            ))
+        }
+        (Some(name), sub, Method::GET)
+            if sub.as_deref() == Some("status") && target.kind.status =>
+        {
+            let namespace = target.namespace.clone().unwrap_or_default();
+            Ok(json_response(
+                200,
+                &store
+                    .lock()
+                    .expect("store lock")
+                    .get(&target.kind, &namespace, name)?,
+            ))
+        }
+        (Some(name), sub, Method::PUT) => {
+            let part = part(&target.kind, sub.as_deref())?;
+            let object = parse_json(body)?;
+            let namespace = target.namespace.clone().unwrap_or_default();
+            let updated = store.lock().expect("store lock").replace(
+                &target.kind,
+                &namespace,
+                name,
+                object,
+                part,
+            )?;
+            Ok(json_response(200, &updated))
+        }
+        (Some(name), sub, Method::PATCH) => {
+            let part = part(&target.kind, sub.as_deref())?;
+            let patch_body = parse_json(body)?;
+            let namespace = target.namespace.clone().unwrap_or_default();
+            let kind = target.kind.clone();
+            let media = content_type
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_string();
+            let updated = store.lock().expect("store lock").patch(
+                &kind,
+                &namespace,
+                name,
+                part,
+                |object| match media.as_str() {
+                    "application/merge-patch+json" => {
+                        patch::merge(object, &patch_body);
+                        Ok(())
+                    }
+                    "application/json-patch+json" => {
+                        patch::json_patch(object, &patch_body).map_err(|_| ApiError::patch_failed())
+                    }
+                    "application/strategic-merge-patch+json" if !kind.custom => {
+                        patch::strategic(object, &patch_body);
+                        Ok(())
+                    }
+                    other => Err(ApiError::unsupported_media_type(other)),
+                },
+            )?;
+            Ok(json_response(200, &updated))
+        }
+        (Some(name), None, Method::DELETE) => {
+            let options = if body.is_empty() {
+                json!({})
+            } else {
+                parse_json(body)?
+            };
+            let namespace = target.namespace.clone().unwrap_or_default();
+            let deleted = store.lock().expect("store lock").delete(
+                &target.kind,
+                &namespace,
+                name,
+                options["preconditions"]["uid"].as_str(),
+                options["preconditions"]["resourceVersion"].as_str(),
+            )?;
+            Ok(match deleted {
+                Deleted::Marked(object) => json_response(200, &object),
+                Deleted::Gone(object) => json_response(200, &deleted_status(&target.kind, &object)),
+            })
+        }
+        _ => Err(ApiError::method_not_allowed()),
+    }
+}
+
+fn accept_ok(accept: &str) -> bool {
+    accept.split(',').any(|media| {
+        let base = media.split(';').next().unwrap_or("").trim();
+        matches!(base, "application/json" | "*/*" | "application/*" | "")
+    })
+}
+
+fn part(kind: &Kind, subresource: Option<&str>) -> Result<Part, ApiError> {
+    match subresource {
+        None => Ok(Part::Main),
+        Some("status") if kind.status => Ok(Part::Status),
+        Some(_) => Err(ApiError::no_route()),
+    }
+}
+
+fn parse_json(body: &Bytes) -> Result<Value, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("error decoding the body: {e}")))
+}
+
+fn deleted_status(kind: &Kind, object: &Value) -> Value {
+    let mut details = json!({
+        "name": object["metadata"]["name"],
+        "kind": kind.plural,
+        "uid": object["metadata"]["uid"],
+    });
+    if !kind.group.is_empty() {
+        details["group"] = json!(kind.group);
+    }
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "details": details})
+}
+
+fn resolve(
+    store: &Shared,
+    group: &str,
+    version: &str,
+    rest: &[&str],
+) -> Result<ResourcePath, ApiError> {
+    let store = store.lock().expect("store lock");
+    let find = |plural: &str| store.kind(group, version, plural);
+    let namespaced_kind = match rest {
+        ["namespaces", _, plural, ..] => find(plural).filter(|k| k.namespaced),
+        _ => None,
+    };
+    let (kind, namespace, tail) = match (namespaced_kind, rest) {
+        (Some(kind), ["namespaces", ns, _, tail @ ..]) => (kind, Some(ns.to_string()), tail),
+        (_, [plural, tail @ ..]) => {
+            let kind = find(plural).ok_or_else(ApiError::no_route)?;
+            (kind, None, tail)
+        }
+        _ => return Err(ApiError::no_route()),
+    };
+    let (name, subresource) = match tail {
+        [] => (None, None),
+        [name] => (Some(name.to_string()), None),
+        [name, sub] => (Some(name.to_string()), Some(sub.to_string())),
+        _ => return Err(ApiError::no_route()),
+    };
+    if kind.namespaced && namespace.is_none() && name.is_some() {
+        return Err(ApiError::no_route());
+    }
+    Ok(ResourcePath {
+        kind,
+        namespace,
+        name,
+        subresource,
+    })
+}
+
+fn selectors(query: &HashMap<String, String>) -> Result<(LabelSelector, FieldSelector), ApiError> {
+    let labels = LabelSelector::parse(query.get("labelSelector").map_or("", String::as_str))
+        .map_err(|e| ApiError::bad_request(format!("unable to parse requirement: {e}")))?;
+    let fields = FieldSelector::parse(query.get("fieldSelector").map_or("", String::as_str))
+        .map_err(ApiError::bad_request)?;
+    Ok((labels, fields))
+}
+
+fn list(
+    store: &Shared,
+    target: &ResourcePath,
+    query: &HashMap<String, String>,
+) -> Result<Response, ApiError> {
+    let (labels, fields) = selectors(query)?;
+    let store = store.lock().expect("store lock");
+    let mut items = store.list(&target.kind, target.namespace.as_deref(), &labels, &fields);
+    let rv = store.rv();
+    drop(store);
+    let mut metadata = json!({"resourceVersion": rv.to_string()});
+    if let Some(token) = query.get("continue").filter(|t| !t.is_empty()) {
+        let start = decode_continue(token)?;
+        items.retain(|item| item_position(item) > start);
+    }
+    if let Some(limit) = query
+        .get("limit")
+        .and_then(|l| l.parse::<usize>().ok())
+        .filter(|l| *l > 0)
+    {
+        if items.len() > limit {
+            let remaining = items.len() - limit;
+            items.truncate(limit);
+            let last = item_position(items.last().expect("limit > 0"));
+            metadata["continue"] = json!(encode_continue(rv, &last));
+            metadata["remainingItemCount"] = json!(remaining);
+        }
+    }
+    Ok(json_response(
+        200,
+        &json!({
+            "kind": format!("{}List", target.kind.kind),
+            "apiVersion": target.kind.api_version(),
+            "metadata": metadata,
+            "items": items,
+        }),
+    ))
+}
+
+fn item_position(item: &Value) -> String {
+    format!(
+        "{}/{}",
+        item["metadata"]["namespace"].as_str().unwrap_or(""),
+        item["metadata"]["name"].as_str().unwrap_or("")
+    )
+}
+
+fn encode_continue(rv: u64, last: &str) -> String {
+    use base64::Engine;
+    let token = json!({"v": "meta.k8s.io/v1", "rv": rv, "start": format!("{last}\u{0}")});
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(token.to_string())
+}
+
+fn decode_continue(token: &str) -> Result<String, ApiError> {
+    use base64::Engine;
+    let invalid = || ApiError::bad_request("continue key is not valid");
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token.trim_end_matches('='))
+        .map_err(|_| invalid())?;
+    let value: Value = serde_json::from_slice(&bytes).map_err(|_| invalid())?;
+    value["start"]
+        .as_str()
+        .map(|s| s.trim_end_matches('\u{0}').to_string())
+        .ok_or_else(invalid)
+}
+
+fn delete_collection(
+    store: &Shared,
+    target: &ResourcePath,
+    query: &HashMap<String, String>,
+) -> Result<Response, ApiError> {
+    let (labels, fields) = selectors(query)?;
+    let mut store = store.lock().expect("store lock");
+    let victims = store.list(&target.kind, target.namespace.as_deref(), &labels, &fields);
+    let mut items = Vec::new();
+    for victim in victims {
+        let namespace = victim["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        let name = victim["metadata"]["name"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        match store.delete(&target.kind, &namespace, &name, None, None)? {
+            Deleted::Gone(object) | Deleted::Marked(object) => items.push(object),
+        }
+    }
+    Ok(json_response(
+        200,
+        &json!({
+            "kind": format!("{}List", target.kind.kind),
+            "apiVersion": target.kind.api_version(),
+            "metadata": {"resourceVersion": store.rv().to_string()},
+            "items": items,
+        }),
+    ))
+}
+
+/// What a watch sends for `change`, given its selectors: a label change can make an object
+/// enter (ADDED) or leave (DELETED) the selection.
+fn watch_event(
+    change: &Change,
+    labels: &LabelSelector,
+    fields: &FieldSelector,
+) -> Option<(&'static str, Value)> {
+    let selected = |o: &Value| labels.matches(&labels_of(o)) && fields.matches(o);
+    let now = selected(&change.object);
+    let before = change.previous.as_ref().map(selected);
+    match (change.change, before, now) {
+        (ChangeType::Added, _, true) => Some(("ADDED", change.object.clone())),
+        (ChangeType::Deleted, _, true) => Some(("DELETED", change.object.clone())),
+        (ChangeType::Modified, Some(true), true) => Some(("MODIFIED", change.object.clone())),
+        (ChangeType::Modified, Some(false), true) => Some(("ADDED", change.object.clone())),
+        (ChangeType::Modified, Some(true), false) => {
+            let mut last = change.previous.clone().expect("checked");
+            last["metadata"]["resourceVersion"] =
+                change.object["metadata"]["resourceVersion"].clone();
+            Some(("DELETED", last))
+        }
+        _ => None,
+    }
+}
+
+fn event_line(kind: &str, object: &Value) -> Bytes {
+    let mut line = json!({"type": kind, "object": object}).to_string();
+    line.push('\n');
+    Bytes::from(line)
+}
+
+fn watch(
+    store: &Shared,
+    target: ResourcePath,
+    query: &HashMap<String, String>,
+) -> Result<Response, ApiError> {
+    let (labels, fields) = selectors(query)?;
+    let timeout = query
+        .get("timeoutSeconds")
+        .and_then(|t| t.parse::<u64>().ok())
+        .map(Duration::from_secs)
+        .unwrap_or(Duration::from_secs(1800));
+    let bookmarks = query
+        .get("allowWatchBookmarks")
+        .is_some_and(|v| v == "true" || v == "1");
+    let initial_events = query.get("sendInitialEvents").is_some_and(|v| v == "true");
+    let from: Option<u64> = match query.get("resourceVersion").map(String::as_str) {
+        None | Some("") | Some("0") => None,
+        Some(rv) => Some(
+            rv.parse()
+                .map_err(|_| ApiError::bad_request(format!("invalid resourceVersion {rv:?}")))?,
+        ),
+    };
+    let kind = target.kind.clone();
+    let in_scope = {
+        let (group, plural, namespace) = (
+            kind.group.clone(),
+            kind.plural.clone(),
+            target.namespace.clone(),
+        );
+        move |change: &Change| {
+            change.key.group == group
+                && change.key.plural == plural
+                && namespace
+                    .as_ref()
+                    .is_none_or(|ns| &change.key.namespace == ns)
+        }
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1024);
+    let (mut changes, backlog, floor, current) = {
+        let store = store.lock().expect("store lock");
+        let changes = store.subscribe();
+        let current = store.rv();
+        let backlog: Vec<(&'static str, Value)> = match from {
+            Some(rv) if rv < kind.watch_start => {
+                let error = ApiError::expired(rv, kind.watch_start);
+                let _ = tx.try_send(event_line("ERROR", &error.body()));
+                drop(tx);
+                return Ok(stream_response(rx));
+            }
+            Some(rv) if !initial_events => match store.changes_since(rv) {
+                Some(history) => history
+                    .iter()
+                    .filter(|c| in_scope(c))
+                    .filter_map(|c| watch_event(c, &labels, &fields))
+                    .collect(),
+                None => {
+                    let error = ApiError::expired(rv, kind.watch_start);
+                    let _ = tx.try_send(event_line("ERROR", &error.body()));
+                    drop(tx);
+                    return Ok(stream_response(rx));
+                }
+            },
+            _ => store
+                .list(&kind, target.namespace.as_deref(), &labels, &fields)
+                .into_iter()
+                .map(|o| ("ADDED", o))
+                .collect(),
+        };
+        // Live changes at or below `floor` are covered by the backlog (or predate a future rv).
+        (changes, backlog, from.unwrap_or(0).max(current), current)
+    };
+    let api_version = kind.api_version();
+    let kind_name = kind.kind.clone();
+    tokio::spawn(async move {
+        let mut last_rv = current;
+        for (event, mut object) in backlog {
+            object["apiVersion"] = json!(api_version);
+            if tx.send(event_line(event, &object)).await.is_err() {
+                return;
+            }
+        }
+        let bookmark = |rv: u64, initial_end: bool| {
+            let mut metadata = json!({"resourceVersion": rv.to_string()});
+            if initial_end {
+                metadata["annotations"] = json!({"k8s.io/initial-events-end": "true"});
+            }
+            event_line(
+                "BOOKMARK",
+                &json!({"kind": kind_name, "apiVersion": api_version, "metadata": metadata}),
+            )
+        };
+        if initial_events && bookmarks && tx.send(bookmark(current, true)).await.is_err() {
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        // Bookmarks shortly before the watch ends, and every 30 s on long watches.
+        let mut next_bookmark = tokio::time::Instant::now()
+            + timeout
+                .saturating_sub(Duration::from_millis(1500))
+                .min(Duration::from_secs(30));
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => break,
+                _ = tokio::time::sleep_until(next_bookmark), if bookmarks => {
+                    if tx.send(bookmark(last_rv, false)).await.is_err() {
+                        return;
+                    }
+                    next_bookmark = (next_bookmark + Duration::from_secs(30)).min(deadline + Duration::from_secs(1));
+                }
+                received = changes.recv() => match received {
+                    Ok(change) => {
+                        last_rv = change.rv;
+                        if change.rv <= floor || !in_scope(&change) {
+                            continue;
+                        }
+                        if let Some((event, mut object)) = watch_event(&change, &labels, &fields) {
+                            object["apiVersion"] = json!(api_version);
+                            if tx.send(event_line(event, &object)).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    // Fell behind: end the watch; the client lists or rewatches.
+                    Err(_) => break,
+                },
+            }
+        }
+    });
+    Ok(stream_response(rx))
+}
+
+fn stream_response(rx: tokio::sync::mpsc::Receiver<Bytes>) -> Response {
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|bytes| (Ok::<_, std::convert::Infallible>(bytes), rx))
+    });
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        Body::from_stream(stream),
+    )
+        .into_response()
+}
+
+fn version() -> Value {
+    json!({
+        "major": "1",
+        "minor": "36",
+        "gitVersion": "v1.36.2-mailpipe-test",
+        "gitCommit": "0000000000000000000000000000000000000000",
+        "gitTreeState": "clean",
+        "buildDate": "2026-11-24T00:00:00Z",
+        "goVersion": "rust",
+        "compiler": "rustc",
+        "platform": "linux/amd64",
+    })
+}
+
+fn groups(store: &Store) -> Vec<(String, Vec<String>)> {
+    let mut groups: Vec<(String, Vec<String>)> = Vec::new();
+    for kind in store.kinds().iter().filter(|k| !k.group.is_empty()) {
+        match groups.iter_mut().find(|(g, _)| g == &kind.group) {
+            Some((_, versions)) if !versions.contains(&kind.version) => {
+                versions.push(kind.version.clone())
+            }
+            Some(_) => {}
+            None => groups.push((kind.group.clone(), vec![kind.version.clone()])),
+        }
+    }
+    groups
+}
+
+fn group_list(store: &Shared) -> Value {
+    let store = store.lock().expect("store lock");
+    let groups: Vec<Value> = groups(&store)
+        .iter()
+        .map(|(g, vs)| api_group(g, vs))
+        .collect();
+    json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
+}
+
+fn group_document(store: &Shared, group: &str) -> Result<Response, ApiError> {
+    let store = store.lock().expect("store lock");
+    let (name, versions) = groups(&store)
+        .into_iter()
+        .find(|(g, _)| g == group)
+        .ok_or_else(ApiError::no_route)?;
+    let mut document = api_group(&name, &versions);
+    document["kind"] = json!("APIGroup");
+    document["apiVersion"] = json!("v1");
+    Ok(json_response(200, &document))
+}
+
+fn resource_list(store: &Shared, group: &str, version: &str) -> Result<Value, ApiError> {
+    let store = store.lock().expect("store lock");
+    let kinds: Vec<&Kind> = store
+        .kinds()
+        .iter()
+        .filter(|k| k.group == group && k.version == version)
+        .collect();
+    if kinds.is_empty() {
+        return Err(ApiError::no_route());
+    }
+    let resources: Vec<Value> = kinds.iter().flat_map(|k| k.discovery_entries()).collect();
+    let group_version = if group.is_empty() {
+        version.to_string()
+    } else {
+        format!("{group}/{version}")
+    };
+    let mut list =
+        json!({"kind": "APIResourceList", "groupVersion": group_version, "resources": resources});
+    if !group.is_empty() {
+        list["apiVersion"] = json!("v1");
+    }
+    Ok(list)
+}

@@ -1,0 +1,189 @@
+//! kube-rs, unchanged, against the test server: typed and dynamic Api calls and the
+//! runtime watcher, as the operator will use them.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::watcher::{self, Event};
+use kube::Client;
+use mailpipe_kube_api::KubeApiServer;
+use serde_json::json;
+
+async fn client(server: &KubeApiServer) -> Client {
+    let dir = tempfile_dir();
+    let path = dir.join("kubeconfig");
+    server.write_kubeconfig(&path).unwrap();
+    let kubeconfig = kube::config::Kubeconfig::read_from(&path).unwrap();
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .unwrap();
+    Client::try_from(config).unwrap()
+}
+
+fn tempfile_dir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "mailpipe-kube-rs-{}-{}",
+        std::process::id(),
+        rand_suffix()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn rand_suffix() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+fn config_map(name: &str, labels: serde_json::Value) -> ConfigMap {
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": name, "labels": labels},
+        "data": {"k": "v"},
+    }))
+    .unwrap()
+}
+
+#[tokio::test]
+async fn kube_rs_creates_reads_lists_patches_and_deletes() {
+    let server = KubeApiServer::start().await.unwrap();
+    let client = client(&server).await;
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": "work"}})).unwrap();
+    namespaces
+        .create(&PostParams::default(), &ns)
+        .await
+        .unwrap();
+
+    let api: Api<ConfigMap> = Api::namespaced(client, "work");
+    let created = api
+        .create(
+            &PostParams::default(),
+            &config_map("a", json!({"team": "mail"})),
+        )
+        .await
+        .unwrap();
+    assert!(created.metadata.uid.is_some());
+    assert!(created.metadata.resource_version.is_some());
+    api.create(
+        &PostParams::default(),
+        &config_map("b", json!({"team": "web"})),
+    )
+    .await
+    .unwrap();
+
+    let err = api
+        .create(&PostParams::default(), &config_map("a", json!({})))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, kube::Error::Api(ref s) if s.code == 409 && s.reason == "AlreadyExists"),
+        "{err:?}"
+    );
+
+    let selected = api
+        .list(&ListParams::default().labels("team=mail"))
+        .await
+        .unwrap();
+    let names: Vec<_> = selected
+        .items
+        .iter()
+        .filter_map(|c| c.metadata.name.clone())
+        .collect();
+    assert_eq!(names, ["a"]);
+
+    let patched = api
+        .patch(
+            "a",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"data": {"k": "v2"}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(patched.data.unwrap()["k"], "v2");
+
+    let mut stale = created.clone();
+    stale.data = Some([("k".to_string(), "old".to_string())].into());
+    let err = api
+        .replace("a", &PostParams::default(), &stale)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, kube::Error::Api(ref s) if s.code == 409),
+        "{err:?}"
+    );
+
+    api.delete("a", &DeleteParams::default()).await.unwrap();
+    let err = api.get("a").await.unwrap_err();
+    assert!(
+        matches!(err, kube::Error::Api(ref s) if s.code == 404),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn the_kube_runtime_watcher_sees_applies_and_deletes() {
+    let server = KubeApiServer::start().await.unwrap();
+    let client = client(&server).await;
+    let api: Api<ConfigMap> = Api::namespaced(client, "default");
+    api.create(&PostParams::default(), &config_map("before", json!({})))
+        .await
+        .unwrap();
+
+    let mut stream =
+        watcher::watcher(api.clone(), watcher::Config::default().labels("w=yes")).boxed();
+    let mut seen = Vec::new();
+    let writer = {
+        let api = api.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            api.create(
+                &PostParams::default(),
+                &config_map("w1", json!({"w": "yes"})),
+            )
+            .await
+            .unwrap();
+            api.patch(
+                "w1",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"data": {"k": "v2"}})),
+            )
+            .await
+            .unwrap();
+            api.patch(
+                "before",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"labels": {"w": "yes"}}})),
+            )
+            .await
+            .unwrap();
+            api.delete("w1", &DeleteParams::default()).await.unwrap();
+        })
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while seen.len() < 4 {
+        let event = tokio::time::timeout_at(deadline, stream.next())
+            .await
+            .expect("watcher events in time")
+            .expect("stream goes on")
+            .expect("no watcher error");
+        match event {
+            Event::Apply(cm) => seen.push(format!("apply {}", cm.metadata.name.unwrap())),
+            Event::Delete(cm) => seen.push(format!("delete {}", cm.metadata.name.unwrap())),
+            Event::InitDone => seen.push("init done".into()),
+            Event::Init | Event::InitApply(_) => {}
+        }
+    }
+    writer.await.unwrap();
+    assert_eq!(seen, ["init done", "apply w1", "apply w1", "apply before"]);
+    let next = tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(matches!(next, Event::Delete(ref cm) if cm.metadata.name.as_deref() == Some("w1")));
+}
