@@ -116,6 +116,54 @@ impl ApiError {
         )
     }
 
+    /// 409 for a server-side apply that would change fields other managers own; each
+    /// conflict is (manager as described, field path).
+    pub fn apply_conflicts(conflicts: &[(String, String)]) -> ApiError {
+        let mut groups: Vec<(&str, Vec<&str>)> = Vec::new();
+        for (manager, field) in conflicts {
+            match groups.iter_mut().find(|(m, _)| m == manager) {
+                Some((_, fields)) => fields.push(field),
+                None => groups.push((manager, vec![field])),
+            }
+        }
+        let message = if conflicts.len() == 1 {
+            format!(
+                "Apply failed with 1 conflict: conflict with {}: {}",
+                conflicts[0].0, conflicts[0].1
+            )
+        } else {
+            let parts: Vec<String> = groups
+                .iter()
+                .map(|(manager, fields)| {
+                    let lines: Vec<String> = fields.iter().map(|f| format!("- {f}")).collect();
+                    format!("conflicts with {manager}:\n{}", lines.join("\n"))
+                })
+                .collect();
+            format!(
+                "Apply failed with {} conflicts: {}",
+                conflicts.len(),
+                parts.join("\n")
+            )
+        };
+        let causes: Vec<Value> = conflicts
+            .iter()
+            .map(|(manager, field)| {
+                json!({"reason": "FieldManagerConflict", "message": format!("conflict with {manager}"), "field": field})
+            })
+            .collect();
+        ApiError::new(409, "Conflict", message, Some(json!({"causes": causes})))
+    }
+
+    /// 422 for an apply without a field manager.
+    pub fn field_manager_required() -> ApiError {
+        ApiError::new(
+            422,
+            "Invalid",
+            "PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required value: is required for apply patch".into(),
+            Some(json!({"group": "meta.k8s.io", "kind": "PatchOptions", "causes": [{"reason": "FieldValueRequired", "message": "Required value: is required for apply patch", "field": "fieldManager"}]})),
+        )
+    }
+
     /// 400.
     pub fn bad_request(message: impl Into<String>) -> ApiError {
         ApiError::new(400, "BadRequest", message.into(), None)

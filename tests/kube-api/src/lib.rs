@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod errors;
+pub mod fields;
 pub mod patch;
 pub mod registry;
 pub mod selector;

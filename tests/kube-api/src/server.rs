@@ -17,7 +17,7 @@ use crate::errors::ApiError;
 use crate::patch;
 use crate::registry::{api_group, Kind};
 use crate::selector::{labels_of, FieldSelector, LabelSelector};
-use crate::store::{Change, ChangeType, Deleted, Part, Store};
+use crate::store::{Change, ChangeType, Deleted, Part, Store, Writer};
 
 /// Shared server state.
 pub type Shared = Arc<Mutex<Store>>;
@@ -67,31 +67,55 @@ pub async fn handle(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("application/json")
         .to_string();
-    match route(
-        &store,
-        &method,
-        uri.path(),
-        &query,
-        &accept,
-        &content_type,
-        &body,
-    )
-    .await
-    {
+    // Non-apply writes are recorded under `fieldManager`, else the User-Agent up to its
+    // first '/', as the real server names them.
+    let user_agent = headers
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("unknown");
+    let manager = query.get("fieldManager").cloned().unwrap_or_else(|| {
+        user_agent
+            .split('/')
+            .next()
+            .unwrap_or("unknown")
+            .to_string()
+    });
+    let request = Request {
+        method: &method,
+        path: uri.path(),
+        query: &query,
+        accept: &accept,
+        content_type: &content_type,
+        manager: &manager,
+        body: &body,
+    };
+    match route(&store, &request).await {
         Ok(response) => response,
         Err(error) => error.into_response(),
     }
 }
 
-async fn route(
-    store: &Shared,
-    method: &Method,
-    path: &str,
-    query: &HashMap<String, String>,
-    accept: &str,
-    content_type: &str,
-    body: &Bytes,
-) -> Result<Response, ApiError> {
+/// What a handler needs of a request.
+struct Request<'a> {
+    method: &'a Method,
+    path: &'a str,
+    query: &'a HashMap<String, String>,
+    accept: &'a str,
+    content_type: &'a str,
+    manager: &'a str,
+    body: &'a Bytes,
+}
+
+async fn route(store: &Shared, request: &Request<'_>) -> Result<Response, ApiError> {
+    let Request {
+        method,
+        path,
+        query,
+        accept,
+        content_type,
+        manager,
+        body,
+    } = *request;
     let segments: Vec<&str> = path
         .trim_matches('/')
         .split('/')
@@ -165,6 +189,7 @@ async fn route(
                 &namespace,
                 object,
                 dry_run,
+                Writer::Update(manager.to_string()),
             )?;
             Ok(json_response(201, &created))
         }
@@ -202,8 +227,34 @@ async fn route(
                 name,
                 object,
                 part,
+                Writer::Update(manager.to_string()),
             )?;
             Ok(json_response(200, &updated))
+        }
+        (Some(name), sub, Method::PATCH)
+            if content_type.starts_with("application/apply-patch+yaml") =>
+        {
+            let part = part(&target.kind, sub.as_deref())?;
+            let Some(manager) = query.get("fieldManager").filter(|m| !m.is_empty()) else {
+                return Err(ApiError::field_manager_required());
+            };
+            let text = std::str::from_utf8(body)
+                .map_err(|_| ApiError::bad_request("the apply body is not UTF-8"))?;
+            let applied: Value = serde_yaml_ng::from_str(text)
+                .map_err(|e| ApiError::bad_request(format!("error decoding YAML: {e}")))?;
+            let namespace = target.namespace.clone().unwrap_or_default();
+            let force = query.get("force").is_some_and(|f| f == "true");
+            let (object, created) = store.lock().expect("store lock").apply(
+                &target.kind,
+                &namespace,
+                name,
+                applied,
+                manager,
+                force,
+                part,
+                dry_run,
+            )?;
+            Ok(json_response(if created { 201 } else { 200 }, &object))
         }
         (Some(name), sub, Method::PATCH) => {
             let part = part(&target.kind, sub.as_deref())?;
@@ -221,6 +272,7 @@ async fn route(
                 &namespace,
                 name,
                 part,
+                Writer::Update(manager.to_string()),
                 |object| match media.as_str() {
                     "application/merge-patch+json" => {
                         patch::merge(object, &patch_body);

@@ -12,6 +12,7 @@ use serde_json::{json, Map, Value};
 use tokio::sync::broadcast;
 
 use crate::errors::ApiError;
+use crate::fields::{self, FieldSet, Shape};
 use crate::registry::{self, Kind};
 use crate::selector::{labels_of, FieldSelector, LabelSelector};
 
@@ -83,7 +84,178 @@ pub enum Deleted {
     Marked(Value),
 }
 
+/// Who writes, as `managedFields` records it.
+#[derive(Debug, Clone)]
+pub enum Writer {
+    /// A create, update or patch by this field manager: it comes to own what it changed.
+    Update(String),
+    /// A server-side apply whose `managedFields` were already worked out.
+    Applied(Value),
+}
+
 const HISTORY: usize = 100_000;
+
+fn subresource(part: Part) -> Option<&'static str> {
+    match part {
+        Part::Main => None,
+        Part::Status => Some("status"),
+    }
+}
+
+/// The part of an object a write through `part` can own: the status alone through
+/// `/status`, everything but the status through the main resource when the kind has a
+/// status subresource.
+fn tracked(object: &Value, kind: &Kind, part: Part) -> Value {
+    match part {
+        Part::Status => json!({"status": object["status"]}),
+        Part::Main if kind.status && kind.plural != "namespaces" => {
+            let mut copy = object.clone();
+            if let Some(map) = copy.as_object_mut() {
+                map.remove("status");
+            }
+            copy
+        }
+        Part::Main => object.clone(),
+    }
+}
+
+fn entry_matches(entry: &Value, manager: &str, operation: &str, part: Part) -> bool {
+    entry["manager"] == manager
+        && entry["operation"] == operation
+        && entry["subresource"].as_str() == subresource(part)
+}
+
+fn entry_set(entry: &Value) -> FieldSet {
+    entry["fieldsV1"].as_object().cloned().unwrap_or_default()
+}
+
+fn new_entry(
+    manager: &str,
+    operation: &str,
+    api_version: &str,
+    part: Part,
+    set: FieldSet,
+) -> Value {
+    let mut entry = json!({
+        "manager": manager,
+        "operation": operation,
+        "apiVersion": api_version,
+        "time": now(),
+        "fieldsType": "FieldsV1",
+        "fieldsV1": set,
+    });
+    if let Some(sub) = subresource(part) {
+        entry["subresource"] = json!(sub);
+    }
+    entry
+}
+
+fn exists(object: &Value, leaf: &[String]) -> bool {
+    let path: Vec<String> = leaf.iter().filter(|s| s.as_str() != ".").cloned().collect();
+    fields::value_at(object, &path).is_some()
+}
+
+/// The fields of `new` that a write changed from `old`, as leaves.
+fn changed(old: &Value, new: &Value, set: &FieldSet) -> Vec<Vec<String>> {
+    fields::leaves(set)
+        .into_iter()
+        .filter(|leaf| match leaf.split_last() {
+            Some((last, parent)) if last == "." => fields::value_at(old, parent).is_none(),
+            _ => fields::value_at(old, leaf) != fields::value_at(new, leaf),
+        })
+        .collect()
+}
+
+/// Records an Update by `manager` in `new`'s managedFields: it owns what it changed, the
+/// other managers lose it, and nobody keeps fields that no longer exist.
+fn record_update(kind: &Kind, old: Option<&Value>, new: &mut Value, manager: &str, part: Part) {
+    let shape = Shape::new(kind.schema.as_ref());
+    let empty = json!({});
+    let old_object = old.unwrap_or(&empty);
+    let full = fields::fields_of(&tracked(new, kind, part), &shape, true);
+    let changed = changed(old_object, new, &full);
+    let mut entries: Vec<Value> = old_object["metadata"]["managedFields"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    for entry in entries.iter_mut() {
+        let mut set = entry_set(entry);
+        let before = set.clone();
+        for leaf in &changed {
+            fields::remove(&mut set, leaf);
+        }
+        for leaf in fields::leaves(&set) {
+            if !exists(new, &leaf) {
+                fields::remove(&mut set, &leaf);
+            }
+        }
+        if set != before {
+            entry["fieldsV1"] = Value::Object(set);
+        }
+    }
+    if !changed.is_empty() {
+        match entries
+            .iter_mut()
+            .find(|e| entry_matches(e, manager, "Update", part))
+        {
+            Some(entry) => {
+                let mut set = entry_set(entry);
+                for leaf in &changed {
+                    fields::insert(&mut set, leaf);
+                }
+                entry["fieldsV1"] = Value::Object(set);
+                entry["time"] = json!(now());
+                entry["apiVersion"] = json!(kind.api_version());
+            }
+            None => {
+                let mut set = FieldSet::new();
+                for leaf in &changed {
+                    fields::insert(&mut set, leaf);
+                }
+                entries.push(new_entry(manager, "Update", &kind.api_version(), part, set));
+            }
+        }
+    }
+    entries.retain(|e| !entry_set(e).is_empty());
+    set_entries(new, entries);
+}
+
+/// Stores the entries in the real server's order: Apply before Update, then oldest first,
+/// then by manager, apiVersion and subresource.
+fn set_entries(object: &mut Value, mut entries: Vec<Value>) {
+    let key = |e: &Value| {
+        let text = |f: &str| e[f].as_str().unwrap_or("").to_string();
+        (
+            text("operation"),
+            text("time"),
+            text("manager"),
+            text("apiVersion"),
+            text("subresource"),
+        )
+    };
+    entries.sort_by_key(key);
+    if entries.is_empty() {
+        meta(object).remove("managedFields");
+    } else {
+        meta(object).insert("managedFields".into(), Value::Array(entries));
+    }
+}
+
+/// `"op"`, `"kube-recorder" with subresource "status" using v1`: a manager as conflict
+/// messages name it.
+fn describe(entry: &Value) -> String {
+    let mut text = format!("\"{}\"", entry["manager"].as_str().unwrap_or(""));
+    if let Some(sub) = entry["subresource"].as_str() {
+        text.push_str(&format!(" with subresource \"{sub}\""));
+    }
+    if entry["operation"] == "Update" {
+        text.push_str(&format!(
+            " using {}",
+            entry["apiVersion"].as_str().unwrap_or("")
+        ));
+    }
+    text
+}
 
 /// The store.
 pub struct Store {
@@ -203,6 +375,7 @@ impl Store {
                     "",
                     json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}),
                     false,
+                    Writer::Update("kube-apiserver".into()),
                 )
                 .expect("bootstrap namespaces");
         }
@@ -346,6 +519,7 @@ impl Store {
         namespace: &str,
         mut object: Value,
         dry_run: bool,
+        writer: Writer,
     ) -> Result<Value, ApiError> {
         if !object.is_object() {
             return Err(ApiError::bad_request(
@@ -435,12 +609,22 @@ impl Store {
         if let Some(schema) = &kind.schema {
             apply_defaults(&mut object, schema);
         }
+        if kind.group.is_empty() && kind.plural == "namespaces" {
+            let labels = meta(&mut object)
+                .entry("labels")
+                .or_insert_with(|| json!({}));
+            labels["kubernetes.io/metadata.name"] = json!(name);
+        }
+        // The writer owns what it sent and the defaults; what the kind's own rules add
+        // below (a namespace's finalizer and phase, a CRD's status) is nobody's.
+        match writer {
+            Writer::Update(manager) => record_update(kind, None, &mut object, &manager, Part::Main),
+            Writer::Applied(entries) => {
+                set_entries(&mut object, entries.as_array().cloned().unwrap_or_default());
+            }
+        }
         match (kind.group.as_str(), kind.plural.as_str()) {
             ("", "namespaces") => {
-                let labels = meta(&mut object)
-                    .entry("labels")
-                    .or_insert_with(|| json!({}));
-                labels["kubernetes.io/metadata.name"] = json!(name);
                 object["spec"] = json!({"finalizers": ["kubernetes"]});
                 object["status"] = json!({"phase": "Active"});
             }
@@ -491,6 +675,7 @@ impl Store {
         name: &str,
         object: Value,
         part: Part,
+        writer: Writer,
     ) -> Result<Value, ApiError> {
         let body_name = object["metadata"]["name"].as_str().unwrap_or(name);
         if body_name != name {
@@ -508,7 +693,7 @@ impl Store {
             }
             _ => {}
         }
-        self.update(kind, namespace, name, old, object, part)
+        self.update(kind, namespace, name, old, object, part, writer)
     }
 
     /// Applies `apply` to the current object and stores the result (PATCH).
@@ -518,6 +703,7 @@ impl Store {
         namespace: &str,
         name: &str,
         part: Part,
+        writer: Writer,
         apply: impl FnOnce(&mut Value) -> Result<(), ApiError>,
     ) -> Result<Value, ApiError> {
         let old = self.get(kind, namespace, name)?;
@@ -530,10 +716,11 @@ impl Store {
         if after.is_string() && before != after {
             return Err(ApiError::conflict(kind, name, "the object has been modified; please apply your changes to the latest version and try again"));
         }
-        self.update(kind, namespace, name, old, new, part)
+        self.update(kind, namespace, name, old, new, part, writer)
     }
 
     /// The rules every update follows, whatever the verb.
+    #[allow(clippy::too_many_arguments)]
     fn update(
         &mut self,
         kind: &Kind,
@@ -542,6 +729,7 @@ impl Store {
         old: Value,
         mut new: Value,
         part: Part,
+        writer: Writer,
     ) -> Result<Value, ApiError> {
         if !new.is_object() {
             return Err(ApiError::bad_request(
@@ -611,6 +799,12 @@ impl Store {
             let generation = old["metadata"]["generation"].as_i64().unwrap_or(1) + 1;
             meta(&mut new).insert("generation".into(), json!(generation));
         }
+        match writer {
+            Writer::Update(manager) => record_update(kind, Some(&old), &mut new, &manager, part),
+            Writer::Applied(entries) => {
+                set_entries(&mut new, entries.as_array().cloned().unwrap_or_default());
+            }
+        }
         let key = Store::key(kind, namespace, name);
         if terminating && finalizers(&new).is_empty() {
             return Ok(self.commit(key, ChangeType::Deleted, new, Some(old)));
@@ -620,10 +814,142 @@ impl Store {
             "resourceVersion".into(),
             old["metadata"]["resourceVersion"].clone(),
         );
-        if unchanged == old {
+        // Only a change of the object itself is a write; managedFields follow it.
+        let mut before = old.clone();
+        meta(&mut unchanged).remove("managedFields");
+        meta(&mut before).remove("managedFields");
+        if unchanged == before {
             return Ok(old);
         }
         Ok(self.commit(key, ChangeType::Modified, new, Some(old)))
+    }
+
+    /// Server-side apply by `manager`: creates the object when absent, else merges the
+    /// applied configuration, refusing (409) to change a field another manager owns unless
+    /// `force`, and removing fields this manager applied before and no longer applies when
+    /// nobody else owns them. Returns the object and whether it was created.
+    #[allow(clippy::too_many_arguments)]
+    pub fn apply(
+        &mut self,
+        kind: &Kind,
+        namespace: &str,
+        name: &str,
+        applied: Value,
+        manager: &str,
+        force: bool,
+        part: Part,
+        dry_run: bool,
+    ) -> Result<(Value, bool), ApiError> {
+        let shape = Shape::new(kind.schema.as_ref());
+        let applied_name = applied["metadata"]["name"].as_str().unwrap_or(name);
+        if applied_name != name {
+            return Err(ApiError::bad_request(format!(
+                "the name of the object ({applied_name}) does not match the name on the URL ({name})"
+            )));
+        }
+        let applied_part = tracked(&applied, kind, part);
+        let applied_set = fields::fields_of(&applied_part, &shape, false);
+        let Ok(live) = self.get(kind, namespace, name) else {
+            if part != Part::Main {
+                return Err(ApiError::not_found(kind, name));
+            }
+            let mut object = applied.clone();
+            meta(&mut object).insert("name".into(), json!(name));
+            let entry = new_entry(manager, "Apply", &kind.api_version(), part, applied_set);
+            let created = self.create(
+                kind,
+                namespace,
+                object,
+                dry_run,
+                Writer::Applied(json!([entry])),
+            )?;
+            return Ok((created, true));
+        };
+        let entries: Vec<Value> = live["metadata"]["managedFields"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let is_mine = |e: &Value| entry_matches(e, manager, "Apply", part);
+        // Fields whose value this apply changes; another owner of one is a conflict.
+        let changing: Vec<Vec<String>> = fields::leaves(&applied_set)
+            .into_iter()
+            .filter(|leaf| leaf.last().is_some_and(|l| l != "."))
+            .filter(|leaf| {
+                let live_value = fields::value_at(&live, leaf);
+                live_value.is_some() && live_value != fields::value_at(&applied_part, leaf)
+            })
+            .collect();
+        let mut conflicts: Vec<(String, String)> = Vec::new();
+        for entry in entries.iter().filter(|e| !is_mine(e)) {
+            let set = entry_set(entry);
+            for leaf in changing.iter().filter(|leaf| fields::contains(&set, leaf)) {
+                conflicts.push((describe(entry), fields::display(leaf)));
+            }
+        }
+        if !conflicts.is_empty() && !force {
+            return Err(ApiError::apply_conflicts(&conflicts));
+        }
+        let mut new = live.clone();
+        fields::merge_applied(&mut new, &applied_part, &shape);
+        let previous = entries
+            .iter()
+            .find(|e| is_mine(e))
+            .map(entry_set)
+            .unwrap_or_default();
+        for leaf in fields::leaves(&previous) {
+            let still_applied = fields::contains(&applied_set, &leaf);
+            let owned_elsewhere = entries
+                .iter()
+                .filter(|e| !is_mine(e))
+                .any(|e| fields::contains(&entry_set(e), &leaf));
+            if !still_applied && !owned_elsewhere {
+                fields::delete_at(&mut new, &leaf);
+            }
+        }
+        // Fields whose value this apply changed now belong to it alone.
+        let mut entries: Vec<Value> = entries
+            .into_iter()
+            .map(|mut entry| {
+                if !is_mine(&entry) {
+                    let mut set = entry_set(&entry);
+                    for leaf in &changing {
+                        fields::remove(&mut set, leaf);
+                    }
+                    entry["fieldsV1"] = Value::Object(set);
+                }
+                entry
+            })
+            .collect();
+        match entries.iter_mut().find(|e| is_mine(e)) {
+            Some(entry) if entry_set(entry) != applied_set => {
+                entry["fieldsV1"] = Value::Object(applied_set);
+                entry["time"] = json!(now());
+                entry["apiVersion"] = json!(kind.api_version());
+            }
+            Some(_) => {}
+            None => entries.push(new_entry(
+                manager,
+                "Apply",
+                &kind.api_version(),
+                part,
+                applied_set,
+            )),
+        }
+        entries.retain(|e| !entry_set(e).is_empty());
+        if dry_run {
+            set_entries(&mut new, entries);
+            return Ok((new, false));
+        }
+        let updated = self.update(
+            kind,
+            namespace,
+            name,
+            live,
+            new,
+            part,
+            Writer::Applied(Value::Array(entries)),
+        )?;
+        Ok((updated, false))
     }
 
     /// Deletes an object, or marks it when finalizers hold it. `precondition_uid` and
@@ -710,24 +1036,48 @@ mod tests {
         let crds = store
             .kind("apiextensions.k8s.io", "v1", "customresourcedefinitions")
             .unwrap();
-        store.create(&crds, "", crd, false).unwrap();
+        store
+            .create(&crds, "", crd, false, Writer::Update("test".into()))
+            .unwrap();
         let things = store.kind("example.com", "v1", "things").unwrap();
         let thing = json!({"apiVersion": "example.com/v1", "kind": "Thing", "metadata": {"name": "a"}, "spec": {"n": 1}});
-        let created = store.create(&things, "default", thing, false).unwrap();
+        let created = store
+            .create(
+                &things,
+                "default",
+                thing,
+                false,
+                Writer::Update("test".into()),
+            )
+            .unwrap();
         assert_eq!(created["metadata"]["generation"], 1);
         let relabelled = store
-            .patch(&things, "default", "a", Part::Main, |o| {
-                o["metadata"]["labels"] = json!({"x": "y"});
-                Ok(())
-            })
+            .patch(
+                &things,
+                "default",
+                "a",
+                Part::Main,
+                Writer::Update("test".into()),
+                |o| {
+                    o["metadata"]["labels"] = json!({"x": "y"});
+                    Ok(())
+                },
+            )
             .unwrap();
         assert_eq!(relabelled["metadata"]["generation"], 1);
         let status = store
-            .patch(&things, "default", "a", Part::Status, |o| {
-                o["status"] = json!({"ready": true});
-                o["spec"] = json!({"n": 99});
-                Ok(())
-            })
+            .patch(
+                &things,
+                "default",
+                "a",
+                Part::Status,
+                Writer::Update("test".into()),
+                |o| {
+                    o["status"] = json!({"ready": true});
+                    o["spec"] = json!({"n": 99});
+                    Ok(())
+                },
+            )
             .unwrap();
         assert_eq!(
             status["spec"]["n"], 1,
@@ -735,11 +1085,18 @@ mod tests {
         );
         assert_eq!(status["metadata"]["generation"], 1);
         let respec = store
-            .patch(&things, "default", "a", Part::Main, |o| {
-                o["spec"]["n"] = json!(2);
-                o["status"] = json!({"ready": false});
-                Ok(())
-            })
+            .patch(
+                &things,
+                "default",
+                "a",
+                Part::Main,
+                Writer::Update("test".into()),
+                |o| {
+                    o["spec"]["n"] = json!(2);
+                    o["status"] = json!({"ready": false});
+                    Ok(())
+                },
+            )
             .unwrap();
         assert_eq!(respec["metadata"]["generation"], 2);
         assert_eq!(
@@ -753,22 +1110,38 @@ mod tests {
         let mut store = Store::new();
         let cms = store.kind("", "v1", "configmaps").unwrap();
         let cm = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "a", "finalizers": ["x/y"]}});
-        store.create(&cms, "default", cm, false).unwrap();
+        store
+            .create(&cms, "default", cm, false, Writer::Update("test".into()))
+            .unwrap();
         let Deleted::Marked(marked) = store.delete(&cms, "default", "a", None, None).unwrap()
         else {
             panic!("finalizers hold the object");
         };
         assert!(marked["metadata"]["deletionTimestamp"].is_string());
-        let refused = store.patch(&cms, "default", "a", Part::Main, |o| {
-            o["metadata"]["finalizers"] = json!(["x/y", "x/z"]);
-            Ok(())
-        });
+        let refused = store.patch(
+            &cms,
+            "default",
+            "a",
+            Part::Main,
+            Writer::Update("test".into()),
+            |o| {
+                o["metadata"]["finalizers"] = json!(["x/y", "x/z"]);
+                Ok(())
+            },
+        );
         assert_eq!(refused.unwrap_err().code, 422);
         store
-            .patch(&cms, "default", "a", Part::Main, |o| {
-                o["metadata"]["finalizers"] = json!([]);
-                Ok(())
-            })
+            .patch(
+                &cms,
+                "default",
+                "a",
+                Part::Main,
+                Writer::Update("test".into()),
+                |o| {
+                    o["metadata"]["finalizers"] = json!([]);
+                    Ok(())
+                },
+            )
             .unwrap();
         assert_eq!(store.get(&cms, "default", "a").unwrap_err().code, 404);
     }

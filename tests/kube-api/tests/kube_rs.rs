@@ -187,3 +187,142 @@ async fn the_kube_runtime_watcher_sees_applies_and_deletes() {
         .unwrap();
     assert!(matches!(next, Event::Delete(ref cm) if cm.metadata.name.as_deref() == Some("w1")));
 }
+
+fn deployment(replicas: Option<i32>, image: &str) -> serde_json::Value {
+    let mut spec = json!({
+        "selector": {"matchLabels": {"app": "worker"}},
+        "template": {"metadata": {"labels": {"app": "worker"}},
+            "spec": {"containers": [{"name": "worker", "image": image}]}},
+    });
+    if let Some(replicas) = replicas {
+        spec["replicas"] = json!(replicas);
+    }
+    json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "worker"}, "spec": spec})
+}
+
+#[tokio::test]
+async fn server_side_apply_leaves_replicas_to_the_scaler_and_reports_conflicts() {
+    use k8s_openapi::api::apps::v1::Deployment;
+    let server = KubeApiServer::start().await.unwrap();
+    let api: Api<Deployment> = Api::namespaced(client(&server).await, "default");
+    let operator = PatchParams::apply("mailpipe-operator");
+
+    let created = api
+        .patch(
+            "worker",
+            &operator,
+            &Patch::Apply(deployment(Some(1), "worker:1")),
+        )
+        .await
+        .unwrap();
+    assert_eq!(created.spec.as_ref().unwrap().replicas, Some(1));
+
+    // A scaler takes over spec.replicas with an ordinary update.
+    let scaler = PatchParams {
+        field_manager: Some("scaler".into()),
+        ..PatchParams::default()
+    };
+    api.patch(
+        "worker",
+        &scaler,
+        &Patch::Merge(json!({"spec": {"replicas": 4}})),
+    )
+    .await
+    .unwrap();
+
+    // The operator's next apply leaves replicas out and so leaves them alone.
+    let applied = api
+        .patch(
+            "worker",
+            &operator,
+            &Patch::Apply(deployment(None, "worker:2")),
+        )
+        .await
+        .unwrap();
+    let spec = applied.spec.unwrap();
+    assert_eq!(
+        spec.replicas,
+        Some(4),
+        "the scaler's replicas survive the operator's apply"
+    );
+    assert_eq!(
+        spec.template.spec.unwrap().containers[0].image.as_deref(),
+        Some("worker:2")
+    );
+
+    // Applying replicas again would fight the scaler: a conflict naming it.
+    let err = api
+        .patch(
+            "worker",
+            &operator,
+            &Patch::Apply(deployment(Some(1), "worker:2")),
+        )
+        .await
+        .unwrap_err();
+    match err {
+        kube::Error::Api(status) => {
+            assert_eq!(status.code, 409);
+            assert!(
+                status
+                    .message
+                    .contains("conflict with \"scaler\" using apps/v1: .spec.replicas"),
+                "{}",
+                status.message
+            );
+        }
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    let forced = api
+        .patch(
+            "worker",
+            &operator.clone().force(),
+            &Patch::Apply(deployment(Some(1), "worker:2")),
+        )
+        .await
+        .unwrap();
+    assert_eq!(forced.spec.unwrap().replicas, Some(1));
+    let owners: Vec<String> = forced
+        .metadata
+        .managed_fields
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|e| e.manager.clone())
+        .collect();
+    assert!(
+        owners.contains(&"mailpipe-operator".to_string()),
+        "{owners:?}"
+    );
+}
+
+#[tokio::test]
+async fn status_is_applied_through_the_status_subresource_only() {
+    use k8s_openapi::api::apps::v1::Deployment;
+    let server = KubeApiServer::start().await.unwrap();
+    let api: Api<Deployment> = Api::namespaced(client(&server).await, "default");
+    api.patch(
+        "worker",
+        &PatchParams::apply("op"),
+        &Patch::Apply(deployment(Some(1), "worker:1")),
+    )
+    .await
+    .unwrap();
+    let status = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "worker"},
+        "status": {"replicas": 1, "readyReplicas": 1, "observedGeneration": 1}});
+    let updated = api
+        .patch_status(
+            "worker",
+            &PatchParams::apply("runner"),
+            &Patch::Apply(status.clone()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(updated.status.unwrap().ready_replicas, Some(1));
+    // Status sent to the main resource is ignored.
+    let mut sneaky = deployment(Some(1), "worker:1");
+    sneaky["status"] = json!({"readyReplicas": 7});
+    let main = api
+        .patch("worker", &PatchParams::apply("op"), &Patch::Apply(sneaky))
+        .await
+        .unwrap();
+    assert_eq!(main.status.unwrap().ready_replicas, Some(1));
+}
