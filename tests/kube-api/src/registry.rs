@@ -38,6 +38,9 @@ pub struct Kind {
     pub schema: Option<Value>,
     /// The CRD's additional printer columns, for custom kinds.
     pub printer_columns: Vec<Value>,
+    /// For kinds with `/scale`: the JSONPaths of spec replicas, status replicas and the
+    /// label selector (`None` for the selector means "from spec.selector.matchLabels").
+    pub scale_paths: Option<(String, String, Option<String>)>,
 }
 
 impl Kind {
@@ -157,6 +160,13 @@ fn builtin(
         watch_start: 1,
         schema: None,
         printer_columns: Vec::new(),
+        scale_paths: scale.then(|| {
+            (
+                ".spec.replicas".to_string(),
+                ".status.replicas".to_string(),
+                None,
+            )
+        }),
     }
 }
 
@@ -307,6 +317,14 @@ pub fn kinds_of_crd(crd: &Value, rv: u64) -> Result<Vec<Kind>, String> {
                 .as_array()
                 .cloned()
                 .unwrap_or_default(),
+            scale_paths: v["subresources"]["scale"].as_object().map(|scale| {
+                let text = |f: &str| scale.get(f).and_then(Value::as_str).map(str::to_string);
+                (
+                    text("specReplicasPath").unwrap_or_else(|| ".spec.replicas".into()),
+                    text("statusReplicasPath").unwrap_or_else(|| ".status.replicas".into()),
+                    text("labelSelectorPath"),
+                )
+            }),
         })
         .collect())
 }

@@ -17,7 +17,10 @@ use crate::errors::ApiError;
 use crate::patch;
 use crate::registry::{api_group, Kind};
 use crate::selector::{labels_of, FieldSelector, LabelSelector};
-use crate::store::{Change, ChangeType, Deleted, Part, Store, Writer};
+use crate::store::{
+    set_path, spec_replicas_path, Change, ChangeType, Deleted, Part, Store, Writer,
+};
+use crate::views;
 
 /// Shared server state.
 pub type Shared = Arc<Mutex<Store>>;
@@ -144,6 +147,16 @@ async fn route(store: &Shared, request: &Request<'_>) -> Result<Response, ApiErr
         ["apis"] => return Ok(json_response(200, &group_list(store))),
         ["api", "v1"] => return Ok(json_response(200, &resource_list(store, "", "v1")?)),
         ["apis", group] => return group_document(store, group),
+        ["openapi", "v3"] => {
+            let store = store.lock().expect("store lock");
+            return Ok(json_response(200, &views::openapi_index(store.kinds())));
+        }
+        ["openapi", "v3", rest @ ..] => {
+            let store = store.lock().expect("store lock");
+            return views::openapi_document(store.kinds(), &rest.join("/"))
+                .map(|doc| json_response(200, &doc))
+                .ok_or_else(ApiError::no_route);
+        }
         ["apis", group, version] => {
             return Ok(json_response(200, &resource_list(store, group, version)?))
         }
@@ -176,9 +189,9 @@ async fn route(store: &Shared, request: &Request<'_>) -> Result<Response, ApiErr
         (None, None, Method::GET) => {
             let watching = query.get("watch").is_some_and(|w| w == "1" || w == "true");
             if watching {
-                watch(store, target, query)
+                watch(store, target, query, accept)
             } else {
-                list(store, &target, query)
+                list(store, &target, query, accept)
             }
         }
         (None, None, Method::POST) => {
@@ -197,39 +210,59 @@ async fn route(store: &Shared, request: &Request<'_>) -> Result<Response, ApiErr
         (Some(_), _, Method::POST) => Err(ApiError::method_not_allowed()),
         (Some(name), None, Method::GET) => {
             let namespace = target.namespace.clone().unwrap_or_default();
-            Ok(json_response(
-                200,
-                &store
-                    .lock()
-                    .expect("store lock")
-                    .get(&target.kind, &namespace, name)?,
-            ))
+            let store = store.lock().expect("store lock");
+            let object = store.get(&target.kind, &namespace, name)?;
+            if wants_table(accept) {
+                return Ok(json_response(
+                    200,
+                    &views::table(&target.kind, &[object], store.rv()),
+                ));
+            }
+            Ok(json_response(200, &object))
         }
-        (Some(name), sub, Method::GET)
-            if sub.as_deref() == Some("status") && target.kind.status =>
-        {
+        (Some(name), sub, Method::GET) if sub.is_some() => {
+            let part = part(&target.kind, sub.as_deref())?;
             let namespace = target.namespace.clone().unwrap_or_default();
-            Ok(json_response(
-                200,
-                &store
-                    .lock()
-                    .expect("store lock")
-                    .get(&target.kind, &namespace, name)?,
-            ))
+            let object = store
+                .lock()
+                .expect("store lock")
+                .get(&target.kind, &namespace, name)?;
+            Ok(json_response(200, &view(&target.kind, part, &object)))
         }
         (Some(name), sub, Method::PUT) => {
             let part = part(&target.kind, sub.as_deref())?;
             let object = parse_json(body)?;
             let namespace = target.namespace.clone().unwrap_or_default();
-            let updated = store.lock().expect("store lock").replace(
-                &target.kind,
-                &namespace,
-                name,
-                object,
-                part,
-                Writer::Update(manager.to_string()),
-            )?;
-            Ok(json_response(200, &updated))
+            let updated = if part == Part::Scale {
+                // A Scale in, its replicas onto the object (optimistically, when it says).
+                let replicas = object["spec"]["replicas"].clone();
+                let rv = object["metadata"]["resourceVersion"].clone();
+                let path = spec_replicas_path(&target.kind);
+                store.lock().expect("store lock").patch(
+                    &target.kind,
+                    &namespace,
+                    name,
+                    part,
+                    Writer::Update(manager.to_string()),
+                    |current| {
+                        if rv.is_string() {
+                            current["metadata"]["resourceVersion"] = rv;
+                        }
+                        set_path(current, &path, replicas);
+                        Ok(())
+                    },
+                )?
+            } else {
+                store.lock().expect("store lock").replace(
+                    &target.kind,
+                    &namespace,
+                    name,
+                    object,
+                    part,
+                    Writer::Update(manager.to_string()),
+                )?
+            };
+            Ok(json_response(200, &view(&target.kind, part, &updated)))
         }
         (Some(name), sub, Method::PATCH)
             if content_type.starts_with("application/apply-patch+yaml") =>
@@ -273,22 +306,35 @@ async fn route(store: &Shared, request: &Request<'_>) -> Result<Response, ApiErr
                 name,
                 part,
                 Writer::Update(manager.to_string()),
-                |object| match media.as_str() {
-                    "application/merge-patch+json" => {
-                        patch::merge(object, &patch_body);
-                        Ok(())
+                |object| {
+                    let patch_in_place = |target: &mut Value| match media.as_str() {
+                        "application/merge-patch+json" => {
+                            patch::merge(target, &patch_body);
+                            Ok(())
+                        }
+                        "application/json-patch+json" => patch::json_patch(target, &patch_body)
+                            .map_err(|_| ApiError::patch_failed()),
+                        "application/strategic-merge-patch+json" if !kind.custom => {
+                            patch::strategic(target, &patch_body);
+                            Ok(())
+                        }
+                        other => Err(ApiError::unsupported_media_type(other)),
+                    };
+                    if part != Part::Scale {
+                        return patch_in_place(object);
                     }
-                    "application/json-patch+json" => {
-                        patch::json_patch(object, &patch_body).map_err(|_| ApiError::patch_failed())
-                    }
-                    "application/strategic-merge-patch+json" if !kind.custom => {
-                        patch::strategic(object, &patch_body);
-                        Ok(())
-                    }
-                    other => Err(ApiError::unsupported_media_type(other)),
+                    // A patch to /scale patches the Scale view; its replicas go back.
+                    let mut scale = views::scale(&kind, object);
+                    patch_in_place(&mut scale)?;
+                    set_path(
+                        object,
+                        &spec_replicas_path(&kind),
+                        scale["spec"]["replicas"].clone(),
+                    );
+                    Ok(())
                 },
             )?;
-            Ok(json_response(200, &updated))
+            Ok(json_response(200, &view(&kind, part, &updated)))
         }
         (Some(name), None, Method::DELETE) => {
             let options = if body.is_empty() {
@@ -324,7 +370,16 @@ fn part(kind: &Kind, subresource: Option<&str>) -> Result<Part, ApiError> {
     match subresource {
         None => Ok(Part::Main),
         Some("status") if kind.status => Ok(Part::Status),
+        Some("scale") if kind.scale => Ok(Part::Scale),
         Some(_) => Err(ApiError::no_route()),
+    }
+}
+
+/// What a subresource shows of an object: the Scale view for `/scale`, else the object.
+fn view(kind: &Kind, part: Part, object: &Value) -> Value {
+    match part {
+        Part::Scale => views::scale(kind, object),
+        Part::Main | Part::Status => object.clone(),
     }
 }
 
@@ -390,16 +445,28 @@ fn selectors(query: &HashMap<String, String>) -> Result<(LabelSelector, FieldSel
     Ok((labels, fields))
 }
 
+/// Whether the client asked for a `meta.k8s.io/v1` Table (as `kubectl get` does).
+fn wants_table(accept: &str) -> bool {
+    accept
+        .split(',')
+        .next()
+        .is_some_and(|first| first.contains("as=Table"))
+}
+
 fn list(
     store: &Shared,
     target: &ResourcePath,
     query: &HashMap<String, String>,
+    accept: &str,
 ) -> Result<Response, ApiError> {
     let (labels, fields) = selectors(query)?;
     let store = store.lock().expect("store lock");
     let mut items = store.list(&target.kind, target.namespace.as_deref(), &labels, &fields);
     let rv = store.rv();
     drop(store);
+    if wants_table(accept) {
+        return Ok(json_response(200, &views::table(&target.kind, &items, rv)));
+    }
     let mut metadata = json!({"resourceVersion": rv.to_string()});
     if let Some(token) = query.get("continue").filter(|t| !t.is_empty()) {
         let start = decode_continue(token)?;
@@ -524,7 +591,9 @@ fn watch(
     store: &Shared,
     target: ResourcePath,
     query: &HashMap<String, String>,
+    accept: &str,
 ) -> Result<Response, ApiError> {
+    let as_table = wants_table(accept);
     let (labels, fields) = selectors(query)?;
     let timeout = query
         .get("timeoutSeconds")
@@ -593,11 +662,23 @@ fn watch(
     };
     let api_version = kind.api_version();
     let kind_name = kind.kind.clone();
+    // An event carries the object, or a one-row Table of it when the client asked for Tables.
+    let render = move |mut object: Value| {
+        object["apiVersion"] = json!(kind.api_version());
+        if as_table {
+            let rv = object["metadata"]["resourceVersion"]
+                .as_str()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            views::table(&kind, &[object], rv)
+        } else {
+            object
+        }
+    };
     tokio::spawn(async move {
         let mut last_rv = current;
-        for (event, mut object) in backlog {
-            object["apiVersion"] = json!(api_version);
-            if tx.send(event_line(event, &object)).await.is_err() {
+        for (event, object) in backlog {
+            if tx.send(event_line(event, &render(object))).await.is_err() {
                 return;
             }
         }
@@ -635,9 +716,8 @@ fn watch(
                         if change.rv <= floor || !in_scope(&change) {
                             continue;
                         }
-                        if let Some((event, mut object)) = watch_event(&change, &labels, &fields) {
-                            object["apiVersion"] = json!(api_version);
-                            if tx.send(event_line(event, &object)).await.is_err() {
+                                                if let Some((event, object)) = watch_event(&change, &labels, &fields) {
+                            if tx.send(event_line(event, &render(object))).await.is_err() {
                                 return;
                             }
                         }

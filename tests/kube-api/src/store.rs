@@ -73,6 +73,8 @@ pub enum Part {
     Main,
     /// The `/status` subresource: only `status` changes.
     Status,
+    /// The `/scale` subresource: only the spec replicas change.
+    Scale,
 }
 
 /// What a DELETE came to.
@@ -99,6 +101,7 @@ fn subresource(part: Part) -> Option<&'static str> {
     match part {
         Part::Main => None,
         Part::Status => Some("status"),
+        Part::Scale => Some("scale"),
     }
 }
 
@@ -108,6 +111,14 @@ fn subresource(part: Part) -> Option<&'static str> {
 fn tracked(object: &Value, kind: &Kind, part: Part) -> Value {
     match part {
         Part::Status => json!({"status": object["status"]}),
+        Part::Scale => {
+            let path = spec_replicas_path(kind);
+            let mut only = json!({});
+            if let Some(replicas) = crate::views::json_path(object, &path) {
+                set_path(&mut only, &path, replicas.clone());
+            }
+            only
+        }
         Part::Main if kind.status && kind.plural != "namespaces" => {
             let mut copy = object.clone();
             if let Some(map) = copy.as_object_mut() {
@@ -117,6 +128,27 @@ fn tracked(object: &Value, kind: &Kind, part: Part) -> Value {
         }
         Part::Main => object.clone(),
     }
+}
+
+/// Where a kind keeps its replicas (for `/scale`).
+pub fn spec_replicas_path(kind: &Kind) -> String {
+    kind.scale_paths
+        .as_ref()
+        .map(|(spec, _, _)| spec.clone())
+        .unwrap_or_else(|| ".spec.replicas".into())
+}
+
+/// Sets the value at a simple dotted path (`.spec.replicas`), creating objects on the way.
+pub fn set_path(object: &mut Value, path: &str, value: Value) {
+    let names: Vec<&str> = path.trim_start_matches('.').split('.').collect();
+    let mut node = object;
+    for name in &names[..names.len() - 1] {
+        if !node[*name].is_object() {
+            node[*name] = json!({});
+        }
+        node = &mut node[*name];
+    }
+    node[names[names.len() - 1]] = value;
 }
 
 fn entry_matches(entry: &Value, manager: &str, operation: &str, part: Part) -> bool {
@@ -146,6 +178,10 @@ fn new_entry(
     });
     if let Some(sub) = subresource(part) {
         entry["subresource"] = json!(sub);
+    }
+    if part == Part::Scale {
+        // The real server records writes through /scale without a time.
+        entry.as_object_mut().expect("an object").remove("time");
     }
     entry
 }
@@ -204,7 +240,9 @@ fn record_update(kind: &Kind, old: Option<&Value>, new: &mut Value, manager: &st
                     fields::insert(&mut set, leaf);
                 }
                 entry["fieldsV1"] = Value::Object(set);
-                entry["time"] = json!(now());
+                if part != Part::Scale {
+                    entry["time"] = json!(now());
+                }
                 entry["apiVersion"] = json!(kind.api_version());
             }
             None => {
@@ -736,7 +774,14 @@ impl Store {
                 "the body of the request must be a JSON object",
             ));
         }
-        if part == Part::Status {
+        if part == Part::Scale {
+            let path = spec_replicas_path(kind);
+            let replicas = crate::views::json_path(&new, &path)
+                .cloned()
+                .unwrap_or(Value::Null);
+            new = old.clone();
+            set_path(&mut new, &path, replicas);
+        } else if part == Part::Status {
             let status = new["status"].clone();
             new = old.clone();
             match status {

@@ -104,3 +104,84 @@ async fn kubectl_gets_patches_labels_deletes_and_watches() {
         .collect();
     assert_eq!(events, ["EVENT", "ADDED", "DELETED"], "{watched}");
 }
+
+const PIPELINE: &str = "apiVersion: mailpipe.dev/v1alpha1
+kind: EmailPipeline
+metadata:
+  name: demo
+spec:
+  source:
+    rabbitmq:
+      queue: inbox
+  destination:
+    mailbox: ops@example.com
+";
+
+#[tokio::test]
+async fn kubectl_applies_a_crd_and_its_resources_and_prints_their_columns() {
+    let server = KubeApiServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    server.write_kubeconfig(&kubeconfig).unwrap();
+    // The CRD the real server was recorded with (printer columns, status and scale).
+    let fixture: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/fixtures/006-create-crd.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let crd = dir.path().join("crd.json");
+    std::fs::write(&crd, fixture["request"]["body"].to_string()).unwrap();
+    let pipeline = dir.path().join("pipeline.yaml");
+    std::fs::write(&pipeline, PIPELINE).unwrap();
+    let (crd, pipeline_path) = (
+        crd.to_str().unwrap().to_string(),
+        pipeline.to_str().unwrap().to_string(),
+    );
+    let run = move |args: Vec<String>| {
+        let kc = kubeconfig.clone();
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            kubectl(&kc, &args)
+        })
+    };
+    let args = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+
+    assert!(ok(run(args(&["apply", "-f", &crd])).await.unwrap()).contains("created"));
+    assert!(
+        ok(run(args(&["apply", "-f", &pipeline_path])).await.unwrap())
+            .contains("emailpipeline.mailpipe.dev/demo created")
+    );
+    let table = ok(run(args(&["get", "ep"])).await.unwrap());
+    let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(header, ["NAME", "FORMAT", "REPLICAS", "PHASE"], "{table}");
+    assert!(table.lines().nth(1).unwrap().starts_with("demo"), "{table}");
+    assert!(ok(run(args(&["apply", "-f", &pipeline_path])).await.unwrap()).contains("unchanged"));
+    std::fs::write(&pipeline, PIPELINE.replace("queue: inbox", "queue: outbox")).unwrap();
+    assert!(ok(run(args(&["apply", "-f", &pipeline_path])).await.unwrap()).contains("configured"));
+    assert!(
+        ok(run(args(&["apply", "--server-side", "-f", &pipeline_path]))
+            .await
+            .unwrap())
+        .contains("serverside-applied")
+    );
+    assert!(ok(run(args(&["scale", "ep", "demo", "--replicas=3"]))
+        .await
+        .unwrap())
+    .contains("scaled"));
+    let replicas = ok(run(args(&[
+        "get",
+        "ep",
+        "demo",
+        "-o",
+        "jsonpath={.spec.replicas} {.spec.source.rabbitmq.queue}",
+    ]))
+    .await
+    .unwrap());
+    assert_eq!(replicas, "3 outbox");
+    let explained = ok(run(args(&["explain", "ep.spec.source"])).await.unwrap());
+    assert!(explained.contains("rabbitmq"), "{explained}");
+    assert!(ok(run(args(&["delete", "-f", &pipeline_path])).await.unwrap()).contains("deleted"));
+}

@@ -1,0 +1,283 @@
+//! Documents rendered from the served kinds and objects: the OpenAPI v3 index and
+//! group-version documents (kubectl checks there that `fieldValidation` is supported and
+//! `kubectl explain` reads the schemas), and `meta.k8s.io/v1` Tables with a CRD's printer
+//! columns (what `kubectl get` prints).
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+
+use serde_json::{json, Map, Value};
+
+use crate::registry::Kind;
+
+/// `api/v1` or `apis/G/V`: a group-version's path in the OpenAPI v3 index.
+pub fn openapi_path(kind: &Kind) -> String {
+    if kind.group.is_empty() {
+        format!("api/{}", kind.version)
+    } else {
+        format!("apis/{}/{}", kind.group, kind.version)
+    }
+}
+
+/// The schema name of a kind, as the real server names it.
+fn schema_name(kind: &Kind) -> String {
+    let group = match kind.group.as_str() {
+        "" => "io.k8s.api.core".to_string(),
+        "apps" | "policy" => format!("io.k8s.api.{}", kind.group),
+        "coordination.k8s.io" => "io.k8s.api.coordination".to_string(),
+        "events.k8s.io" => "io.k8s.api.events".to_string(),
+        "apiextensions.k8s.io" => {
+            "io.k8s.apiextensions-apiserver.pkg.apis.apiextensions".to_string()
+        }
+        custom => custom.split('.').rev().collect::<Vec<_>>().join("."),
+    };
+    format!("{group}.{}.{}", kind.version, kind.kind)
+}
+
+fn hash(text: &str) -> String {
+    let mut hasher = DefaultHasher::new();
+    text.hash(&mut hasher);
+    format!("{:016X}", hasher.finish())
+}
+
+/// `GET /openapi/v3`: one entry per served group-version.
+pub fn openapi_index(kinds: &[Kind]) -> Value {
+    let mut paths = Map::new();
+    for kind in kinds {
+        let path = openapi_path(kind);
+        let document = openapi_document(kinds, &path).unwrap_or(Value::Null);
+        paths.insert(
+            path.clone(),
+            json!({"serverRelativeURL": format!("/openapi/v3/{path}?hash={}", hash(&document.to_string()))}),
+        );
+    }
+    json!({"paths": paths})
+}
+
+fn operation(kind: &Kind, action: &str, writes: bool) -> Value {
+    let mut parameters =
+        vec![json!({"name": "pretty", "in": "query", "schema": {"type": "string"}})];
+    if writes {
+        for name in ["dryRun", "fieldManager", "fieldValidation"] {
+            parameters.push(json!({"name": name, "in": "query", "schema": {"type": "string"}, "uniqueItems": true}));
+        }
+    }
+    if action == "patch" {
+        parameters.push(json!({"name": "force", "in": "query", "schema": {"type": "boolean"}, "uniqueItems": true}));
+    }
+    json!({
+        "operationId": format!("{action}{}", kind.kind),
+        "x-kubernetes-action": action,
+        "x-kubernetes-group-version-kind": {"group": kind.group, "version": kind.version, "kind": kind.kind},
+        "parameters": parameters,
+        "responses": {"200": {"description": "OK", "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{}", schema_name(kind))}}}}},
+    })
+}
+
+/// `GET /openapi/v3/<path>`: paths and schemas of one group-version.
+pub fn openapi_document(kinds: &[Kind], path: &str) -> Option<Value> {
+    let served: Vec<&Kind> = kinds.iter().filter(|k| openapi_path(k) == path).collect();
+    if served.is_empty() {
+        return None;
+    }
+    let mut paths = Map::new();
+    let mut schemas = Map::new();
+    schemas.insert(
+        "io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta".into(),
+        json!({"description": "ObjectMeta is metadata that all persisted resources must have.", "type": "object", "x-kubernetes-preserve-unknown-fields": true}),
+    );
+    for kind in served {
+        let base = if kind.namespaced {
+            format!("/{path}/namespaces/{{namespace}}/{}", kind.plural)
+        } else {
+            format!("/{path}/{}", kind.plural)
+        };
+        paths.insert(
+            base.clone(),
+            json!({"get": operation(kind, "list", false), "post": operation(kind, "post", true), "delete": operation(kind, "deletecollection", false)}),
+        );
+        paths.insert(
+            format!("{base}/{{name}}"),
+            json!({"get": operation(kind, "get", false), "put": operation(kind, "put", true),
+                   "patch": operation(kind, "patch", true), "delete": operation(kind, "delete", false)}),
+        );
+        if kind.status {
+            paths.insert(
+                format!("{base}/{{name}}/status"),
+                json!({"get": operation(kind, "get", false), "put": operation(kind, "put", true), "patch": operation(kind, "patch", true)}),
+            );
+        }
+        let mut schema = kind.schema.clone().unwrap_or_else(
+            || json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true}),
+        );
+        if let Some(properties) = schema.get_mut("properties").and_then(Value::as_object_mut) {
+            properties.insert(
+                "metadata".into(),
+                json!({"allOf": [{"$ref": "#/components/schemas/io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"}], "default": {}}),
+            );
+        }
+        schema["x-kubernetes-group-version-kind"] =
+            json!([{"group": kind.group, "version": kind.version, "kind": kind.kind}]);
+        schemas.insert(schema_name(kind), schema);
+    }
+    Some(json!({
+        "openapi": "3.0.0",
+        "info": {"title": "Kubernetes", "version": "v1.36.2"},
+        "paths": paths,
+        "components": {"schemas": schemas},
+    }))
+}
+
+/// The `autoscaling/v1` Scale view of an object whose kind has `/scale`.
+pub fn scale(kind: &Kind, object: &Value) -> Value {
+    let (spec_path, status_path, selector_path) = kind
+        .scale_paths
+        .clone()
+        .unwrap_or_else(|| (".spec.replicas".into(), ".status.replicas".into(), None));
+    let number = |path: &str| json_path(object, path).cloned().unwrap_or(json!(0));
+    let selector = match selector_path {
+        Some(path) => json_path(object, &path).cloned(),
+        None => object["spec"]["selector"]["matchLabels"]
+            .as_object()
+            .map(|labels| {
+                let pairs: Vec<String> = labels
+                    .iter()
+                    .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+                    .collect();
+                json!(pairs.join(","))
+            }),
+    };
+    let metadata = &object["metadata"];
+    let mut status = json!({"replicas": number(&status_path)});
+    if let Some(selector) = selector {
+        status["selector"] = selector;
+    }
+    json!({
+        "kind": "Scale",
+        "apiVersion": "autoscaling/v1",
+        "metadata": {
+            "name": metadata["name"], "namespace": metadata["namespace"], "uid": metadata["uid"],
+            "resourceVersion": metadata["resourceVersion"], "creationTimestamp": metadata["creationTimestamp"],
+        },
+        "spec": {"replicas": number(&spec_path)},
+        "status": status,
+    })
+}
+
+/// Evaluates the JSONPath subset printer columns use: `.a.b`, `[0]`, and
+/// `[?(@.type=="Ready")]` filters on lists.
+pub fn json_path<'a>(object: &'a Value, path: &str) -> Option<&'a Value> {
+    let mut node = object;
+    let mut rest = path
+        .trim()
+        .trim_start_matches('{')
+        .trim_end_matches('}')
+        .trim_start_matches('$');
+    while !rest.is_empty() {
+        if let Some(after) = rest.strip_prefix('.') {
+            let end = after.find(['.', '[']).unwrap_or(after.len());
+            node = node.get(&after[..end])?;
+            rest = &after[end..];
+        } else if let Some(after) = rest.strip_prefix("[?(@.") {
+            let end = after.find(")]")?;
+            let (field, wanted) = after[..end].split_once("==")?;
+            let wanted = wanted.trim().trim_matches(|c| c == '"' || c == '\'');
+            node = node
+                .as_array()?
+                .iter()
+                .find(|item| item.get(field.trim()).and_then(Value::as_str) == Some(wanted))?;
+            rest = &after[end + 2..];
+        } else if let Some(after) = rest.strip_prefix('[') {
+            let end = after.find(']')?;
+            node = node.get(after[..end].parse::<usize>().ok()?)?;
+            rest = &after[end + 1..];
+        } else {
+            return None;
+        }
+    }
+    Some(node)
+}
+
+const NAME_DESCRIPTION: &str = "Name must be unique within a namespace. Is required when creating resources, although some resources may allow a client to request the generation of an appropriate name automatically. Name is primarily intended for creation idempotence and configuration definition. Cannot be updated. More info: https://kubernetes.io/docs/concepts/overview/working-with-objects/names#names";
+
+fn age(object: &Value) -> Value {
+    let created = object["metadata"]["creationTimestamp"]
+        .as_str()
+        .unwrap_or("");
+    let Ok(created) = chrono::DateTime::parse_from_rfc3339(created) else {
+        return Value::Null;
+    };
+    let seconds = (chrono::Utc::now() - created.with_timezone(&chrono::Utc))
+        .num_seconds()
+        .max(0);
+    json!(match seconds {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86_400),
+    })
+}
+
+/// A `meta.k8s.io/v1` Table of `objects`: Name, the CRD's printer columns (or Age when it
+/// declares none, and for built-in kinds), rows carrying PartialObjectMetadata.
+pub fn table(kind: &Kind, objects: &[Value], resource_version: u64) -> Value {
+    let mut columns = vec![
+        json!({"name": "Name", "type": "string", "format": "name", "description": NAME_DESCRIPTION, "priority": 0}),
+    ];
+    let printer: Vec<&Value> = kind.printer_columns.iter().collect();
+    for column in &printer {
+        let path = column["jsonPath"].as_str().unwrap_or("");
+        columns.push(json!({
+            "name": column["name"],
+            "type": column["type"],
+            "format": column["format"].as_str().unwrap_or(""),
+            "description": column["description"].as_str().map(str::to_string)
+                .unwrap_or_else(|| format!("Custom resource definition column (in JSONPath format): {path}")),
+            "priority": column["priority"].as_i64().unwrap_or(0),
+        }));
+    }
+    if printer.is_empty() {
+        columns.push(json!({"name": "Age", "type": "date", "format": "", "description": "CreationTimestamp is a timestamp representing the server time when this object was created.", "priority": 0}));
+    }
+    let rows: Vec<Value> = objects
+        .iter()
+        .map(|object| {
+            let mut cells = vec![object["metadata"]["name"].clone()];
+            for column in &printer {
+                cells.push(json_path(object, column["jsonPath"].as_str().unwrap_or("")).cloned().unwrap_or(Value::Null));
+            }
+            if printer.is_empty() {
+                cells.push(age(object));
+            }
+            json!({"cells": cells, "object": {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": object["metadata"]}})
+        })
+        .collect();
+    json!({
+        "kind": "Table",
+        "apiVersion": "meta.k8s.io/v1",
+        "metadata": {"resourceVersion": resource_version.to_string()},
+        "columnDefinitions": columns,
+        "rows": rows,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn printer_column_paths_follow_fields_indexes_and_filters() {
+        let object = json!({"spec": {"replicas": 2}, "status": {"conditions": [
+            {"type": "Ready", "status": "True"}, {"type": "TopologyReady", "status": "False"}]}});
+        assert_eq!(json_path(&object, ".spec.replicas"), Some(&json!(2)));
+        assert_eq!(
+            json_path(&object, ".status.conditions[1].type"),
+            Some(&json!("TopologyReady"))
+        );
+        assert_eq!(
+            json_path(&object, ".status.conditions[?(@.type==\"Ready\")].status"),
+            Some(&json!("True"))
+        );
+        assert_eq!(json_path(&object, ".status.phase"), None);
+    }
+}
