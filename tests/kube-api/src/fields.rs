@@ -197,10 +197,15 @@ fn collect(value: &Value, shape: &Shape, dots: bool, names: &mut Vec<String>, ou
                             node.insert(".".into(), json!({}));
                         }
                         names.push("[]".into());
+                        // Owner references are atomic items: the key alone is tracked.
+                        let atomic_items =
+                            names.len() == 3 && names[..2] == ["metadata", "ownerReferences"];
                         for item in items {
                             let mut item_node = FieldSet::new();
-                            item_node.insert(".".into(), json!({}));
-                            collect(item, shape, dots, names, &mut item_node);
+                            if !atomic_items {
+                                item_node.insert(".".into(), json!({}));
+                                collect(item, shape, dots, names, &mut item_node);
+                            }
                             node.insert(item_key(item, &keys), Value::Object(item_node));
                         }
                         names.pop();

@@ -46,8 +46,17 @@ impl KubeApiServer {
         let app = axum::Router::new()
             .fallback(server::handle)
             .with_state(store.clone());
+        let collector = store.clone();
         let task = tokio::spawn(async move {
+            // The garbage collector of the controller manager, in-process.
+            let gc = tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    collector.lock().expect("store lock").collect_garbage();
+                }
+            });
             let _ = axum::serve(listener, app).await;
+            gc.abort();
         });
         Ok(KubeApiServer { addr, store, task })
     }

@@ -18,7 +18,7 @@ use crate::patch;
 use crate::registry::{api_group, Kind};
 use crate::selector::{labels_of, FieldSelector, LabelSelector};
 use crate::store::{
-    set_path, spec_replicas_path, Change, ChangeType, Deleted, Part, Store, Writer,
+    set_path, spec_replicas_path, Change, ChangeType, Deleted, Part, Propagation, Store, Writer,
 };
 use crate::views;
 
@@ -343,12 +343,29 @@ async fn route(store: &Shared, request: &Request<'_>) -> Result<Response, ApiErr
                 parse_json(body)?
             };
             let namespace = target.namespace.clone().unwrap_or_default();
+            let policy = options["propagationPolicy"]
+                .as_str()
+                .or(query.get("propagationPolicy").map(String::as_str));
+            let orphan = options["orphanDependents"].as_bool() == Some(true)
+                || query.get("orphanDependents").is_some_and(|v| v == "true");
+            let propagation = match policy {
+                Some("Foreground") => Propagation::Foreground,
+                Some("Orphan") => Propagation::Orphan,
+                Some("Background") | None if !orphan => Propagation::Background,
+                None => Propagation::Orphan,
+                Some(other) => {
+                    return Err(ApiError::bad_request(format!(
+                        "unknown propagationPolicy {other:?}"
+                    )))
+                }
+            };
             let deleted = store.lock().expect("store lock").delete(
                 &target.kind,
                 &namespace,
                 name,
                 options["preconditions"]["uid"].as_str(),
                 options["preconditions"]["resourceVersion"].as_str(),
+                propagation,
             )?;
             Ok(match deleted {
                 Deleted::Marked(object) => json_response(200, &object),
@@ -541,7 +558,14 @@ fn delete_collection(
             .as_str()
             .unwrap_or("")
             .to_string();
-        match store.delete(&target.kind, &namespace, &name, None, None)? {
+        match store.delete(
+            &target.kind,
+            &namespace,
+            &name,
+            None,
+            None,
+            Propagation::Background,
+        )? {
             Deleted::Gone(object) | Deleted::Marked(object) => items.push(object),
         }
     }

@@ -5,7 +5,7 @@
 //! optimistic concurrency, status kept apart from the main resource, finalizers and
 //! `deletionTimestamp`, CRDs registering their kinds.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
 use serde_json::{json, Map, Value};
@@ -84,6 +84,24 @@ pub enum Deleted {
     Gone(Value),
     /// Finalizers hold it: marked with `deletionTimestamp`.
     Marked(Value),
+}
+
+/// How a DELETE treats the object's dependents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Propagation {
+    /// Delete the owner now; the collector deletes dependents whose owners are all gone.
+    Background,
+    /// Delete the dependents first (those with blockOwnerDeletion hold the owner).
+    Foreground,
+    /// Keep the dependents and remove their references to the owner.
+    Orphan,
+}
+
+/// A step of the garbage collector.
+enum Gc {
+    Delete(ObjectKey),
+    Release(ObjectKey, &'static str),
+    Disown(ObjectKey, String),
 }
 
 /// Who writes, as `managedFields` records it.
@@ -869,6 +887,129 @@ impl Store {
         Ok(self.commit(key, ChangeType::Modified, new, Some(old)))
     }
 
+    /// One pass of the garbage collector, as the controller manager runs it: dependents of
+    /// an owner deleted in the foreground are deleted and the owner released once those
+    /// that block it are gone; dependents of an owner deleted with Orphan lose their
+    /// reference and the owner is released; objects whose owners are all gone are deleted.
+    /// Returns whether anything changed.
+    pub fn collect_garbage(&mut self) -> bool {
+        let uids: HashMap<String, ObjectKey> = self
+            .objects
+            .iter()
+            .filter_map(|(key, o)| {
+                o["metadata"]["uid"]
+                    .as_str()
+                    .map(|u| (u.to_string(), key.clone()))
+            })
+            .collect();
+        let owner_uids = |o: &Value| -> Vec<String> {
+            o["metadata"]["ownerReferences"]
+                .as_array()
+                .map(|refs| {
+                    refs.iter()
+                        .filter_map(|r| r["uid"].as_str().map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let dependents_of = |uid: &str| -> Vec<(ObjectKey, Value)> {
+            self.objects
+                .iter()
+                .filter(|(_, o)| owner_uids(o).iter().any(|u| u == uid))
+                .map(|(k, o)| (k.clone(), o.clone()))
+                .collect()
+        };
+        let mut work: Vec<Gc> = Vec::new();
+        for (key, object) in &self.objects {
+            let uid = object["metadata"]["uid"].as_str().unwrap_or("").to_string();
+            let terminating = object["metadata"]["deletionTimestamp"].is_string();
+            let held = finalizers(object);
+            if terminating && held.iter().any(|f| f == "foregroundDeletion") {
+                let dependents = dependents_of(&uid);
+                let blocking = dependents.iter().any(|(_, d)| {
+                    d["metadata"]["ownerReferences"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .any(|r| {
+                            r["uid"] == uid.as_str()
+                                && r["blockOwnerDeletion"].as_bool() == Some(true)
+                        })
+                });
+                for (dependent, d) in &dependents {
+                    if !d["metadata"]["deletionTimestamp"].is_string() {
+                        work.push(Gc::Delete(dependent.clone()));
+                    }
+                }
+                if !blocking {
+                    work.push(Gc::Release(key.clone(), "foregroundDeletion"));
+                }
+            } else if terminating && held.iter().any(|f| f == "orphan") {
+                for (dependent, _) in dependents_of(&uid) {
+                    work.push(Gc::Disown(dependent, uid.clone()));
+                }
+                work.push(Gc::Release(key.clone(), "orphan"));
+            }
+            let owners = owner_uids(object);
+            if !owners.is_empty() && !terminating && owners.iter().all(|u| !uids.contains_key(u)) {
+                work.push(Gc::Delete(key.clone()));
+            }
+        }
+        let changed = !work.is_empty();
+        for step in work {
+            let Some(kind) = self.kinds.iter().find(|k| {
+                let key = match &step {
+                    Gc::Delete(key) | Gc::Release(key, _) | Gc::Disown(key, _) => key,
+                };
+                k.group == key.group && k.plural == key.plural
+            }) else {
+                continue;
+            };
+            let kind = kind.clone();
+            let gc = Writer::Update("kube-controller-manager".into());
+            let _ = match step {
+                Gc::Delete(key) => self
+                    .delete(
+                        &kind,
+                        &key.namespace,
+                        &key.name,
+                        None,
+                        None,
+                        Propagation::Background,
+                    )
+                    .map(drop),
+                Gc::Release(key, finalizer) => self
+                    .patch(&kind, &key.namespace, &key.name, Part::Main, gc, |o| {
+                        let kept: Vec<String> = finalizers(o)
+                            .into_iter()
+                            .filter(|f| f != finalizer)
+                            .collect();
+                        o["metadata"]["finalizers"] = json!(kept);
+                        Ok(())
+                    })
+                    .map(drop),
+                Gc::Disown(key, uid) => self
+                    .patch(&kind, &key.namespace, &key.name, Part::Main, gc, |o| {
+                        let kept: Vec<Value> = o["metadata"]["ownerReferences"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .filter(|r| r["uid"] != uid.as_str())
+                            .cloned()
+                            .collect();
+                        if kept.is_empty() {
+                            meta(o).remove("ownerReferences");
+                        } else {
+                            o["metadata"]["ownerReferences"] = json!(kept);
+                        }
+                        Ok(())
+                    })
+                    .map(drop),
+            };
+        }
+        changed
+    }
+
     /// Server-side apply by `manager`: creates the object when absent, else merges the
     /// applied configuration, refusing (409) to change a field another manager owns unless
     /// `force`, and removing fields this manager applied before and no longer applies when
@@ -1006,6 +1147,7 @@ impl Store {
         name: &str,
         precondition_uid: Option<&str>,
         precondition_rv: Option<&str>,
+        propagation: Propagation,
     ) -> Result<Deleted, ApiError> {
         let old = self.get(kind, namespace, name)?;
         if let Some(uid) = precondition_uid {
@@ -1026,7 +1168,12 @@ impl Store {
             }
         }
         let key = Store::key(kind, namespace, name);
-        if finalizers(&old).is_empty() {
+        let propagation_finalizer = match propagation {
+            Propagation::Background => None,
+            Propagation::Foreground => Some("foregroundDeletion"),
+            Propagation::Orphan => Some("orphan"),
+        };
+        if finalizers(&old).is_empty() && propagation_finalizer.is_none() {
             let gone = self.commit(key, ChangeType::Deleted, old, None);
             return Ok(Deleted::Gone(gone));
         }
@@ -1034,6 +1181,13 @@ impl Store {
             return Ok(Deleted::Marked(old));
         }
         let mut marked = old.clone();
+        if let Some(finalizer) = propagation_finalizer {
+            let mut held = finalizers(&old);
+            if !held.iter().any(|f| f == finalizer) {
+                held.push(finalizer.to_string());
+            }
+            meta(&mut marked).insert("finalizers".into(), json!(held));
+        }
         meta(&mut marked).insert("deletionTimestamp".into(), json!(now()));
         meta(&mut marked).insert("deletionGracePeriodSeconds".into(), json!(0));
         if kind.generation {
@@ -1158,7 +1312,9 @@ mod tests {
         store
             .create(&cms, "default", cm, false, Writer::Update("test".into()))
             .unwrap();
-        let Deleted::Marked(marked) = store.delete(&cms, "default", "a", None, None).unwrap()
+        let Deleted::Marked(marked) = store
+            .delete(&cms, "default", "a", None, None, Propagation::Background)
+            .unwrap()
         else {
             panic!("finalizers hold the object");
         };

@@ -39,7 +39,6 @@ const TABLE: &str =
 const OPENAPI: &str = "stage 2: OpenAPI v3 and v2 documents";
 const VALIDATION: &str = "stage 2: CRD schema and CEL validation";
 
-const GC: &str = "stage 3: owner references and garbage collection";
 const CONTROLLERS: &str =
     "deliberate: no controller manager (deployment, namespace and root-CA controllers) runs here";
 const UNRECORDED: &str = "deliberate: the writes during this watch were not recorded, so they cannot be replayed; own watch tests cover it";
@@ -84,7 +83,7 @@ fn expectation(number: &str) -> Expect {
         "063" | "064" => Body,
         "065" | "066" | "130" | "147" => Pending(UNRECORDED),
         "067" | "068" | "069" | "070" | "071" | "072" | "073" => Body,
-        "074" | "075" | "076" | "077" | "078" | "079" | "080" | "132" => Pending(GC),
+        "074" | "075" | "076" | "077" | "078" | "079" | "080" | "132" => Body,
         "081" | "082" | "083" | "084" => Pending(CONTROLLERS),
         "085" | "086" | "087" => Body,
         "088" | "089" | "090" => Pending(DEFAULTS),
@@ -111,8 +110,9 @@ fn expectation(number: &str) -> Expect {
 }
 
 /// Writes the recorder made without recording them, made here before the recording that
-/// first relies on them (their content comes from later recordings): (method, path, body).
-fn seeds(number: &str) -> Vec<(&'static str, &'static str, Value)> {
+/// first relies on them (their content comes from later recordings): (method, path, body,
+/// the uid the recordings know the object by).
+fn seeds(number: &str) -> Vec<(&'static str, &'static str, Value, Option<&'static str>)> {
     let cm = |name: &str, w: &str| json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, "labels": {"w": w}}, "data": {"k": "v"}});
     let ep = |name: &str, labels: Value| {
         json!({"apiVersion": "mailpipe.dev/v1alpha1", "kind": "EmailPipeline",
@@ -121,18 +121,61 @@ fn seeds(number: &str) -> Vec<(&'static str, &'static str, Value)> {
     };
     let configmaps = "/api/v1/namespaces/rec/configmaps";
     let pipelines = "/apis/mailpipe.dev/v1alpha1/namespaces/rec/emailpipelines";
+    let owner = |name: &str| json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}, "data": {"k": "v"}});
     match number {
-        "054" => vec![
-            ("POST", configmaps, cm("pre-a", "yes")),
-            ("POST", configmaps, cm("pre-b", "no")),
+        "074" => vec![(
+            "POST",
+            configmaps,
+            owner("owner-foreground"),
+            Some("de8d8f26-b1ed-4444-a8b2-ef308ca7c7a0"),
+        )],
+        "076" => vec![(
+            "POST",
+            configmaps,
+            owner("owner-background"),
+            Some("a660f7ea-5645-4da7-b39e-2de0f659b9ff"),
+        )],
+        "078" => vec![(
+            "POST",
+            configmaps,
+            owner("owner-orphan"),
+            Some("723cdb14-d681-45e4-85bc-3c67dbbf77c3"),
+        )],
+        "132" => vec![
+            (
+                "POST",
+                configmaps,
+                owner("owner-fg-blocked"),
+                Some("2871aaa3-3bdd-4bb7-8a0e-1e809c518e3e"),
+            ),
+            (
+                "POST",
+                configmaps,
+                json!({"apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {"name": "dep-fg-blocked", "finalizers": ["mailpipe.dev/hold"], "ownerReferences": [
+                    {"apiVersion": "v1", "kind": "ConfigMap", "name": "owner-fg-blocked",
+                     "uid": "2871aaa3-3bdd-4bb7-8a0e-1e809c518e3e", "controller": true, "blockOwnerDeletion": true}]},
+                "data": {"k": "v"}}),
+                None,
+            ),
         ],
-        "029" => vec![("POST", pipelines, ep("ep-unknown", json!({"team": "mail"})))],
-        "102" => vec![("POST", pipelines, ep("ep2", json!({"team": "ops"})))],
+        "054" => vec![
+            ("POST", configmaps, cm("pre-a", "yes"), None),
+            ("POST", configmaps, cm("pre-b", "no"), None),
+        ],
+        "029" => vec![(
+            "POST",
+            pipelines,
+            ep("ep-unknown", json!({"team": "mail"})),
+            None,
+        )],
+        "102" => vec![("POST", pipelines, ep("ep2", json!({"team": "ops"})), None)],
         // pre-a changed after 121 (143 then patches with 121's, now stale, resourceVersion).
         "143" => vec![(
             "PATCH",
             "/api/v1/namespaces/rec/configmaps/pre-a",
             json!({"metadata": {"annotations": {"touched": "yes"}}}),
+            None,
         )],
         _ => Vec::new(),
     }
@@ -346,7 +389,13 @@ fn events(body: &Value) -> Vec<(String, String)> {
         .collect()
 }
 
-fn compare(expect: Expect, recorded: &Value, status: u16, ours: &Value) -> Result<(), String> {
+fn compare(
+    expect: Expect,
+    recorded: &Value,
+    status: u16,
+    ours: &Value,
+    ids: &Ids,
+) -> Result<(), String> {
     let recorded_status = recorded["status"].as_u64().unwrap() as u16;
     if status != recorded_status {
         return Err(format!(
@@ -354,7 +403,14 @@ fn compare(expect: Expect, recorded: &Value, status: u16, ours: &Value) -> Resul
         ));
     }
     let mut theirs = recorded["body"].clone();
-    let mut mine = ours.clone();
+    // Our uids inside values and field-set keys (ownerReferences) read as the recorded ones.
+    let mut text = ours.to_string();
+    for (recorded_id, our_id) in &ids.known {
+        if our_id.len() == 36 && our_id.contains('-') {
+            text = text.replace(our_id.as_str(), recorded_id);
+        }
+    }
+    let mut mine: Value = serde_json::from_str(&text).expect("JSON stays JSON");
     normalise(&mut theirs);
     normalise(&mut mine);
     match expect {
@@ -418,6 +474,88 @@ fn compare(expect: Expect, recorded: &Value, status: u16, ours: &Value) -> Resul
     }
 }
 
+/// The dependent a garbage-collection recording watched, by recording.
+fn dependent_of(number: &str) -> Option<&'static str> {
+    match number {
+        "075" => Some("dep-foreground"),
+        "077" => Some("dep-background"),
+        "079" => Some("dep-orphan"),
+        "132" => Some("dep-fg-blocked"),
+        _ => None,
+    }
+}
+
+/// For recordings with a timeline (owner and dependent after a delete): performs the
+/// recorder's own steps and checks the final state the real controller manager reached.
+async fn check_timeline(
+    client: &reqwest::Client,
+    base: &str,
+    number: &str,
+    exchange: &Value,
+) -> Result<(), String> {
+    let (Some(timeline), Some(dependent)) = (exchange["timeline"].as_array(), dependent_of(number))
+    else {
+        return Ok(());
+    };
+    let owner_path = exchange["request"]["path"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    let dependent_path = format!(
+        "{}/{dependent}",
+        owner_path.rsplit_once('/').map(|(p, _)| p).unwrap_or("")
+    );
+    let status = |path: String| async move {
+        client
+            .get(format!("{base}{path}"))
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0)
+    };
+    for step in timeline {
+        if step["step"]
+            .as_str()
+            .is_some_and(|s| s.contains("removed the dependent's finalizer"))
+        {
+            // While the dependent holds its finalizer, the owner must still be waiting.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            if status(owner_path.clone()).await != 200 {
+                return Err("the owner went before its blocking dependent".into());
+            }
+            client
+                .patch(format!("{base}{dependent_path}"))
+                .header("Content-Type", "application/merge-patch+json")
+                .body(r#"{"metadata":{"finalizers":null}}"#)
+                .send()
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+    }
+    let last = timeline
+        .iter()
+        .find(|s| s["final"] == true)
+        .ok_or("no final state recorded")?;
+    let expected = (
+        last["owner"]["status"].as_u64().unwrap_or(0) as u16,
+        last["dependent"]["status"].as_u64().unwrap_or(0) as u16,
+    );
+    let mut observed = (0, 0);
+    for _ in 0..40 {
+        observed = (
+            status(owner_path.clone()).await,
+            status(dependent_path.clone()).await,
+        );
+        if observed == expected {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Err(format!(
+        "owner and dependent answer {observed:?}, the real ones reached {expected:?}"
+    ))
+}
+
 #[tokio::test]
 async fn recorded_exchanges_replay_against_the_test_server() {
     let server = KubeApiServer::start().await.expect("server starts");
@@ -436,7 +574,8 @@ async fn recorded_exchanges_replay_against_the_test_server() {
         let (number, exchange) = &fixtures[index];
         index += 1;
         let expect = expectation(number);
-        for (method, path, object) in seeds(number) {
+        for (method, path, mut object, recorded_uid) in seeds(number) {
+            ids.rewrite(&mut object);
             let response = client
                 .request(
                     reqwest::Method::from_bytes(method.as_bytes()).unwrap(),
@@ -459,6 +598,12 @@ async fn recorded_exchanges_replay_against_the_test_server() {
                 "seeding before {number}: {}",
                 response.status()
             );
+            let created: Value = response.json().await.expect("a seeded object");
+            if let (Some(recorded), Some(ours)) =
+                (recorded_uid, created["metadata"]["uid"].as_str())
+            {
+                ids.known.insert(recorded.to_string(), ours.to_string());
+            }
         }
         if let Expect::Pending(why) = expect {
             pending += 1;
@@ -487,6 +632,7 @@ async fn recorded_exchanges_replay_against_the_test_server() {
                     &during["response"],
                     status,
                     &body,
+                    &ids,
                 ) {
                     failures.push(format!("{during_number}: {why}"));
                 }
@@ -498,11 +644,14 @@ async fn recorded_exchanges_replay_against_the_test_server() {
         } else {
             send(&client, &base, &ids, &exchange["request"]).await
         };
-        if let Err(why) = compare(expect, &exchange["response"], status, &body) {
+        if let Err(why) = compare(expect, &exchange["response"], status, &body, &ids) {
             failures.push(format!("{number}: {why}"));
         }
         ids.learn(&exchange["response"]["body"], &body);
         checked += 1;
+        if let Err(why) = check_timeline(&client, &base, number, exchange).await {
+            failures.push(format!("{number} (timeline): {why}"));
+        }
     }
     println!(
         "{checked} recordings checked, {pending} pending, {} failed",
