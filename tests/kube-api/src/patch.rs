@@ -9,10 +9,31 @@ pub fn merge(target: &mut Value, patch: &Value) {
 }
 
 /// Applies a JSON patch; `Err` carries the failing operation's message.
+///
+/// Like the real server's JSON-patch library, a `test` that a missing path equals `null`
+/// succeeds (RFC 6902 would fail it); clients rely on it, e.g. kube-rs adds the first
+/// finalizer with `test /metadata/finalizers == null` then `add`.
 pub fn json_patch(target: &mut Value, patch: &Value) -> Result<(), String> {
-    let patch: json_patch::Patch =
-        serde_json::from_value(patch.clone()).map_err(|e| format!("invalid JSON patch: {e}"))?;
-    json_patch::patch(target, &patch).map_err(|e| e.to_string())
+    let operations = patch
+        .as_array()
+        .ok_or("a JSON patch is a list of operations")?;
+    let mut working = target.clone();
+    for operation in operations {
+        let missing_equals_null = operation["op"] == "test"
+            && operation["value"].is_null()
+            && operation["path"]
+                .as_str()
+                .is_some_and(|p| working.pointer(p).is_none());
+        if missing_equals_null {
+            continue;
+        }
+        let single: json_patch::Patch =
+            serde_json::from_value(Value::Array(vec![operation.clone()]))
+                .map_err(|e| format!("invalid JSON patch: {e}"))?;
+        json_patch::patch(&mut working, &single).map_err(|e| e.to_string())?;
+    }
+    *target = working;
+    Ok(())
 }
 
 /// The merge key of a list field in built-in kinds, by field name.
@@ -92,6 +113,40 @@ mod tests {
         let mut object = json!({"a": [1, 2], "b": {"c": 1, "d": 2}});
         merge(&mut object, &json!({"a": [3], "b": {"c": null}}));
         assert_eq!(object, json!({"a": [3], "b": {"d": 2}}));
+    }
+
+    #[test]
+    fn testing_a_missing_path_against_null_passes_as_on_the_real_server() {
+        let mut object = json!({"metadata": {"name": "a"}});
+        json_patch(
+            &mut object,
+            &json!([
+                {"op": "test", "path": "/metadata/finalizers", "value": null},
+                {"op": "add", "path": "/metadata/finalizers", "value": ["x/y"]}
+            ]),
+        )
+        .unwrap();
+        assert_eq!(object["metadata"]["finalizers"], json!(["x/y"]));
+        let mut object = json!({"metadata": {"finalizers": ["x/y"]}});
+        let refused = json_patch(
+            &mut object,
+            &json!([{"op": "test", "path": "/metadata/finalizers", "value": null}]),
+        );
+        assert!(refused.is_err(), "a present value is not null");
+    }
+
+    #[test]
+    fn a_failed_json_patch_leaves_the_object_alone() {
+        let mut object = json!({"a": 1});
+        let result = json_patch(
+            &mut object,
+            &json!([
+                {"op": "add", "path": "/b", "value": 2},
+                {"op": "test", "path": "/a", "value": 3}
+            ]),
+        );
+        assert!(result.is_err());
+        assert_eq!(object, json!({"a": 1}));
     }
 
     #[test]

@@ -83,6 +83,14 @@ pub async fn handle(
             .unwrap_or("unknown")
             .to_string()
     });
+    let verb = match (&method, query.get("watch").map(String::as_str)) {
+        (&Method::GET, Some("1" | "true")) => "WATCH".to_string(),
+        _ => method.to_string(),
+    };
+    store
+        .lock()
+        .expect("store lock")
+        .note_request(format!("{verb} {}", uri.path()));
     let request = Request {
         method: &method,
         path: uri.path(),

@@ -320,6 +320,7 @@ pub struct Store {
     objects: BTreeMap<ObjectKey, Value>,
     history: VecDeque<Arc<Change>>,
     changes: broadcast::Sender<Arc<Change>>,
+    requests: Vec<String>,
 }
 
 fn now() -> String {
@@ -422,6 +423,7 @@ impl Store {
             objects: BTreeMap::new(),
             history: VecDeque::new(),
             changes,
+            requests: Vec::new(),
         };
         let namespaces = store.kind("", "v1", "namespaces").expect("built in");
         for name in ["default", "kube-system", "kube-public"] {
@@ -436,6 +438,16 @@ impl Store {
                 .expect("bootstrap namespaces");
         }
         store
+    }
+
+    /// Notes a request (`VERB path`), for tests that count what clients ask.
+    pub fn note_request(&mut self, line: String) {
+        self.requests.push(line);
+    }
+
+    /// Every request noted so far, oldest first.
+    pub fn requests(&self) -> &[String] {
+        &self.requests
     }
 
     /// The current resourceVersion.
