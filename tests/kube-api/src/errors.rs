@@ -80,7 +80,12 @@ impl ApiError {
         } else {
             format!("{}.{}", kind.kind, kind.group)
         };
-        let message = format!("{qualified} \"{name}\" is invalid: {}", text.join(", "));
+        let listed = if text.len() == 1 {
+            text[0].clone()
+        } else {
+            format!("[{}]", text.join(", "))
+        };
+        let message = format!("{qualified} \"{name}\" is invalid: {listed}");
         let mut d = details(kind, name);
         d["kind"] = json!(kind.kind);
         d["causes"] = causes

@@ -14,6 +14,7 @@ pub mod registry;
 pub mod selector;
 pub mod server;
 pub mod store;
+pub mod validation;
 pub mod views;
 
 use std::net::SocketAddr;

@@ -18,7 +18,8 @@ use crate::patch;
 use crate::registry::{api_group, Kind};
 use crate::selector::{labels_of, FieldSelector, LabelSelector};
 use crate::store::{
-    set_path, spec_replicas_path, Change, ChangeType, Deleted, Part, Propagation, Store, Writer,
+    set_path, spec_replicas_path, Change, ChangeType, Deleted, FieldValidation, Part, Propagation,
+    Store, Writer,
 };
 use crate::views;
 
@@ -193,6 +194,11 @@ async fn route(store: &Shared, request: &Request<'_>) -> Result<Response, ApiErr
         return Err(ApiError::unsupported_media_type(media));
     }
     let dry_run = query.get("dryRun").is_some_and(|v| v == "All");
+    let field_validation = match query.get("fieldValidation").map(String::as_str) {
+        Some("Strict") => FieldValidation::Strict,
+        Some("Ignore") => FieldValidation::Ignore,
+        _ => FieldValidation::Warn,
+    };
     match (&target.name, &target.subresource, method.clone()) {
         (None, None, Method::GET) => {
             let watching = query.get("watch").is_some_and(|w| w == "1" || w == "true");
@@ -205,14 +211,18 @@ async fn route(store: &Shared, request: &Request<'_>) -> Result<Response, ApiErr
         (None, None, Method::POST) => {
             let object = parse_json(body)?;
             let namespace = target.namespace.clone().unwrap_or_default();
-            let created = store.lock().expect("store lock").create(
+            let mut guard = begin(store, field_validation);
+            let created = guard.create(
                 &target.kind,
                 &namespace,
                 object,
                 dry_run,
                 Writer::Update(manager.to_string()),
             )?;
-            Ok(json_response(201, &created))
+            Ok(with_warnings(
+                json_response(201, &created),
+                guard.take_warnings(),
+            ))
         }
         (None, None, Method::DELETE) => delete_collection(store, &target, query),
         (Some(_), _, Method::POST) => Err(ApiError::method_not_allowed()),
@@ -241,12 +251,13 @@ async fn route(store: &Shared, request: &Request<'_>) -> Result<Response, ApiErr
             let part = part(&target.kind, sub.as_deref())?;
             let object = parse_json(body)?;
             let namespace = target.namespace.clone().unwrap_or_default();
+            let mut guard = begin(store, field_validation);
             let updated = if part == Part::Scale {
                 // A Scale in, its replicas onto the object (optimistically, when it says).
                 let replicas = object["spec"]["replicas"].clone();
                 let rv = object["metadata"]["resourceVersion"].clone();
                 let path = spec_replicas_path(&target.kind);
-                store.lock().expect("store lock").patch(
+                guard.patch(
                     &target.kind,
                     &namespace,
                     name,
@@ -261,7 +272,7 @@ async fn route(store: &Shared, request: &Request<'_>) -> Result<Response, ApiErr
                     },
                 )?
             } else {
-                store.lock().expect("store lock").replace(
+                guard.replace(
                     &target.kind,
                     &namespace,
                     name,
@@ -270,7 +281,10 @@ async fn route(store: &Shared, request: &Request<'_>) -> Result<Response, ApiErr
                     Writer::Update(manager.to_string()),
                 )?
             };
-            Ok(json_response(200, &view(&target.kind, part, &updated)))
+            Ok(with_warnings(
+                json_response(200, &view(&target.kind, part, &updated)),
+                guard.take_warnings(),
+            ))
         }
         (Some(name), sub, Method::PATCH)
             if content_type.starts_with("application/apply-patch+yaml") =>
@@ -285,7 +299,8 @@ async fn route(store: &Shared, request: &Request<'_>) -> Result<Response, ApiErr
                 .map_err(|e| ApiError::bad_request(format!("error decoding YAML: {e}")))?;
             let namespace = target.namespace.clone().unwrap_or_default();
             let force = query.get("force").is_some_and(|f| f == "true");
-            let (object, created) = store.lock().expect("store lock").apply(
+            let mut guard = begin(store, field_validation);
+            let (object, created) = guard.apply(
                 &target.kind,
                 &namespace,
                 name,
@@ -295,7 +310,10 @@ async fn route(store: &Shared, request: &Request<'_>) -> Result<Response, ApiErr
                 part,
                 dry_run,
             )?;
-            Ok(json_response(if created { 201 } else { 200 }, &object))
+            Ok(with_warnings(
+                json_response(if created { 201 } else { 200 }, &object),
+                guard.take_warnings(),
+            ))
         }
         (Some(name), sub, Method::PATCH) => {
             let part = part(&target.kind, sub.as_deref())?;
@@ -308,7 +326,8 @@ async fn route(store: &Shared, request: &Request<'_>) -> Result<Response, ApiErr
                 .unwrap_or("")
                 .trim()
                 .to_string();
-            let updated = store.lock().expect("store lock").patch(
+            let mut guard = begin(store, field_validation);
+            let updated = guard.patch(
                 &kind,
                 &namespace,
                 name,
@@ -342,7 +361,10 @@ async fn route(store: &Shared, request: &Request<'_>) -> Result<Response, ApiErr
                     Ok(())
                 },
             )?;
-            Ok(json_response(200, &view(&kind, part, &updated)))
+            Ok(with_warnings(
+                json_response(200, &view(&kind, part, &updated)),
+                guard.take_warnings(),
+            ))
         }
         (Some(name), None, Method::DELETE) => {
             let options = if body.is_empty() {
@@ -398,6 +420,25 @@ fn part(kind: &Kind, subresource: Option<&str>) -> Result<Part, ApiError> {
         Some("scale") if kind.scale => Ok(Part::Scale),
         Some(_) => Err(ApiError::no_route()),
     }
+}
+
+/// Locks the store for one write with its `fieldValidation` mode; the same guard then
+/// hands over that write's warnings, so concurrent requests never see each other's.
+fn begin(store: &Shared, mode: FieldValidation) -> std::sync::MutexGuard<'_, Store> {
+    let mut guard = store.lock().expect("store lock");
+    guard.begin_request(mode);
+    guard
+}
+
+/// Adds `Warning: 299 - "..."` headers, as the real server reports pruned fields.
+fn with_warnings(mut response: Response, warnings: Vec<String>) -> Response {
+    for warning in warnings {
+        let text = format!("299 - \"{}\"", warning.replace('"', "\\\""));
+        if let Ok(value) = axum::http::HeaderValue::from_str(&text) {
+            response.headers_mut().append(header::WARNING, value);
+        }
+    }
+    response
 }
 
 /// What a subresource shows of an object: the Scale view for `/scale`, else the object.

@@ -86,6 +86,18 @@ pub enum Deleted {
     Marked(Value),
 }
 
+/// What to do with fields a custom resource's schema does not know (`fieldValidation`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FieldValidation {
+    /// Drop them silently.
+    Ignore,
+    /// Drop them and warn (the default).
+    #[default]
+    Warn,
+    /// Refuse the request.
+    Strict,
+}
+
 /// How a DELETE treats the object's dependents.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Propagation {
@@ -321,6 +333,8 @@ pub struct Store {
     history: VecDeque<Arc<Change>>,
     changes: broadcast::Sender<Arc<Change>>,
     requests: Vec<String>,
+    field_validation: FieldValidation,
+    warnings: Vec<String>,
 }
 
 fn now() -> String {
@@ -424,6 +438,8 @@ impl Store {
             history: VecDeque::new(),
             changes,
             requests: Vec::new(),
+            field_validation: FieldValidation::Warn,
+            warnings: Vec::new(),
         };
         let namespaces = store.kind("", "v1", "namespaces").expect("built in");
         for name in ["default", "kube-system", "kube-public"] {
@@ -438,6 +454,66 @@ impl Store {
                 .expect("bootstrap namespaces");
         }
         store
+    }
+
+    /// Starts a write request: how it treats unknown fields; warnings start empty.
+    pub fn begin_request(&mut self, field_validation: FieldValidation) {
+        self.field_validation = field_validation;
+        self.warnings.clear();
+    }
+
+    /// The warnings the last write produced (sent as `Warning` headers).
+    pub fn take_warnings(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.warnings)
+    }
+
+    /// Prunes fields the kind's schema does not know, then warns or refuses as asked, fills
+    /// defaults and validates (schema, then CEL rules with `old` for transition rules).
+    fn admit(
+        &mut self,
+        kind: &Kind,
+        name: &str,
+        object: &mut Value,
+        old: Option<&Value>,
+    ) -> Result<(), ApiError> {
+        let Some(schema) = kind.schema.clone() else {
+            return Ok(());
+        };
+        let unknown = crate::validation::prune(object, &schema, "", true);
+        if !unknown.is_empty() {
+            match self.field_validation {
+                FieldValidation::Strict => {
+                    let fields: Vec<String> = unknown
+                        .iter()
+                        .map(|f| format!("unknown field \"{f}\""))
+                        .collect();
+                    return Err(ApiError::bad_request(format!(
+                        "{} in version \"{}\" cannot be handled as a {}: strict decoding error: {}",
+                        kind.kind,
+                        kind.version,
+                        kind.kind,
+                        fields.join(", ")
+                    )));
+                }
+                FieldValidation::Warn => {
+                    self.warnings
+                        .extend(unknown.iter().map(|f| format!("unknown field \"{f}\"")));
+                }
+                FieldValidation::Ignore => {}
+            }
+        }
+        apply_defaults(object, &schema);
+        let old_envelope = old.map(crate::validation::strip_envelope);
+        let violations = crate::validation::validate(
+            &crate::validation::strip_envelope(object),
+            old_envelope.as_ref(),
+            &schema,
+        );
+        if violations.is_empty() {
+            Ok(())
+        } else {
+            Err(ApiError::invalid(kind, name, violations))
+        }
     }
 
     /// Notes a request (`VERB path`), for tests that count what clients ask.
@@ -674,9 +750,7 @@ impl Store {
             metadata.remove("generation");
         }
         object["apiVersion"] = json!(kind.api_version());
-        if let Some(schema) = &kind.schema {
-            apply_defaults(&mut object, schema);
-        }
+        self.admit(kind, &name, &mut object, None)?;
         if kind.group.is_empty() && kind.plural == "namespaces" {
             let labels = meta(&mut object)
                 .entry("labels")
@@ -849,9 +923,7 @@ impl Store {
         }
         new["apiVersion"] = json!(kind.api_version());
         new["kind"] = json!(kind.kind);
-        if let Some(schema) = &kind.schema {
-            apply_defaults(&mut new, schema);
-        }
+        self.admit(kind, name, &mut new, Some(&old))?;
         let terminating = old["metadata"]["deletionTimestamp"].is_string();
         if terminating {
             let before = finalizers(&old);

@@ -37,7 +37,6 @@ enum Expect {
 const TABLE: &str =
     "stage 3: the built-in kinds' own Table columns (Deployment READY, UP-TO-DATE, ...)";
 const OPENAPI: &str = "stage 2: OpenAPI v3 and v2 documents";
-const VALIDATION: &str = "stage 2: CRD schema and CEL validation";
 
 const CONTROLLERS: &str =
     "deliberate: no controller manager (deployment, namespace and root-CA controllers) runs here";
@@ -58,8 +57,9 @@ fn expectation(number: &str) -> Expect {
         "012" | "013" | "014" | "015" => Pending(OPENAPI),
         "016" => Body,
         "017" => Body,
-        "018" | "019" | "020" | "117" => Pending(VALIDATION),
-        "021" | "022" => Pending("stage 2: unknown-field pruning and fieldValidation"),
+        "018" | "019" | "020" => Body,
+        "117" => Pending("deliberate: for wrongly typed fields the real server adds CEL accessor errors (\"3 is of the type string, expected int64\") that this server does not reproduce; the type errors themselves are checked in unit tests"),
+        "021" | "022" => Body,
         "023" | "024" | "025" | "026" | "027" | "028" => Body,
         "029" | "030" => Body,
         "037" | "038" => Pending(TABLE),
@@ -72,7 +72,7 @@ fn expectation(number: &str) -> Expect {
         "046" | "050" | "051" | "053" => Body,
         // status.replicas and the revision annotation come from the deployment controller.
         "047" | "048" => Code,
-        "052" => Pending(VALIDATION),
+        "052" => Body,
         "054" => Replay(CONTROLLERS),
         "055" => Watch,
         "056" | "057" | "058" => Body,
@@ -163,12 +163,6 @@ fn seeds(number: &str) -> Vec<(&'static str, &'static str, Value, Option<&'stati
             ("POST", configmaps, cm("pre-a", "yes"), None),
             ("POST", configmaps, cm("pre-b", "no"), None),
         ],
-        "029" => vec![(
-            "POST",
-            pipelines,
-            ep("ep-unknown", json!({"team": "mail"})),
-            None,
-        )],
         "102" => vec![("POST", pipelines, ep("ep2", json!({"team": "ops"})), None)],
         // pre-a changed after 121 (143 then patches with 121's, now stale, resourceVersion).
         "143" => vec![(
@@ -226,6 +220,17 @@ fn normalise(value: &mut Value) {
             }
             if let Some(Value::Object(details)) = map.get_mut("details") {
                 details.remove("uid");
+                // The real validator reports causes in its own traversal order.
+                if let Some(Value::Array(causes)) = details.get_mut("causes") {
+                    causes.sort_by_key(|c| c.to_string());
+                }
+            }
+            if let Some(Value::String(message)) = map.get_mut("message") {
+                if let Some((head, list)) = message.split_once(" is invalid: [") {
+                    let mut parts: Vec<&str> = list.trim_end_matches(']').split(", ").collect();
+                    parts.sort();
+                    *message = format!("{head} is invalid: [{}]", parts.join(", "));
+                }
             }
             map.remove("lastTransitionTime");
             for child in map.values_mut() {

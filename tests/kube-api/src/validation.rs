@@ -1,0 +1,431 @@
+//! Validation of custom resources against their CRD's structural schema, with the real
+//! server's messages: types, enums, bounds, lengths, patterns, required fields, item
+//! counts; unknown fields (pruned, reported as warnings or refused under
+//! `fieldValidation=Strict`); and the `x-kubernetes-validations` CEL rules, evaluated
+//! only when the schema checks pass, as the real server does.
+
+use cel::{Context, Program};
+use serde_json::{Map, Value};
+
+/// One violation: (field path, reason, message).
+pub type Violation = (String, &'static str, String);
+
+fn type_name(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(n) if n.is_i64() || n.is_u64() => "integer",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+fn join(path: &str, child: &str) -> String {
+    if path.is_empty() {
+        child.to_string()
+    } else {
+        format!("{path}.{child}")
+    }
+}
+
+/// Removes fields the schema does not know (outside `x-kubernetes-preserve-unknown-fields`
+/// and `additionalProperties`), returning their paths.
+pub fn prune(value: &mut Value, schema: &Value, path: &str, root: bool) -> Vec<String> {
+    let mut unknown = Vec::new();
+    if schema["x-kubernetes-preserve-unknown-fields"] == true {
+        return unknown;
+    }
+    match value {
+        Value::Object(map) => {
+            let properties = schema["properties"].as_object();
+            let additional = schema.get("additionalProperties").filter(|a| a.is_object());
+            let keys: Vec<String> = map.keys().cloned().collect();
+            for key in keys {
+                if root && matches!(key.as_str(), "apiVersion" | "kind" | "metadata") {
+                    continue;
+                }
+                let child_path = join(path, &key);
+                match (properties.and_then(|p| p.get(&key)), additional) {
+                    (Some(child_schema), _) | (None, Some(child_schema)) => {
+                        if let Some(child) = map.get_mut(&key) {
+                            unknown.extend(prune(child, child_schema, &child_path, false));
+                        }
+                    }
+                    (None, None) if properties.is_some() || schema["type"] == "object" => {
+                        map.remove(&key);
+                        unknown.push(child_path);
+                    }
+                    (None, None) => {}
+                }
+            }
+        }
+        Value::Array(items) => {
+            for (i, item) in items.iter_mut().enumerate() {
+                unknown.extend(prune(
+                    item,
+                    &schema["items"],
+                    &format!("{path}[{i}]"),
+                    false,
+                ));
+            }
+        }
+        _ => {}
+    }
+    unknown
+}
+
+/// Schema violations of `value` at `path`.
+pub fn check(value: &Value, schema: &Value, path: &str, out: &mut Vec<Violation>) {
+    if value.is_null() && schema["nullable"] == true {
+        return;
+    }
+    let actual = type_name(value);
+    if let Some(expected) = schema["type"].as_str() {
+        let fits = actual == expected || (expected == "number" && actual == "integer");
+        if !fits {
+            out.push((
+                path.to_string(),
+                "FieldValueTypeInvalid",
+                format!("Invalid value: \"{actual}\": {path} in body must be of type {expected}: \"{actual}\""),
+            ));
+            return;
+        }
+    }
+    if let Some(allowed) = schema["enum"].as_array() {
+        if !allowed.contains(value) {
+            let list: Vec<String> = allowed.iter().map(Value::to_string).collect();
+            out.push((
+                path.to_string(),
+                "FieldValueNotSupported",
+                format!(
+                    "Unsupported value: {value}: supported values: {}",
+                    list.join(", ")
+                ),
+            ));
+        }
+    }
+    let invalid = |message: String| (path.to_string(), "FieldValueInvalid", message);
+    match value {
+        Value::Number(n) => {
+            let v = n.as_f64().unwrap_or(0.0);
+            if let Some(max) = schema["maximum"].as_f64() {
+                if v > max {
+                    out.push(invalid(format!(
+                        "Invalid value: {n}: {path} in body should be less than or equal to {}",
+                        schema["maximum"]
+                    )));
+                }
+            }
+            if let Some(min) = schema["minimum"].as_f64() {
+                if v < min {
+                    out.push(invalid(format!(
+                        "Invalid value: {n}: {path} in body should be greater than or equal to {}",
+                        schema["minimum"]
+                    )));
+                }
+            }
+        }
+        Value::String(s) => {
+            let chars = s.chars().count() as u64;
+            if let Some(min) = schema["minLength"].as_u64().filter(|m| chars < *m) {
+                out.push(invalid(format!(
+                    "Invalid value: \"{s}\": {path} in body should be at least {min} chars long"
+                )));
+            }
+            if let Some(max) = schema["maxLength"].as_u64().filter(|m| chars > *m) {
+                out.push(invalid(format!(
+                    "Invalid value: \"{s}\": {path} in body should be at most {max} chars long"
+                )));
+            }
+            if let Some(pattern) = schema["pattern"].as_str() {
+                let matches = regex::Regex::new(pattern)
+                    .map(|r| r.is_match(s))
+                    .unwrap_or(true);
+                if !matches {
+                    out.push(invalid(format!(
+                        "Invalid value: \"{s}\": {path} in body should match '{pattern}'"
+                    )));
+                }
+            }
+        }
+        Value::Array(items) => {
+            if let Some(max) = schema["maxItems"]
+                .as_u64()
+                .filter(|m| items.len() as u64 > *m)
+            {
+                out.push((
+                    path.to_string(),
+                    "FieldValueTooMany",
+                    format!("Too many: {}: must have at most {max} items", items.len()),
+                ));
+            }
+            if let Some(min) = schema["minItems"]
+                .as_u64()
+                .filter(|m| (items.len() as u64) < *m)
+            {
+                out.push(invalid(format!(
+                    "Invalid value: {}: {path} in body should have at least {min} items",
+                    items.len()
+                )));
+            }
+            for (i, item) in items.iter().enumerate() {
+                check(item, &schema["items"], &format!("{path}[{i}]"), out);
+            }
+        }
+        Value::Object(map) => {
+            for required in schema["required"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+            {
+                if !map.contains_key(required) {
+                    out.push((
+                        join(path, required),
+                        "FieldValueRequired",
+                        "Required value".into(),
+                    ));
+                }
+            }
+            let properties = schema["properties"].as_object();
+            for (key, child) in map {
+                if path.is_empty() && matches!(key.as_str(), "apiVersion" | "kind" | "metadata") {
+                    continue;
+                }
+                let child_schema = properties
+                    .and_then(|p| p.get(key))
+                    .or_else(|| schema.get("additionalProperties").filter(|a| a.is_object()));
+                if let Some(child_schema) = child_schema {
+                    check(child, child_schema, &join(path, key), out);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Whether a schema (or any schema below it) carries CEL rules.
+pub fn has_rules(schema: &Value) -> bool {
+    match schema {
+        Value::Object(map) => {
+            map.get("x-kubernetes-validations").is_some() || map.values().any(has_rules)
+        }
+        Value::Array(items) => items.iter().any(has_rules),
+        _ => false,
+    }
+}
+
+/// Evaluates the `x-kubernetes-validations` rules on `value` (`old` for transition rules,
+/// which are skipped on create). A node whose subtree already has a schema error in
+/// `invalid` is not evaluated; `skipped` then says so.
+pub fn check_rules(
+    value: &Value,
+    old: Option<&Value>,
+    schema: &Value,
+    path: &str,
+    invalid: &[String],
+    skipped: &mut bool,
+    out: &mut Vec<Violation>,
+) {
+    let rules = schema["x-kubernetes-validations"].as_array();
+    let broken_below = invalid.iter().any(|p| {
+        path.is_empty()
+            || p == path
+            || p.starts_with(&format!("{path}."))
+            || p.starts_with(&format!("{path}["))
+    });
+    if rules.is_some_and(|r| !r.is_empty()) && broken_below {
+        *skipped = true;
+    }
+    for rule in rules.into_iter().flatten().filter(|_| !broken_below) {
+        let Some(expression) = rule["rule"].as_str() else {
+            continue;
+        };
+        let transition = expression.contains("oldSelf");
+        if transition && old.is_none() {
+            continue;
+        }
+        let message = rule["message"]
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("failed rule: {expression}"));
+        let field = match rule["fieldPath"].as_str() {
+            Some(extra) => format!("{path}{extra}"),
+            None => path.to_string(),
+        };
+        match evaluate(expression, value, old) {
+            Ok(true) => {}
+            Ok(false) => out.push((
+                field,
+                "FieldValueInvalid",
+                format!("Invalid value: {message}"),
+            )),
+            Err(error) => out.push((
+                field,
+                "FieldValueInvalid",
+                format!("Invalid value: rule {expression:?} could not be evaluated: {error}"),
+            )),
+        }
+    }
+    let properties = schema["properties"].as_object();
+    if let (Value::Object(map), Some(properties)) = (value, properties) {
+        for (key, child_schema) in properties {
+            if let Some(child) = map.get(key) {
+                let old_child = old.and_then(|o| o.get(key));
+                check_rules(
+                    child,
+                    old_child,
+                    child_schema,
+                    &join(path, key),
+                    invalid,
+                    skipped,
+                    out,
+                );
+            }
+        }
+    }
+    if let (Value::Array(items), Some(item_schema)) = (value, schema.get("items")) {
+        for (i, item) in items.iter().enumerate() {
+            check_rules(
+                item,
+                None,
+                item_schema,
+                &format!("{path}[{i}]"),
+                invalid,
+                skipped,
+                out,
+            );
+        }
+    }
+}
+
+fn evaluate(expression: &str, value: &Value, old: Option<&Value>) -> Result<bool, String> {
+    let program = Program::compile(expression).map_err(|e| e.to_string())?;
+    let mut context = Context::default();
+    context
+        .add_variable("self", value.clone())
+        .map_err(|e| e.to_string())?;
+    if let Some(old) = old {
+        context
+            .add_variable("oldSelf", old.clone())
+            .map_err(|e| e.to_string())?;
+    }
+    match program.execute(&context).map_err(|e| e.to_string())? {
+        cel::Value::Bool(result) => Ok(result),
+        other => Err(format!("the rule gave {other:?}, not a boolean")),
+    }
+}
+
+/// Every violation of a custom resource: the schema's, then the CEL rules' of every node
+/// whose subtree passed the schema; when a rule was skipped for a schema error below it,
+/// one `<nil>` cause says so, as on the real server.
+pub fn validate(object: &Value, old: Option<&Value>, schema: &Value) -> Vec<Violation> {
+    let mut out = Vec::new();
+    check(object, schema, "", &mut out);
+    let invalid: Vec<String> = out.iter().map(|(field, _, _)| field.clone()).collect();
+    let mut skipped = false;
+    check_rules(object, old, schema, "", &invalid, &mut skipped, &mut out);
+    if skipped {
+        out.push((
+            "<nil>".into(),
+            "FieldValueInvalid",
+            "Invalid value: null: some validation rules were not checked because the object was invalid; correct the existing errors to complete validation".into(),
+        ));
+    }
+    out
+}
+
+/// A map without the top-level fields validation leaves alone.
+pub fn strip_envelope(object: &Value) -> Value {
+    let mut copy: Map<String, Value> = object.as_object().cloned().unwrap_or_default();
+    copy.remove("metadata");
+    Value::Object(copy)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn schema() -> Value {
+        json!({"type": "object", "properties": {"spec": {"type": "object", "required": ["source"], "properties": {
+            "replicas": {"type": "integer", "minimum": 0, "maximum": 50},
+            "format": {"type": "string", "enum": ["mime", "json"]},
+            "mailbox": {"type": "string", "pattern": "^[a-z]+@[a-z.]+$"},
+            "source": {"type": "object",
+                "x-kubernetes-validations": [{"rule": "has(self.rabbitmq) != has(self.kafka)", "message": "exactly one source"}],
+                "properties": {"rabbitmq": {"type": "object"}, "kafka": {"type": "object"}}},
+            "scaling": {"type": "object",
+                "x-kubernetes-validations": [{"rule": "self.min <= self.max", "message": "min <= max"}],
+                "properties": {"min": {"type": "integer"}, "max": {"type": "integer"}}}
+        }}}})
+    }
+
+    #[test]
+    fn schema_violations_read_like_the_real_servers() {
+        let object = json!({"spec": {"replicas": 100, "format": "xml", "mailbox": "Not Mail"}});
+        let found = validate(&object, None, &schema());
+        let messages: Vec<&str> = found.iter().map(|(_, _, m)| m.as_str()).collect();
+        assert!(
+            messages.contains(
+                &"Invalid value: 100: spec.replicas in body should be less than or equal to 50"
+            ),
+            "{messages:?}"
+        );
+        assert!(
+            messages.contains(&"Unsupported value: \"xml\": supported values: \"mime\", \"json\""),
+            "{messages:?}"
+        );
+        assert!(found
+            .iter()
+            .any(|(f, r, _)| f == "spec.source" && *r == "FieldValueRequired"));
+        assert!(
+            !found.iter().any(|(f, _, _)| f == "<nil>"),
+            "no rule had a broken subtree"
+        );
+    }
+
+    #[test]
+    fn rules_over_a_broken_subtree_are_reported_as_not_checked() {
+        let object = json!({"spec": {"source": {"rabbitmq": 5}, "scaling": {"min": 5, "max": 1}}});
+        let found = validate(&object, None, &schema());
+        let fields: Vec<&str> = found.iter().map(|(f, _, _)| f.as_str()).collect();
+        assert!(fields.contains(&"spec.source.rabbitmq"), "{fields:?}");
+        assert!(
+            fields.contains(&"<nil>"),
+            "the source rule was skipped: {fields:?}"
+        );
+        assert!(
+            fields.contains(&"spec.scaling"),
+            "the scaling rule still ran: {fields:?}"
+        );
+    }
+
+    #[test]
+    fn cel_rules_run_once_the_schema_passes() {
+        let both = json!({"spec": {"source": {"rabbitmq": {}, "kafka": {}}}});
+        let found = validate(&both, None, &schema());
+        assert_eq!(
+            found,
+            vec![(
+                "spec.source".to_string(),
+                "FieldValueInvalid",
+                "Invalid value: exactly one source".to_string()
+            )]
+        );
+        let inverted = json!({"spec": {"source": {"kafka": {}}, "scaling": {"min": 5, "max": 2}}});
+        assert_eq!(validate(&inverted, None, &schema())[0].0, "spec.scaling");
+        let fine = json!({"spec": {"source": {"kafka": {}}, "scaling": {"min": 1, "max": 2}}});
+        assert!(validate(&fine, None, &schema()).is_empty());
+    }
+
+    #[test]
+    fn unknown_fields_are_pruned_and_named() {
+        let mut object = json!({"apiVersion": "x/v1", "kind": "X", "metadata": {"name": "a"}, "spec": {"replicas": 1, "color": "blue"}});
+        let unknown = prune(&mut object, &schema(), "", true);
+        assert_eq!(unknown, vec!["spec.color".to_string()]);
+        assert_eq!(object["spec"], json!({"replicas": 1}));
+    }
+}
