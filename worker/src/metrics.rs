@@ -31,7 +31,8 @@ pub struct Metrics {
     pub processing_seconds: Histogram,
     /// Time of one SMTP transaction.
     pub smtp_send_seconds: Histogram,
-    /// SMTP connections: `max` is the pool cap, `busy` those carrying a send now.
+    /// SMTP connections: `max` is the pool cap, `busy` those carrying a send now, `idle`
+    /// those open and waiting in the pool.
     pub smtp_pool_connections: IntGaugeVec,
     /// Reconnections to the broker.
     pub broker_reconnects: IntCounter,
@@ -92,7 +93,7 @@ impl Metrics {
         let smtp_pool_connections = IntGaugeVec::new(
             Opts::new(
                 "mailpipe_smtp_pool_connections",
-                "SMTP connections: max is the pool cap, busy those carrying a send.",
+                "SMTP connections: max is the pool cap, busy those carrying a send, idle those waiting.",
             ),
             &["state"],
         )

@@ -286,24 +286,66 @@ pub fn remove(set: &mut FieldSet, path: &[String]) {
     go(set, path);
 }
 
+/// One step of a set path, parsed.
+enum Step {
+    /// `.`: the node itself.
+    Itself,
+    /// `f:name`: a field of an object.
+    Field(String),
+    /// `k:{...}`: the item of a keyed list whose key fields have these values.
+    Keyed(Map<String, Value>),
+    /// `v:...`: the item of a set-list equal to this value.
+    Member(Value),
+}
+
+impl Step {
+    fn parse(step: &str) -> Option<Step> {
+        if step == "." {
+            Some(Step::Itself)
+        } else if let Some(name) = step.strip_prefix("f:") {
+            Some(Step::Field(name.to_string()))
+        } else if let Some(key) = step.strip_prefix("k:") {
+            serde_json::from_str(key).ok().map(Step::Keyed)
+        } else {
+            step.strip_prefix("v:")
+                .and_then(|v| serde_json::from_str(v).ok())
+                .map(Step::Member)
+        }
+    }
+
+    /// Whether a list item is the one this step names.
+    fn names(&self, item: &Value) -> bool {
+        match self {
+            Step::Keyed(key) => key.iter().all(|(k, v)| item.get(k) == Some(v)),
+            Step::Member(value) => item == value,
+            Step::Itself | Step::Field(_) => false,
+        }
+    }
+}
+
 /// The value at a set path inside an object (`.` is the node itself).
 pub fn value_at<'a>(object: &'a Value, path: &[String]) -> Option<&'a Value> {
     let mut node = object;
     for step in path {
-        node = if step == "." {
-            node
-        } else if let Some(name) = step.strip_prefix("f:") {
-            node.get(name)?
-        } else if let Some(key) = step.strip_prefix("k:") {
-            let key: Map<String, Value> = serde_json::from_str(key).ok()?;
-            node.as_array()?
-                .iter()
-                .find(|item| key.iter().all(|(k, v)| item.get(k) == Some(v)))?
-        } else if let Some(value) = step.strip_prefix("v:") {
-            let value: Value = serde_json::from_str(value).ok()?;
-            node.as_array()?.iter().find(|item| **item == value)?
-        } else {
-            return None;
+        node = match Step::parse(step)? {
+            Step::Itself => node,
+            Step::Field(name) => node.get(&name)?,
+            list_step => node.as_array()?.iter().find(|item| list_step.names(item))?,
+        };
+    }
+    Some(node)
+}
+
+fn value_at_mut<'a>(object: &'a mut Value, path: &[String]) -> Option<&'a mut Value> {
+    let mut node = object;
+    for step in path {
+        node = match Step::parse(step)? {
+            Step::Itself => node,
+            Step::Field(name) => node.get_mut(&name)?,
+            list_step => node
+                .as_array_mut()?
+                .iter_mut()
+                .find(|item| list_step.names(item))?,
         };
     }
     Some(node)
@@ -311,47 +353,26 @@ pub fn value_at<'a>(object: &'a Value, path: &[String]) -> Option<&'a Value> {
 
 /// Deletes what a set path names from an object.
 pub fn delete_at(object: &mut Value, path: &[String]) {
-    let path: Vec<&String> = path.iter().filter(|s| s.as_str() != ".").collect();
+    let path: Vec<String> = path.iter().filter(|s| s.as_str() != ".").cloned().collect();
     let Some((last, parents)) = path.split_last() else {
         return;
     };
-    let parent_path: Vec<String> = parents.iter().map(|s| s.to_string()).collect();
-    let Some(parent) = value_at_mut(object, &parent_path) else {
+    let Some(parent) = value_at_mut(object, parents) else {
         return;
     };
-    if let Some(name) = last.strip_prefix("f:") {
-        if let Some(map) = parent.as_object_mut() {
-            map.remove(name);
+    match Step::parse(last) {
+        Some(Step::Field(name)) => {
+            if let Some(map) = parent.as_object_mut() {
+                map.remove(&name);
+            }
         }
-    } else if let Some(items) = parent.as_array_mut() {
-        let probe = Value::Array(items.clone());
-        if let Some(found) = value_at(&probe, &[last.to_string()]) {
-            let found = found.clone();
-            items.retain(|item| *item != found);
+        Some(list_step) => {
+            if let Some(items) = parent.as_array_mut() {
+                items.retain(|item| !list_step.names(item));
+            }
         }
+        None => {}
     }
-}
-
-fn value_at_mut<'a>(object: &'a mut Value, path: &[String]) -> Option<&'a mut Value> {
-    let mut node = object;
-    for step in path {
-        node = if let Some(name) = step.strip_prefix("f:") {
-            node.get_mut(name)?
-        } else if let Some(key) = step.strip_prefix("k:") {
-            let key: Map<String, Value> = serde_json::from_str(key).ok()?;
-            node.as_array_mut()?
-                .iter_mut()
-                .find(|item| key.iter().all(|(k, v)| item.get(k) == Some(v)))?
-        } else if let Some(value) = step.strip_prefix("v:") {
-            let value: Value = serde_json::from_str(value).ok()?;
-            node.as_array_mut()?
-                .iter_mut()
-                .find(|item| **item == value)?
-        } else {
-            return None;
-        };
-    }
-    Some(node)
 }
 
 /// Merges an applied configuration into the live object: maps merge, keyed lists merge

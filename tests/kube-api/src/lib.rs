@@ -78,6 +78,21 @@ impl KubeApiServer {
     }
 }
 
+/// A recorded exchange from `fixtures/` (e.g. `006-create-crd.json`), for tests.
+pub fn fixture(file: &str) -> serde_json::Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(file);
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("fixture {}: {e}", path.display()));
+    serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("fixture {file} is not JSON: {e}"))
+}
+
+/// The EmailPipeline CRD the real server was recorded with (printer columns, status, scale,
+/// defaults, validation and CEL rules).
+pub fn recorded_crd() -> serde_json::Value {
+    fixture("006-create-crd.json")["request"]["body"].clone()
+}
+
 /// A kubeconfig for a server at `url`, with no credentials (the server does not ask).
 pub fn kubeconfig(url: &str) -> String {
     format!(

@@ -83,14 +83,7 @@ async fn a_controller_with_a_finalizer_settles_and_does_not_relist_for_a_minute(
     .unwrap();
     let client = Client::try_from(config).unwrap();
 
-    let fixture: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/fixtures/006-create-crd.json"
-        ))
-        .unwrap(),
-    )
-    .unwrap();
+    let crd_body = mailpipe_kube_api::recorded_crd();
     let crds: Api<DynamicObject> = Api::all_with(
         client.clone(),
         &ApiResource::from_gvk_with_plural(
@@ -100,7 +93,7 @@ async fn a_controller_with_a_finalizer_settles_and_does_not_relist_for_a_minute(
     );
     crds.create(
         &PostParams::default(),
-        &serde_json::from_value(fixture["request"]["body"].clone()).unwrap(),
+        &serde_json::from_value(crd_body.clone()).unwrap(),
     )
     .await
     .unwrap();

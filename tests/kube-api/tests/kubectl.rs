@@ -124,16 +124,9 @@ async fn kubectl_applies_a_crd_and_its_resources_and_prints_their_columns() {
     let kubeconfig = dir.path().join("kubeconfig");
     server.write_kubeconfig(&kubeconfig).unwrap();
     // The CRD the real server was recorded with (printer columns, status and scale).
-    let fixture: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/fixtures/006-create-crd.json"
-        ))
-        .unwrap(),
-    )
-    .unwrap();
+    let crd_body = mailpipe_kube_api::recorded_crd();
     let crd = dir.path().join("crd.json");
-    std::fs::write(&crd, fixture["request"]["body"].to_string()).unwrap();
+    std::fs::write(&crd, crd_body.to_string()).unwrap();
     let pipeline = dir.path().join("pipeline.yaml");
     std::fs::write(&pipeline, PIPELINE).unwrap();
     let (crd, pipeline_path) = (
