@@ -30,12 +30,7 @@ async fn a_thousand_jobs_arrive_exactly_once_with_the_right_content() {
         .spawn();
     worker.wait_ready(Duration::from_secs(30)).await;
 
-    amqp::publish(
-        SHARED_URL,
-        &names.exchange,
-        (0..N).map(|n| jobs::numbered(&run, n)),
-    )
-    .await;
+    amqp::publish_numbered(SHARED_URL, &names.exchange, &run, 0..N).await;
 
     let emails = eventually(
         Duration::from_secs(120),
@@ -247,12 +242,7 @@ async fn log_mode_renders_and_acks_without_sending() {
         .spawn();
     worker.wait_ready(Duration::from_secs(30)).await;
     let run = unique("run");
-    amqp::publish(
-        SHARED_URL,
-        &names.exchange,
-        (0..3).map(|n| jobs::numbered(&run, n)),
-    )
-    .await;
+    amqp::publish_numbered(SHARED_URL, &names.exchange, &run, 0..3).await;
     eventually(Duration::from_secs(20), "3 jobs handled", || async {
         (worker.metric("mailpipe_jobs_sent_total").await == 3.0).then_some(())
     })

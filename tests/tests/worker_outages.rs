@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use mailpipe_contract::RetryPolicy;
 use mailpipe_tests::amqp::{self, Names, SHARED_URL};
-use mailpipe_tests::jobs::{self, Tally};
+use mailpipe_tests::jobs::Tally;
 use mailpipe_tests::rabbit_node::RabbitNode;
 use mailpipe_tests::redis_server::{RedisServer, SHARED_URL as SHARED_REDIS};
 use mailpipe_tests::smtp::{SmtpOptions, SmtpServer};
@@ -29,12 +29,7 @@ async fn redis_outage_pauses_sending_with_readiness_false_and_loses_nothing() {
         .spawn();
     worker.wait_ready(Duration::from_secs(30)).await;
     let run = unique("run");
-    amqp::publish(
-        SHARED_URL,
-        &names.exchange,
-        (0..N).map(|n| jobs::numbered(&run, n)),
-    )
-    .await;
+    amqp::publish_numbered(SHARED_URL, &names.exchange, &run, 0..N).await;
     smtp.wait_for_count(30, Duration::from_secs(30)).await;
 
     redis.stop();
@@ -91,12 +86,7 @@ async fn private_broker_restart_mid_run_worker_reconnects_and_completes() {
         .spawn();
     worker.wait_ready(Duration::from_secs(30)).await;
     let run = unique("run");
-    amqp::publish(
-        &url,
-        &names.exchange,
-        (0..N).map(|n| jobs::numbered(&run, n)),
-    )
-    .await;
+    amqp::publish_numbered(&url, &names.exchange, &run, 0..N).await;
     smtp.wait_for_count(50, Duration::from_secs(30)).await;
 
     let node = tokio::task::spawn_blocking(move || {

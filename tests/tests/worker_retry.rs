@@ -32,12 +32,7 @@ async fn smtp_4xx_for_a_while_delays_delivery_but_dead_letters_nothing() {
         .spawn();
     worker.wait_ready(Duration::from_secs(30)).await;
     let run = unique("run");
-    amqp::publish(
-        SHARED_URL,
-        &names.exchange,
-        (0..N).map(|n| jobs::numbered(&run, n)),
-    )
-    .await;
+    amqp::publish_numbered(SHARED_URL, &names.exchange, &run, 0..N).await;
 
     eventually(
         Duration::from_secs(20),
@@ -53,12 +48,7 @@ async fn smtp_4xx_for_a_while_delays_delivery_but_dead_letters_nothing() {
     assert_eq!(smtp.count().await, 0);
     smtp.clear_fault().await;
 
-    eventually(
-        Duration::from_secs(30),
-        "all jobs delivered after recovery",
-        || async { (smtp.count().await >= N).then_some(()) },
-    )
-    .await;
+    smtp.wait_for_count(N, Duration::from_secs(30)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let tally = smtp.tally(&run, N).await;
     assert_eq!(
@@ -92,12 +82,7 @@ async fn past_max_attempts_transient_failures_are_dead_lettered_with_the_attempt
         .spawn();
     worker.wait_ready(Duration::from_secs(30)).await;
     let run = unique("run");
-    amqp::publish(
-        SHARED_URL,
-        &names.exchange,
-        (0..N).map(|n| jobs::numbered(&run, n)),
-    )
-    .await;
+    amqp::publish_numbered(SHARED_URL, &names.exchange, &run, 0..N).await;
 
     let dlq = dead_letter_queue(&names.queue);
     eventually(
@@ -145,12 +130,7 @@ async fn smtp_server_down_then_back_delivers_everything_and_readiness_follows() 
     smtp.stop().await;
 
     let run = unique("run");
-    amqp::publish(
-        SHARED_URL,
-        &names.exchange,
-        (0..N).map(|n| jobs::numbered(&run, n)),
-    )
-    .await;
+    amqp::publish_numbered(SHARED_URL, &names.exchange, &run, 0..N).await;
     worker.wait_unready(Duration::from_secs(15)).await;
     eventually(Duration::from_secs(15), "connection failures", || async {
         let failed = worker
@@ -190,12 +170,7 @@ async fn quorum_queues_retry_and_dead_letter_at_least_once() {
     worker.wait_ready(Duration::from_secs(30)).await;
     smtp.set_fault(450, "4.2.0 mailbox busy").await;
     let run = unique("run");
-    amqp::publish(
-        SHARED_URL,
-        &names.exchange,
-        (0..3).map(|n| jobs::numbered(&run, n)),
-    )
-    .await;
+    amqp::publish_numbered(SHARED_URL, &names.exchange, &run, 0..3).await;
     let dlq = dead_letter_queue(&names.queue);
     eventually(
         Duration::from_secs(30),

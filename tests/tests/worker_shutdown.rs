@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use mailpipe_contract::RetryPolicy;
 use mailpipe_tests::amqp::{self, Names, SHARED_URL};
-use mailpipe_tests::jobs::{self, Tally};
+use mailpipe_tests::jobs::Tally;
 use mailpipe_tests::redis_server::SHARED_URL as REDIS;
 use mailpipe_tests::smtp::{SmtpOptions, SmtpServer};
 use mailpipe_tests::worker::{Worker, WorkerSpec};
@@ -27,12 +27,7 @@ async fn sigterm_mid_run_loses_nothing_and_sends_nothing_twice() {
     let mut worker = spec.spawn();
     worker.wait_ready(Duration::from_secs(30)).await;
     let run = unique("run");
-    amqp::publish(
-        SHARED_URL,
-        &names.exchange,
-        (0..N).map(|n| jobs::numbered(&run, n)),
-    )
-    .await;
+    amqp::publish_numbered(SHARED_URL, &names.exchange, &run, 0..N).await;
 
     smtp.wait_for_count(40, Duration::from_secs(30)).await;
     let in_flight = worker.metric("mailpipe_jobs_in_flight").await;
@@ -98,12 +93,7 @@ async fn run_with_kills(label: &str, dedup: bool, kills: usize) -> (Tally, Vec<u
     let mut worker: Worker = spec.spawn();
     worker.wait_ready(Duration::from_secs(30)).await;
     let run = unique("run");
-    amqp::publish(
-        SHARED_URL,
-        &names.exchange,
-        (0..N).map(|n| jobs::numbered(&run, n)),
-    )
-    .await;
+    amqp::publish_numbered(SHARED_URL, &names.exchange, &run, 0..N).await;
 
     let mut in_flight_at_kills = Vec::new();
     for kill in 0..kills {

@@ -59,12 +59,7 @@ async fn starttls_with_auth_delivers_and_the_password_never_reaches_the_log() {
         .spawn();
     worker.wait_ready(Duration::from_secs(30)).await;
     let run = unique("run");
-    amqp::publish(
-        SHARED_URL,
-        &names.exchange,
-        (0..3).map(|n| jobs::numbered(&run, n)),
-    )
-    .await;
+    amqp::publish_numbered(SHARED_URL, &names.exchange, &run, 0..3).await;
     eventually(
         Duration::from_secs(20),
         "3 messages over STARTTLS",
@@ -193,12 +188,7 @@ async fn private_broker_amqps_with_a_ca_file_delivers_and_a_wrong_ca_is_refused(
         .spawn();
     worker.wait_ready(Duration::from_secs(30)).await;
     let run = unique("run");
-    amqp::publish(
-        &node.url(),
-        &names.exchange,
-        (0..3).map(|n| jobs::numbered(&run, n)),
-    )
-    .await;
+    amqp::publish_numbered(&node.url(), &names.exchange, &run, 0..3).await;
     eventually(
         Duration::from_secs(20),
         "3 jobs consumed over amqps",

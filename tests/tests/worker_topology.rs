@@ -26,12 +26,7 @@ async fn a_worker_consumes_from_its_own_vhost() {
     let worker = WorkerSpec::new(&url, &names, smtp.port).spawn();
     worker.wait_ready(Duration::from_secs(30)).await;
     let run = unique("run");
-    amqp::publish(
-        &url,
-        &names.exchange,
-        (0..3).map(|n| jobs::numbered(&run, n)),
-    )
-    .await;
+    amqp::publish_numbered(&url, &names.exchange, &run, 0..3).await;
     eventually(Duration::from_secs(20), "3 jobs from the vhost", || async {
         (smtp.count().await == 3).then_some(())
     })
@@ -171,12 +166,7 @@ async fn the_send_rate_limit_holds_and_logs_can_be_json() {
     worker.wait_ready(Duration::from_secs(30)).await;
     let run = unique("run");
     let started = Instant::now();
-    amqp::publish(
-        SHARED_URL,
-        &names.exchange,
-        (0..N).map(|n| jobs::numbered(&run, n)),
-    )
-    .await;
+    amqp::publish_numbered(SHARED_URL, &names.exchange, &run, 0..N).await;
     eventually(Duration::from_secs(30), "all jobs delivered", || async {
         (smtp.count().await == N).then_some(())
     })
