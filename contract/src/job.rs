@@ -266,7 +266,7 @@ impl EmailJob {
             });
         }
         if let Some(id) = &self.id {
-            if id.is_empty() || id.len() > 200 || id.chars().any(char::is_control) {
+            if !is_valid_id(id) {
                 return Err(InvalidJob::BadField(
                     "id must be 1 to 200 characters without control characters".into(),
                 ));
@@ -341,6 +341,11 @@ impl EmailJob {
     pub fn is_expired(&self, now: DateTime<Utc>) -> bool {
         self.not_after.is_some_and(|deadline| now > deadline)
     }
+}
+
+/// Whether `id` can be a job id: 1 to 200 characters, none of them control characters.
+pub fn is_valid_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 200 && !id.chars().any(char::is_control)
 }
 
 fn has_line_break(s: &str) -> bool {

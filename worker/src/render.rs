@@ -277,7 +277,7 @@ pub fn job_id(job: Option<&EmailJob>, body: &[u8]) -> String {
         id: String,
     }
     if let Ok(IdOnly { id }) = serde_json::from_slice(body) {
-        if !id.is_empty() && id.len() <= 200 && !id.chars().any(char::is_control) {
+        if mailpipe_contract::job::is_valid_id(&id) {
             return id;
         }
     }

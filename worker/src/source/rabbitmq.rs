@@ -197,7 +197,7 @@ fn field_table(args: &std::collections::BTreeMap<String, ArgValue>) -> FieldTabl
     let mut table = FieldTable::default();
     for (key, value) in args {
         let value = match value {
-            ArgValue::Str(s) => AMQPValue::LongString(LongString::from(s.as_str())),
+            ArgValue::Str(s) => long(s),
             ArgValue::Int(i) => AMQPValue::LongLongInt(*i),
         };
         table.insert(ShortString::from(key.as_str()), value);
@@ -407,7 +407,6 @@ impl RabbitSettle {
                 after,
             } => {
                 let queue = naming::delay_queue(&self.work_queue, after);
-                let long = |s: &str| AMQPValue::LongString(LongString::from(s));
                 let extra = vec![
                     (
                         headers::ATTEMPT,
@@ -439,7 +438,6 @@ impl RabbitSettle {
                 if !self.dead_letter {
                     return self.reject_without_requeue().await;
                 }
-                let long = |s: &str| AMQPValue::LongString(LongString::from(s));
                 let extra = vec![
                     (headers::REASON, long(reason)),
                     (headers::DETAIL, long(&truncate(&detail, 500))),
@@ -466,6 +464,11 @@ impl RabbitSettle {
             }
         }
     }
+}
+
+/// A header value: an AMQP long string.
+fn long(text: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(text))
 }
 
 fn truncate(text: &str, max: usize) -> String {
