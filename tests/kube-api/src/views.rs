@@ -43,8 +43,8 @@ fn hash(text: &str) -> String {
 /// `GET /openapi/v3`: one entry per served group-version.
 pub fn openapi_index(kinds: &[Kind]) -> Value {
     let mut paths = Map::new();
-    for kind in kinds {
-        let path = openapi_path(kind);
+    let served: std::collections::BTreeSet<String> = kinds.iter().map(openapi_path).collect();
+    for path in served {
         let document = openapi_document(kinds, &path).unwrap_or(Value::Null);
         paths.insert(
             path.clone(),
