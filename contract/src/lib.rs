@@ -7,11 +7,13 @@
 //! - [`retry`]: the retry policy (attempts, capped exponential backoff);
 //! - [`naming`]: the names of retry, dead-letter queues and the headers the worker writes;
 //! - [`topology`]: the RabbitMQ topology a pipeline needs, as data both sides declare;
-//! - [`env`]: the environment variables the operator renders for the worker.
+//! - [`env`]: the environment variables the operator renders for the worker;
+//! - [`labels`]: the labels on what the operator creates.
 #![forbid(unsafe_code)]
 
 pub mod env;
 pub mod job;
+pub mod labels;
 pub mod naming;
 pub mod retry;
 pub mod topology;

@@ -4,13 +4,15 @@
 //! objects in memory and implements the parts of the API mailpipe uses, checked against
 //! exchanges recorded from a real kube-apiserver (`tests/kube-api/fixtures/`). It is test
 //! support, never shipped. Modules: `registry` (kinds, discovery), `store` (objects,
-//! resourceVersions, history), `server` (HTTP, watch), `selector`, `patch`, `errors`.
+//! resourceVersions, history), `server` (HTTP, watch), `selector`, `patch`, `errors`, and `runner`, which plays
+//! kubelet for Deployments.
 #![forbid(unsafe_code)]
 
 pub mod errors;
 pub mod fields;
 pub mod patch;
 pub mod registry;
+pub mod runner;
 pub mod selector;
 pub mod server;
 pub mod store;
@@ -70,6 +72,13 @@ impl KubeApiServer {
     /// Direct access to the store (for test set-up and assertions).
     pub fn store(&self) -> &server::Shared {
         &self.store
+    }
+
+    /// A kube-rs client for this server (namespace `default`).
+    pub fn client(&self) -> kube::Client {
+        let mut config = kube::Config::new(self.url().parse().expect("a valid URL"));
+        config.default_namespace = "default".into();
+        kube::Client::try_from(config).expect("a client for a plain HTTP URL")
     }
 
     /// Writes a kubeconfig pointing at this server (namespace `default`).
