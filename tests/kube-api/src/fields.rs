@@ -83,31 +83,15 @@ impl Shape {
         }
     }
 
-    /// Whether an object field carries `.` in Update sets: every object of a custom
-    /// resource, but only map-typed fields (not typed structs) of built-in kinds.
-    fn dotted(&self, names: &[&str]) -> bool {
-        if self.schema.is_some() {
-            return true;
-        }
-        matches!(
-            names.last().copied(),
-            Some(
-                "labels"
-                    | "annotations"
-                    | "data"
-                    | "binaryData"
-                    | "stringData"
-                    | "matchLabels"
-                    | "nodeSelector"
-            )
-        )
-    }
-
     fn atomic_map(&self, names: &[&str]) -> bool {
         if let Some(node) = self.schema_at(names) {
             return node["x-kubernetes-map-type"].as_str() == Some("atomic");
         }
-        matches!(names, ["spec", "selector"]) || names.ends_with(&["labelSelector"])
+        // LabelSelector and ObjectReference are atomic structs.
+        matches!(
+            names,
+            ["spec", "selector"] | ["regarding"] | ["related"] | ["involvedObject"]
+        ) || names.ends_with(&["labelSelector"])
     }
 }
 
@@ -159,19 +143,20 @@ fn collect(value: &Value, shape: &Shape, dots: bool, names: &mut Vec<String>, ou
         names.push(key.clone());
         let (skip, atomic, list_type, dotted) = {
             let path: Vec<&str> = names.iter().map(String::as_str).collect();
-            let dotted = shape.dotted(&path) && path != ["metadata"];
             (
                 untracked(&path),
                 shape.atomic_map(&path),
                 shape.list_type(&path),
-                dotted,
+                path != ["metadata"],
             )
         };
         if !skip {
             let mut node = FieldSet::new();
             match child {
                 Value::Object(inner) if !atomic => {
-                    if dots && dotted {
+                    // An empty map is a leaf; `.` marks a map that exists (kept where the
+                    // write created it: see `store::changed`).
+                    if dots && dotted && !inner.is_empty() {
                         node.insert(".".into(), json!({}));
                     }
                     collect(child, shape, dots, names, &mut node);

@@ -8,6 +8,7 @@
 //! kubelet for Deployments.
 #![forbid(unsafe_code)]
 
+pub mod builtin;
 pub mod errors;
 pub mod fields;
 pub mod patch;

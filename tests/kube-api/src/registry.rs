@@ -53,6 +53,16 @@ impl Kind {
         }
     }
 
+    /// The group whose storage holds this kind's objects: events.k8s.io Events live with
+    /// core Events (one storage, two APIs); every other kind in its own group.
+    pub fn storage_group(&self) -> &str {
+        if self.group == "events.k8s.io" && self.plural == "events" {
+            ""
+        } else {
+            &self.group
+        }
+    }
+
     /// `configmaps` or `emailpipelines.mailpipe.dev`, as error messages name it.
     pub fn group_resource(&self) -> String {
         if self.group.is_empty() {

@@ -687,7 +687,7 @@ fn watch(
     let kind = target.kind.clone();
     let in_scope = {
         let (group, plural, namespace) = (
-            kind.group.clone(),
+            kind.storage_group().to_string(),
             kind.plural.clone(),
             target.namespace.clone(),
         );
@@ -737,7 +737,7 @@ fn watch(
     let kind_name = kind.kind.clone();
     // An event carries the object, or a one-row Table of it when the client asked for Tables.
     let render = move |mut object: Value| {
-        object["apiVersion"] = json!(kind.api_version());
+        crate::builtin::convert(&mut object, &kind);
         if as_table {
             let rv = object["metadata"]["resourceVersion"]
                 .as_str()

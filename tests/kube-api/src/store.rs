@@ -236,8 +236,10 @@ fn changed(old: &Value, new: &Value, set: &FieldSet) -> Vec<Vec<String>> {
 /// other managers lose it, and nobody keeps fields that no longer exist.
 fn record_update(kind: &Kind, old: Option<&Value>, new: &mut Value, manager: &str, part: Part) {
     let shape = Shape::new(kind.schema.as_ref());
-    let empty = json!({});
-    let old_object = old.unwrap_or(&empty);
+    // A create compares with the kind's empty object, as the real server does: what that
+    // already holds (Go structs that are never absent) was not added by the writer.
+    let zero = crate::builtin::zero(kind);
+    let old_object = old.unwrap_or(&zero);
     let full = fields::fields_of(&tracked(new, kind, part), &shape, true);
     let changed = changed(old_object, new, &full);
     let mut entries: Vec<Value> = old_object["metadata"]["managedFields"]
@@ -335,6 +337,8 @@ pub struct Store {
     requests: Vec<String>,
     field_validation: FieldValidation,
     warnings: Vec<String>,
+    /// Service cluster IPs given out so far.
+    cluster_ips: u32,
 }
 
 fn now() -> String {
@@ -440,6 +444,7 @@ impl Store {
             requests: Vec::new(),
             field_validation: FieldValidation::Warn,
             warnings: Vec::new(),
+            cluster_ips: 0,
         };
         let namespaces = store.kind("", "v1", "namespaces").expect("built in");
         for name in ["default", "kube-system", "kube-public"] {
@@ -477,7 +482,18 @@ impl Store {
         old: Option<&Value>,
     ) -> Result<(), ApiError> {
         let Some(schema) = kind.schema.clone() else {
-            return Ok(());
+            crate::builtin::default(kind, object, old.is_none(), &mut self.cluster_ips);
+            let violations = crate::builtin::validate(kind, object, old);
+            if violations.is_empty() {
+                return Ok(());
+            }
+            // Errors name the kind of the storage (events.k8s.io Events are core Events).
+            let stored = self
+                .kinds
+                .iter()
+                .find(|k| k.group == kind.storage_group() && k.plural == kind.plural)
+                .unwrap_or(kind);
+            return Err(ApiError::invalid(stored, name, violations));
         };
         let unknown = crate::validation::prune(object, &schema, "", true);
         if !unknown.is_empty() {
@@ -593,7 +609,7 @@ impl Store {
 
     fn key(kind: &Kind, namespace: &str, name: &str) -> ObjectKey {
         ObjectKey {
-            group: kind.group.clone(),
+            group: kind.storage_group().to_string(),
             plural: kind.plural.clone(),
             namespace: if kind.namespaced {
                 namespace.to_string()
@@ -611,7 +627,7 @@ impl Store {
             .get(&Store::key(kind, namespace, name))
             .cloned()
             .ok_or_else(|| ApiError::not_found(kind, name))?;
-        object["apiVersion"] = json!(kind.api_version());
+        crate::builtin::convert(&mut object, kind);
         Ok(object)
     }
 
@@ -625,13 +641,13 @@ impl Store {
     ) -> Vec<Value> {
         self.objects
             .iter()
-            .filter(|(key, _)| key.group == kind.group && key.plural == kind.plural)
+            .filter(|(key, _)| key.group == kind.storage_group() && key.plural == kind.plural)
             .filter(|(key, _)| namespace.is_none_or(|ns| key.namespace == ns))
             .map(|(_, object)| object)
             .filter(|object| labels.matches(&labels_of(object)) && fields.matches(object))
             .map(|object| {
                 let mut object = object.clone();
-                object["apiVersion"] = json!(kind.api_version());
+                crate::builtin::convert(&mut object, kind);
                 object
             })
             .collect()
