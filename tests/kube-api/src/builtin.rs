@@ -14,6 +14,13 @@ pub fn default(kind: &Kind, object: &mut Value, creating: bool, next_ip: &mut u3
         ("apps", "deployments") => deployment(object, creating),
         ("", "services") => service(object, creating, next_ip),
         ("", "secrets") => secret(object),
+        ("apiextensions.k8s.io", "customresourcedefinitions") => {
+            insert_absent(
+                entry(object, "spec"),
+                "conversion",
+                json!({"strategy": "None"}),
+            );
+        }
         ("policy", "poddisruptionbudgets") if creating => {
             object.as_object_mut().map(|o| {
                 o.entry("status").or_insert_with(|| {

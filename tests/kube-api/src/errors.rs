@@ -41,6 +41,17 @@ impl ApiError {
         ApiError::new(404, "NotFound", message, Some(details(kind, name)))
     }
 
+    /// 404 for a group, version or resource the server does not serve: the real server
+    /// answers these from its mux with a plain-text page, not a Status.
+    pub fn page_not_found() -> ApiError {
+        ApiError::new(404, "", "404 page not found\n".into(), None)
+    }
+
+    /// Whether this error is the plain-text 404 page.
+    pub fn is_page(&self) -> bool {
+        self.reason.is_empty()
+    }
+
     /// 404 for a path the server does not serve.
     pub fn no_route() -> ApiError {
         ApiError::new(
@@ -174,9 +185,33 @@ impl ApiError {
         ApiError::new(400, "BadRequest", message.into(), None)
     }
 
-    /// 403.
-    pub fn forbidden(message: impl Into<String>) -> ApiError {
-        ApiError::new(403, "Forbidden", message.into(), None)
+    /// 403 for a create in a namespace that is being deleted.
+    pub fn namespace_terminating(kind: &Kind, name: &str, namespace: &str) -> ApiError {
+        let mut details = details(kind, name);
+        details["causes"] = json!([{
+            "reason": "NamespaceTerminating",
+            "message": format!("namespace {namespace} is being terminated"),
+            "field": "metadata.namespace",
+        }]);
+        ApiError::new(
+            403,
+            "Forbidden",
+            format!(
+                "{} \"{name}\" is forbidden: unable to create new content in namespace {namespace} because it is being terminated",
+                kind.group_resource()
+            ),
+            Some(details),
+        )
+    }
+
+    /// 405 for a create of a custom resource whose definition is being deleted.
+    pub fn definition_terminating() -> ApiError {
+        ApiError::new(
+            405,
+            "MethodNotAllowed",
+            "create not allowed while custom resource definition is terminating".into(),
+            Some(json!({})),
+        )
     }
 
     /// 405.

@@ -102,6 +102,48 @@ impl Kind {
         }
     }
 
+    /// This kind in an aggregated discovery document (apidiscovery.k8s.io/v2
+    /// APIResourceDiscovery). Built-in kinds name their response kind without group and
+    /// version and list subresources alphabetically; custom kinds name both, status first.
+    pub fn aggregated_entry(&self) -> Value {
+        let own = |kind: &str| {
+            if self.custom {
+                json!({"group": self.group, "version": self.version, "kind": kind})
+            } else {
+                json!({"group": "", "version": "", "kind": kind})
+            }
+        };
+        let status = json!({"subresource": "status", "responseKind": own(&self.kind), "verbs": ["get", "patch", "update"]});
+        let scale = json!({"subresource": "scale", "responseKind": {"group": "autoscaling", "version": "v1", "kind": "Scale"}, "verbs": ["get", "patch", "update"]});
+        let mut subresources = Vec::new();
+        if self.status {
+            subresources.push(status);
+        }
+        if self.scale {
+            subresources.push(scale);
+        }
+        if !self.custom {
+            subresources.sort_by_key(|s| s["subresource"].as_str().unwrap_or("").to_string());
+        }
+        let mut entry = json!({
+            "resource": self.plural,
+            "responseKind": own(&self.kind),
+            "scope": if self.namespaced { "Namespaced" } else { "Cluster" },
+            "singularResource": self.singular,
+            "verbs": self.verbs(),
+        });
+        if !self.short_names.is_empty() {
+            entry["shortNames"] = json!(self.short_names);
+        }
+        if !self.categories.is_empty() {
+            entry["categories"] = json!(self.categories);
+        }
+        if !subresources.is_empty() {
+            entry["subresources"] = json!(subresources);
+        }
+        entry
+    }
+
     /// Entries of this kind in an APIResourceList (the resource and its subresources).
     pub fn discovery_entries(&self) -> Vec<Value> {
         let mut main = json!({

@@ -45,6 +45,13 @@ fn json_response(status: u16, body: &Value) -> Response {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        if self.is_page() {
+            return Response::builder()
+                .status(404)
+                .header("Content-Type", "text/plain; charset=utf-8")
+                .body(axum::body::Body::from(self.message))
+                .expect("a valid response");
+        }
         json_response(self.code, &self.body())
     }
 }
@@ -135,11 +142,28 @@ async fn route(store: &Shared, request: &Request<'_>) -> Result<Response, ApiErr
         .collect();
     match segments.as_slice() {
         ["version"] => return Ok(json_response(200, &version())),
-        ["healthz" | "readyz" | "livez"] => {
+        ["api"] | ["apis"] if wants_aggregated(accept) => {
+            let store = store.lock().expect("store lock");
+            let legacy = segments == ["api"];
+            let body = aggregated_discovery(&store, legacy);
+            return Ok((
+                StatusCode::OK,
+                [(header::CONTENT_TYPE, AGGREGATED)],
+                body.to_string(),
+            )
+                .into_response());
+        }
+        [check @ ("healthz" | "readyz" | "livez")] => {
+            // With `verbose`, each check on a line, as the real server lists its own.
+            let text = if query.contains_key("verbose") {
+                format!("[+]ping ok\n[+]log ok\n[+]etcd ok\n{check} check passed\n")
+            } else {
+                "ok".to_string()
+            };
             return Ok((
                 StatusCode::OK,
                 [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-                "ok",
+                text,
             )
                 .into_response());
         }
@@ -177,7 +201,7 @@ async fn route(store: &Shared, request: &Request<'_>) -> Result<Response, ApiErr
     let (group, version, rest) = match segments.as_slice() {
         ["api", "v1", rest @ ..] => ("", "v1", rest),
         ["apis", group, version, rest @ ..] => (*group, *version, rest),
-        _ => return Err(ApiError::no_route()),
+        _ => return Err(ApiError::page_not_found()),
     };
     let target = resolve(store, group, version, rest)?;
     let media = content_type.split(';').next().unwrap_or("").trim();
@@ -230,13 +254,20 @@ async fn route(store: &Shared, request: &Request<'_>) -> Result<Response, ApiErr
             let namespace = target.namespace.clone().unwrap_or_default();
             let store = store.lock().expect("store lock");
             let object = store.get(&target.kind, &namespace, name)?;
-            if wants_table(accept) {
-                return Ok(json_response(
+            match first_media(accept) {
+                Media::Table => Ok(json_response(
                     200,
                     &views::table(&target.kind, &[object], store.rv()),
-                ));
+                )),
+                Media::Metadata => Ok(json_response(200, &partial_metadata(&object))),
+                Media::Yaml => Ok((
+                    StatusCode::OK,
+                    [(header::CONTENT_TYPE, "application/yaml")],
+                    serde_yaml_ng::to_string(&object).unwrap_or_default(),
+                )
+                    .into_response()),
+                Media::Json => Ok(json_response(200, &object)),
             }
-            Ok(json_response(200, &object))
         }
         (Some(name), sub, Method::GET) if sub.is_some() => {
             let part = part(&target.kind, sub.as_deref())?;
@@ -409,7 +440,10 @@ async fn route(store: &Shared, request: &Request<'_>) -> Result<Response, ApiErr
 fn accept_ok(accept: &str) -> bool {
     accept.split(',').any(|media| {
         let base = media.split(';').next().unwrap_or("").trim();
-        matches!(base, "application/json" | "*/*" | "application/*" | "")
+        matches!(
+            base,
+            "application/json" | "application/yaml" | "*/*" | "application/*" | ""
+        )
     })
 }
 
@@ -481,7 +515,7 @@ fn resolve(
     let (kind, namespace, tail) = match (namespaced_kind, rest) {
         (Some(kind), ["namespaces", ns, _, tail @ ..]) => (kind, Some(ns.to_string()), tail),
         (_, [plural, tail @ ..]) => {
-            let kind = find(plural).ok_or_else(ApiError::no_route)?;
+            let kind = find(plural).ok_or_else(ApiError::page_not_found)?;
             (kind, None, tail)
         }
         _ => return Err(ApiError::no_route()),
@@ -511,12 +545,36 @@ fn selectors(query: &HashMap<String, String>) -> Result<(LabelSelector, FieldSel
     Ok((labels, fields))
 }
 
-/// Whether the client asked for a `meta.k8s.io/v1` Table (as `kubectl get` does).
+/// The form a client asked for first: a `meta.k8s.io/v1` Table (as `kubectl get` does),
+/// PartialObjectMetadata (kube-rs's metadata watches), YAML, or the object as JSON.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Media {
+    Json,
+    Table,
+    Metadata,
+    Yaml,
+}
+
+fn first_media(accept: &str) -> Media {
+    let first = accept.split(',').next().unwrap_or("");
+    if first.contains("as=Table") {
+        Media::Table
+    } else if first.contains("as=PartialObjectMetadata") {
+        Media::Metadata
+    } else if first.trim().starts_with("application/yaml") {
+        Media::Yaml
+    } else {
+        Media::Json
+    }
+}
+
 fn wants_table(accept: &str) -> bool {
-    accept
-        .split(',')
-        .next()
-        .is_some_and(|first| first.contains("as=Table"))
+    first_media(accept) == Media::Table
+}
+
+/// An object reduced to its metadata (`meta.k8s.io/v1` PartialObjectMetadata).
+fn partial_metadata(object: &Value) -> Value {
+    json!({"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": object["metadata"]})
 }
 
 fn list(
@@ -527,8 +585,30 @@ fn list(
 ) -> Result<Response, ApiError> {
     let (labels, fields) = selectors(query)?;
     let store = store.lock().expect("store lock");
-    let mut items = store.list(&target.kind, target.namespace.as_deref(), &labels, &fields);
-    let rv = store.rv();
+    let exact = query
+        .get("resourceVersionMatch")
+        .is_some_and(|m| m == "Exact");
+    let (mut items, rv) = match query
+        .get("resourceVersion")
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        Some(at) if exact => {
+            let items = store
+                .list_at(
+                    &target.kind,
+                    target.namespace.as_deref(),
+                    &labels,
+                    &fields,
+                    at,
+                )
+                .ok_or_else(|| ApiError::expired(at, store.rv()))?;
+            (items, at)
+        }
+        _ => (
+            store.list(&target.kind, target.namespace.as_deref(), &labels, &fields),
+            store.rv(),
+        ),
+    };
     drop(store);
     if wants_table(accept) {
         return Ok(json_response(200, &views::table(&target.kind, &items, rv)));
@@ -550,6 +630,14 @@ fn list(
             metadata["continue"] = json!(encode_continue(rv, &last));
             metadata["remainingItemCount"] = json!(remaining);
         }
+    }
+    if first_media(accept) == Media::Metadata {
+        let items: Vec<Value> = items.iter().map(partial_metadata).collect();
+        return Ok(json_response(
+            200,
+            &json!({"kind": "PartialObjectMetadataList", "apiVersion": "meta.k8s.io/v1",
+                    "metadata": metadata, "items": items}),
+        ));
     }
     Ok(json_response(
         200,
@@ -667,6 +755,7 @@ fn watch(
     accept: &str,
 ) -> Result<Response, ApiError> {
     let as_table = wants_table(accept);
+    let as_metadata = first_media(accept) == Media::Metadata;
     let (labels, fields) = selectors(query)?;
     let timeout = query
         .get("timeoutSeconds")
@@ -738,6 +827,9 @@ fn watch(
     // An event carries the object, or a one-row Table of it when the client asked for Tables.
     let render = move |mut object: Value| {
         crate::builtin::convert(&mut object, &kind);
+        if as_metadata {
+            return partial_metadata(&object);
+        }
         if as_table {
             let rv = object["metadata"]["resourceVersion"]
                 .as_str()
@@ -846,6 +938,52 @@ fn groups(store: &Store) -> Vec<(String, Vec<String>)> {
     groups
 }
 
+/// The media type of aggregated discovery, which kubectl asks for first.
+const AGGREGATED: &str = "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList";
+
+/// Whether the client prefers aggregated discovery (v2) to the legacy documents.
+fn wants_aggregated(accept: &str) -> bool {
+    accept
+        .split(',')
+        .next()
+        .is_some_and(|first| first.replace(' ', "") == AGGREGATED)
+}
+
+/// `/api` or `/apis` as one APIGroupDiscoveryList: every group, version and resource.
+fn aggregated_discovery(store: &Store, legacy: bool) -> Value {
+    let group_names: Vec<(String, Vec<String>)> = if legacy {
+        vec![(String::new(), vec!["v1".to_string()])]
+    } else {
+        groups(store)
+    };
+    let items: Vec<Value> = group_names
+        .iter()
+        .map(|(group, versions)| {
+            let versions: Vec<Value> = versions
+                .iter()
+                .map(|version| {
+                    let mut kinds: Vec<&Kind> = store
+                        .kinds()
+                        .iter()
+                        .filter(|k| &k.group == group && &k.version == version)
+                        .collect();
+                    kinds.sort_by(|a, b| a.plural.cmp(&b.plural));
+                    let resources: Vec<Value> =
+                        kinds.iter().map(|k| k.aggregated_entry()).collect();
+                    json!({"version": version, "resources": resources, "freshness": "Current"})
+                })
+                .collect();
+            let metadata = if legacy {
+                json!({})
+            } else {
+                json!({"name": group})
+            };
+            json!({"metadata": metadata, "versions": versions})
+        })
+        .collect();
+    json!({"kind": "APIGroupDiscoveryList", "apiVersion": "apidiscovery.k8s.io/v2", "metadata": {}, "items": items})
+}
+
 fn group_list(store: &Shared) -> Value {
     let store = store.lock().expect("store lock");
     let groups: Vec<Value> = groups(&store)
@@ -875,7 +1013,7 @@ fn resource_list(store: &Shared, group: &str, version: &str) -> Result<Value, Ap
         .filter(|k| k.group == group && k.version == version)
         .collect();
     if kinds.is_empty() {
-        return Err(ApiError::no_route());
+        return Err(ApiError::page_not_found());
     }
     let resources: Vec<Value> = kinds.iter().flat_map(|k| k.discovery_entries()).collect();
     let group_version = if group.is_empty() {

@@ -112,6 +112,8 @@ pub enum Propagation {
 /// A step of the garbage collector.
 enum Gc {
     Delete(ObjectKey),
+    /// A namespace or CRD whose contents are gone.
+    Finish(ObjectKey),
     Release(ObjectKey, &'static str),
     Disown(ObjectKey, String),
 }
@@ -339,6 +341,8 @@ pub struct Store {
     warnings: Vec<String>,
     /// Service cluster IPs given out so far.
     cluster_ips: u32,
+    /// When the namespace controller may finish a terminating namespace.
+    namespace_deadlines: BTreeMap<ObjectKey, std::time::Instant>,
 }
 
 fn now() -> String {
@@ -414,6 +418,13 @@ pub fn apply_defaults(value: &mut Value, schema: &Value) {
     }
 }
 
+fn terminating(object: &Value) -> bool {
+    object["metadata"]["deletionTimestamp"].is_string()
+}
+
+/// The finalizer the API server puts on a deleted CRD until its custom resources are gone.
+const CRD_CLEANUP: &str = "customresourcecleanup.apiextensions.k8s.io";
+
 fn finalizers(object: &Value) -> Vec<String> {
     object["metadata"]["finalizers"]
         .as_array()
@@ -445,6 +456,7 @@ impl Store {
             field_validation: FieldValidation::Warn,
             warnings: Vec::new(),
             cluster_ips: 0,
+            namespace_deadlines: BTreeMap::new(),
         };
         let namespaces = store.kind("", "v1", "namespaces").expect("built in");
         for name in ["default", "kube-system", "kube-public"] {
@@ -653,7 +665,55 @@ impl Store {
             .collect()
     }
 
-    fn check_namespace(&self, kind: &Kind, namespace: &str) -> Result<(), ApiError> {
+    /// Objects of `kind` as they were at resourceVersion `rv` (a list with
+    /// `resourceVersionMatch=Exact`), rebuilt from the change history; `None` when the
+    /// history no longer reaches back there.
+    pub fn list_at(
+        &self,
+        kind: &Kind,
+        namespace: Option<&str>,
+        labels: &LabelSelector,
+        fields: &FieldSelector,
+        rv: u64,
+    ) -> Option<Vec<Value>> {
+        if rv > self.rv || self.history.front().is_some_and(|c| c.rv > 1) {
+            return None;
+        }
+        let mut objects: BTreeMap<&ObjectKey, &Value> = BTreeMap::new();
+        for change in self.history.iter().take_while(|c| c.rv <= rv) {
+            match change.change {
+                ChangeType::Deleted => {
+                    objects.remove(&change.key);
+                }
+                _ => {
+                    objects.insert(&change.key, &change.object);
+                }
+            }
+        }
+        Some(
+            objects
+                .into_iter()
+                .filter(|(key, _)| key.group == kind.storage_group() && key.plural == kind.plural)
+                .filter(|(key, _)| namespace.is_none_or(|ns| key.namespace == ns))
+                .map(|(_, object)| object)
+                .filter(|object| labels.matches(&labels_of(object)) && fields.matches(object))
+                .map(|object| {
+                    let mut object = object.clone();
+                    crate::builtin::convert(&mut object, kind);
+                    object
+                })
+                .collect(),
+        )
+    }
+
+    fn check_namespace(&self, kind: &Kind, namespace: &str, name: &str) -> Result<(), ApiError> {
+        if kind.custom
+            && self
+                .definition_of(kind)
+                .is_some_and(|crd| terminating(&crd))
+        {
+            return Err(ApiError::definition_terminating());
+        }
         if !kind.namespaced {
             return Ok(());
         }
@@ -662,14 +722,22 @@ impl Store {
             .objects
             .get(&Store::key(&namespaces, "", namespace))
             .ok_or_else(|| ApiError::not_found(&namespaces, namespace))?;
-        if ns["metadata"]["deletionTimestamp"].is_string() {
-            return Err(ApiError::forbidden(format!(
-                "{} \"{}\" is forbidden: unable to create new content in namespace {namespace} because it is being terminated",
-                kind.group_resource(),
-                ""
-            )));
+        if terminating(ns) {
+            return Err(ApiError::namespace_terminating(kind, name, namespace));
         }
         Ok(())
+    }
+
+    /// The CustomResourceDefinition that defines a custom kind.
+    fn definition_of(&self, kind: &Kind) -> Option<Value> {
+        self.objects
+            .iter()
+            .find(|(key, crd)| {
+                key.group == "apiextensions.k8s.io"
+                    && crd["spec"]["group"] == kind.group.as_str()
+                    && crd["spec"]["names"]["plural"] == kind.plural.as_str()
+            })
+            .map(|(_, crd)| crd.clone())
     }
 
     /// Creates an object (POST). With `dry_run` nothing is stored.
@@ -737,7 +805,7 @@ impl Store {
                 format!("Invalid value: \"{name}\": a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character (e.g. 'example.com', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')"),
             )]));
         }
-        self.check_namespace(kind, namespace)?;
+        self.check_namespace(kind, namespace, &name)?;
         let key = Store::key(kind, namespace, &name);
         if self.objects.contains_key(&key) {
             return Err(ApiError::already_exists(kind, &name));
@@ -800,6 +868,11 @@ impl Store {
                             .collect()
                     })
                     .unwrap_or_default();
+                // The API server's naming controller writes the status, as its own
+                // manager, over the empty status of a new CRD.
+                let mut before = object.clone();
+                before["status"] =
+                    json!({"acceptedNames": {}, "conditions": null, "storedVersions": versions});
                 object["status"] = json!({
                     "acceptedNames": names,
                     "conditions": [
@@ -808,6 +881,13 @@ impl Store {
                     ],
                     "storedVersions": versions,
                 });
+                record_update(
+                    kind,
+                    Some(&before),
+                    &mut object,
+                    "kube-apiserver",
+                    Part::Status,
+                );
                 if !dry_run {
                     self.kinds.retain(|k| {
                         !kinds
@@ -1020,6 +1100,44 @@ impl Store {
                 .collect()
         };
         let mut work: Vec<Gc> = Vec::new();
+        // The namespace controller: a terminating namespace loses its content, then goes.
+        // The CRD finalizer controller: a terminating CRD loses its custom resources, then
+        // its kinds stop being served, then it goes.
+        for (key, object) in self.objects.iter().filter(|(_, o)| terminating(o)) {
+            let contents: Vec<(&ObjectKey, &Value)> =
+                if key.group.is_empty() && key.plural == "namespaces" {
+                    self.objects
+                        .iter()
+                        .filter(|(k, _)| k.namespace == key.name)
+                        .collect()
+                } else if key.group == "apiextensions.k8s.io"
+                    && finalizers(object).iter().any(|f| f == CRD_CLEANUP)
+                {
+                    let (group, plural) =
+                        (&object["spec"]["group"], &object["spec"]["names"]["plural"]);
+                    self.objects
+                        .iter()
+                        .filter(|(k, _)| {
+                            k.group == group.as_str().unwrap_or("")
+                                && k.plural == plural.as_str().unwrap_or("")
+                        })
+                        .collect()
+                } else {
+                    continue;
+                };
+            let due = self
+                .namespace_deadlines
+                .get(key)
+                .is_none_or(|deadline| std::time::Instant::now() >= *deadline);
+            if contents.is_empty() && due {
+                work.push(Gc::Finish(key.clone()));
+            }
+            for (content, o) in contents {
+                if !terminating(o) {
+                    work.push(Gc::Delete(content.clone()));
+                }
+            }
+        }
         for (key, object) in &self.objects {
             let uid = object["metadata"]["uid"].as_str().unwrap_or("").to_string();
             let terminating = object["metadata"]["deletionTimestamp"].is_string();
@@ -1059,7 +1177,10 @@ impl Store {
         for step in work {
             let Some(kind) = self.kinds.iter().find(|k| {
                 let key = match &step {
-                    Gc::Delete(key) | Gc::Release(key, _) | Gc::Disown(key, _) => key,
+                    Gc::Delete(key)
+                    | Gc::Finish(key)
+                    | Gc::Release(key, _)
+                    | Gc::Disown(key, _) => key,
                 };
                 k.group == key.group && k.plural == key.plural
             }) else {
@@ -1078,6 +1199,35 @@ impl Store {
                         Propagation::Background,
                     )
                     .map(drop),
+                Gc::Finish(key) if kind.plural == "namespaces" => {
+                    self.namespace_deadlines.remove(&key);
+                    if let Some(namespace) = self.objects.get(&key).cloned() {
+                        self.commit(key, ChangeType::Deleted, namespace, None);
+                    }
+                    Ok(())
+                }
+                Gc::Finish(key) => {
+                    if let Some(crd) = self.objects.get(&key) {
+                        let (group, plural) = (
+                            crd["spec"]["group"].clone(),
+                            crd["spec"]["names"]["plural"].clone(),
+                        );
+                        self.kinds.retain(|k| {
+                            !(k.custom
+                                && k.group == group.as_str().unwrap_or("")
+                                && k.plural == plural.as_str().unwrap_or(""))
+                        });
+                    }
+                    self.patch(&kind, &key.namespace, &key.name, Part::Main, gc, |o| {
+                        let kept: Vec<String> = finalizers(o)
+                            .into_iter()
+                            .filter(|f| f != CRD_CLEANUP)
+                            .collect();
+                        o["metadata"]["finalizers"] = json!(kept);
+                        Ok(())
+                    })
+                    .map(drop)
+                }
                 Gc::Release(key, finalizer) => self
                     .patch(&kind, &key.namespace, &key.name, Part::Main, gc, |o| {
                         let kept: Vec<String> = finalizers(o)
@@ -1268,6 +1418,43 @@ impl Store {
             }
         }
         let key = Store::key(kind, namespace, name);
+        // Namespaces and CRDs are marked, not removed: their controllers empty them first
+        // (see `collect_garbage`). The API server marks them itself, outside managedFields.
+        let definition = kind.group == "apiextensions.k8s.io";
+        if kind.group.is_empty() && kind.plural == "namespaces" || definition {
+            if terminating(&old) {
+                return Ok(Deleted::Marked(old));
+            }
+            let mut marked = old.clone();
+            meta(&mut marked).insert("deletionTimestamp".into(), json!(now()));
+            if definition {
+                let mut held = finalizers(&old);
+                held.push(CRD_CLEANUP.into());
+                meta(&mut marked).insert("finalizers".into(), json!(held));
+                let mut conditions = old["status"]["conditions"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default();
+                conditions.push(json!({"type": "Terminating", "status": "True", "lastTransitionTime": now(),
+                    "reason": "InstanceDeletionPending",
+                    "message": "CustomResourceDefinition marked for deletion; CustomResource deletion will begin soon"}));
+                marked["status"]["conditions"] = json!(conditions);
+            } else {
+                marked["status"] = json!({"phase": "Terminating"});
+                // The real namespace controller takes seconds (it walks discovery); this
+                // one lets clients see the Terminating phase for half a second.
+                self.namespace_deadlines.insert(
+                    key.clone(),
+                    std::time::Instant::now() + std::time::Duration::from_millis(500),
+                );
+            }
+            return Ok(Deleted::Marked(self.commit(
+                key,
+                ChangeType::Modified,
+                marked,
+                Some(old),
+            )));
+        }
         let propagation_finalizer = match propagation {
             Propagation::Background => None,
             Propagation::Foreground => Some("foregroundDeletion"),

@@ -74,6 +74,21 @@ fn operation(kind: &Kind, action: &str, writes: bool) -> Value {
     })
 }
 
+/// The path-level parameters of an operation path: namespace and name when the path has
+/// them, and `pretty`.
+fn parameters(kind: &Kind, namespaced: bool, named: bool) -> Value {
+    let text = json!({"type": "string", "uniqueItems": true});
+    let mut list = Vec::new();
+    if named {
+        list.push(json!({"name": "name", "in": "path", "description": format!("name of the {}", kind.kind), "required": true, "schema": text}));
+    }
+    if namespaced {
+        list.push(json!({"name": "namespace", "in": "path", "description": "object name and auth scope, such as for teams and projects", "required": true, "schema": text}));
+    }
+    list.push(json!({"name": "pretty", "in": "query", "description": "If 'true', then the output is pretty printed. Defaults to 'false' unless the user-agent indicates a browser or command-line HTTP tool (curl and wget).", "schema": text}));
+    json!(list)
+}
+
 /// `GET /openapi/v3/<path>`: paths and schemas of one group-version.
 pub fn openapi_document(kinds: &[Kind], path: &str) -> Option<Value> {
     let served: Vec<&Kind> = kinds.iter().filter(|k| openapi_path(k) == path).collect();
@@ -92,28 +107,50 @@ pub fn openapi_document(kinds: &[Kind], path: &str) -> Option<Value> {
         } else {
             format!("/{path}/{}", kind.plural)
         };
+        let scope = parameters(kind, kind.namespaced, false);
+        let object = parameters(kind, kind.namespaced, true);
+        if kind.namespaced {
+            paths.insert(
+                format!("/{path}/{}", kind.plural),
+                json!({"get": operation(kind, "list", false), "parameters": parameters(kind, false, false)}),
+            );
+        }
         paths.insert(
             base.clone(),
-            json!({"get": operation(kind, "list", false), "post": operation(kind, "post", true), "delete": operation(kind, "deletecollection", false)}),
+            json!({"get": operation(kind, "list", false), "post": operation(kind, "post", true),
+                   "delete": operation(kind, "deletecollection", false), "parameters": scope}),
         );
         paths.insert(
             format!("{base}/{{name}}"),
             json!({"get": operation(kind, "get", false), "put": operation(kind, "put", true),
-                   "patch": operation(kind, "patch", true), "delete": operation(kind, "delete", false)}),
+                   "patch": operation(kind, "patch", true), "delete": operation(kind, "delete", false),
+                   "parameters": object}),
         );
-        if kind.status {
-            paths.insert(
-                format!("{base}/{{name}}/status"),
-                json!({"get": operation(kind, "get", false), "put": operation(kind, "put", true), "patch": operation(kind, "patch", true)}),
-            );
+        for (served, sub) in [(kind.status, "status"), (kind.scale, "scale")] {
+            if served {
+                paths.insert(
+                    format!("{base}/{{name}}/{sub}"),
+                    json!({"get": operation(kind, "get", false), "put": operation(kind, "put", true),
+                           "patch": operation(kind, "patch", true), "parameters": object}),
+                );
+            }
         }
         let mut schema = kind.schema.clone().unwrap_or_else(
             || json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true}),
         );
         if let Some(properties) = schema.get_mut("properties").and_then(Value::as_object_mut) {
+            // What the real server adds to every custom kind's schema.
+            properties.insert(
+                "apiVersion".into(),
+                json!({"description": "APIVersion defines the versioned schema of this representation of an object. Servers should convert recognized schemas to the latest internal value, and may reject unrecognized values. More info: https://git.k8s.io/community/contributors/devel/sig-architecture/api-conventions.md#resources", "type": "string"}),
+            );
+            properties.insert(
+                "kind".into(),
+                json!({"description": "Kind is a string value representing the REST resource this object represents. Servers may infer this from the endpoint the client submits requests to. Cannot be updated. In CamelCase. More info: https://git.k8s.io/community/contributors/devel/sig-architecture/api-conventions.md#types-kinds", "type": "string"}),
+            );
             properties.insert(
                 "metadata".into(),
-                json!({"allOf": [{"$ref": "#/components/schemas/io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"}], "default": {}}),
+                json!({"allOf": [{"$ref": "#/components/schemas/io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"}], "description": "Standard object's metadata. More info: https://git.k8s.io/community/contributors/devel/sig-architecture/api-conventions.md#metadata"}),
             );
         }
         schema["x-kubernetes-group-version-kind"] =
@@ -218,9 +255,104 @@ fn age(object: &Value) -> Value {
     })
 }
 
-/// A `meta.k8s.io/v1` Table of `objects`: Name, the CRD's printer columns (or Age when it
-/// declares none, and for built-in kinds), rows carrying PartialObjectMetadata.
+const AGE_DESCRIPTION: &str = "CreationTimestamp is a timestamp representing the server time when this object was created. It is not guaranteed to be set in happens-before order across separate operations. Clients may not set this value. It is represented in RFC3339 form and is in UTC.\n\nPopulated by the system. Read-only. Null for lists. More info: https://git.k8s.io/community/contributors/devel/sig-architecture/api-conventions.md#metadata";
+
+/// A built-in kind's own column: name, description, priority, cell.
+type Column = (&'static str, &'static str, i64, fn(&Value) -> Value);
+
+/// The columns the real server prints for a built-in kind, after Name.
+fn builtin_columns(kind: &Kind) -> Option<Vec<Column>> {
+    match (kind.group.as_str(), kind.plural.as_str()) {
+        ("apps", "deployments") => Some(vec![
+            ("Ready", "Number of the pod with ready state", 0, |d| {
+                let ready = d["status"]["readyReplicas"].as_i64().unwrap_or(0);
+                let desired = d["spec"]["replicas"].as_i64().unwrap_or(0);
+                json!(format!("{ready}/{desired}"))
+            }),
+            ("Up-to-date", "Total number of non-terminating pods targeted by this deployment that have the desired template spec.", 0,
+                |d| json!(d["status"]["updatedReplicas"].as_i64().unwrap_or(0))),
+            ("Available", "Total number of available non-terminating pods (ready for at least minReadySeconds) targeted by this deployment.", 0,
+                |d| json!(d["status"]["availableReplicas"].as_i64().unwrap_or(0))),
+            ("Age", AGE_DESCRIPTION, 0, age),
+            ("Containers", "Names of each container in the template.", 1, |d| containers(d, "name")),
+            ("Images", "Images referenced by each container in the template.", 1, |d| containers(d, "image")),
+            ("Selector", "Label selector for pods. Existing ReplicaSets whose pods are selected by this will be the ones affected by this deployment. It must match the pod template's labels.", 1,
+                |d| json!(selector_text(&d["spec"]["selector"]))),
+        ]),
+        _ => None,
+    }
+}
+
+fn containers(deployment: &Value, field: &str) -> Value {
+    let values: Vec<&str> = deployment["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c[field].as_str())
+        .collect();
+    json!(values.join(","))
+}
+
+/// A LabelSelector as `kubectl` writes one: `a=b,c in (d,e),!f`.
+pub fn selector_text(selector: &Value) -> String {
+    let mut parts: Vec<String> = selector["matchLabels"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+        .collect();
+    for expression in selector["matchExpressions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        let key = expression["key"].as_str().unwrap_or("");
+        let values: Vec<&str> = expression["values"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        parts.push(match expression["operator"].as_str().unwrap_or("") {
+            "In" => format!("{key} in ({})", values.join(",")),
+            "NotIn" => format!("{key} notin ({})", values.join(",")),
+            "Exists" => key.to_string(),
+            _ => format!("!{key}"),
+        });
+    }
+    if parts.is_empty() {
+        "<none>".into()
+    } else {
+        parts.join(",")
+    }
+}
+
+/// A `meta.k8s.io/v1` Table of `objects`: Name, then a built-in kind's own columns, or the
+/// CRD's printer columns (or Age when it declares none), rows carrying PartialObjectMetadata.
 pub fn table(kind: &Kind, objects: &[Value], resource_version: u64) -> Value {
+    if let Some(own) = builtin_columns(kind) {
+        let mut columns = vec![
+            json!({"name": "Name", "type": "string", "format": "name", "description": NAME_DESCRIPTION, "priority": 0}),
+        ];
+        columns.extend(own.iter().map(|(name, description, priority, _)| {
+            json!({"name": name, "type": "string", "format": "", "description": description, "priority": priority})
+        }));
+        let rows: Vec<Value> = objects
+            .iter()
+            .map(|object| {
+                let mut cells = vec![object["metadata"]["name"].clone()];
+                cells.extend(own.iter().map(|(_, _, _, cell)| cell(object)));
+                json!({"cells": cells, "object": {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": object["metadata"]}})
+            })
+            .collect();
+        return json!({
+            "kind": "Table",
+            "apiVersion": "meta.k8s.io/v1",
+            "metadata": {"resourceVersion": resource_version.to_string()},
+            "columnDefinitions": columns,
+            "rows": rows,
+        });
+    }
     let mut columns = vec![
         json!({"name": "Name", "type": "string", "format": "name", "description": NAME_DESCRIPTION, "priority": 0}),
     ];

@@ -1,6 +1,6 @@
-//! kubectl, unchanged, against the test server, for what this stage serves: get (with label
-//! selectors and JSONPath), patch, label, annotate, delete and get --watch. (`kubectl apply`
-//! needs the OpenAPI documents of the next stage.)
+//! kubectl, unchanged, against the test server: get (label selectors, JSONPath, printer
+//! columns of custom and built-in kinds), apply (client- and server-side), patch, label,
+//! annotate, scale, explain, delete (of a namespace with its content) and get --watch.
 
 use std::process::{Command, Output};
 use std::time::Duration;
@@ -177,4 +177,103 @@ async fn kubectl_applies_a_crd_and_its_resources_and_prints_their_columns() {
     let explained = ok(run(args(&["explain", "ep.spec.source"])).await.unwrap());
     assert!(explained.contains("rabbitmq"), "{explained}");
     assert!(ok(run(args(&["delete", "-f", &pipeline_path])).await.unwrap()).contains("deleted"));
+}
+
+const DEPLOYMENT: &str = "apiVersion: v1
+kind: Namespace
+metadata:
+  name: mail
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+  namespace: mail
+spec:
+  selector:
+    matchLabels: {app: web}
+  template:
+    metadata:
+      labels: {app: web}
+    spec:
+      containers:
+      - name: web
+        image: nginx:1.25
+";
+
+#[tokio::test]
+async fn kubectl_prints_deployment_columns_and_deletes_a_namespace_with_its_content() {
+    let server = KubeApiServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    server.write_kubeconfig(&kubeconfig).unwrap();
+    let manifest = dir.path().join("web.yaml");
+    std::fs::write(&manifest, DEPLOYMENT).unwrap();
+    let manifest = manifest.to_str().unwrap().to_string();
+    let run = move |args: Vec<&'static str>, file: Option<String>| {
+        let kc = kubeconfig.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut args: Vec<&str> = args;
+            if let Some(file) = file.as_deref() {
+                args.extend(["-f", file]);
+                return kubectl(&kc, &args);
+            }
+            kubectl(&kc, &args)
+        })
+    };
+    let applied = ok(run(vec!["apply"], Some(manifest)).await.unwrap());
+    assert!(applied.contains("deployment.apps/web created"), "{applied}");
+    let table = ok(run(vec!["get", "deploy", "-n", "mail", "-o", "wide"], None)
+        .await
+        .unwrap());
+    let lines: Vec<Vec<&str>> = table
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        lines[0],
+        [
+            "NAME",
+            "READY",
+            "UP-TO-DATE",
+            "AVAILABLE",
+            "AGE",
+            "CONTAINERS",
+            "IMAGES",
+            "SELECTOR"
+        ],
+        "{table}"
+    );
+    assert_eq!(
+        [
+            lines[1][0],
+            lines[1][1],
+            lines[1][5],
+            lines[1][6],
+            lines[1][7]
+        ],
+        ["web", "0/1", "web", "nginx:1.25", "app=web"],
+        "{table}"
+    );
+    // The defaults the real server fills in are there.
+    let policy =
+        ok(run(
+            vec!["get", "deploy", "web", "-n", "mail", "-o",
+             "jsonpath={.spec.strategy.type} {.spec.template.spec.containers[0].imagePullPolicy}"],
+            None,
+        )
+        .await
+        .unwrap());
+    assert_eq!(policy, "RollingUpdate IfNotPresent");
+    // kubectl waits until the namespace and what it held are gone.
+    let deleted = ok(
+        run(vec!["delete", "namespace", "mail", "--timeout=20s"], None)
+            .await
+            .unwrap(),
+    );
+    assert!(deleted.contains(r#"namespace "mail" deleted"#), "{deleted}");
+    let gone = run(vec!["get", "deploy", "web", "-n", "mail"], None)
+        .await
+        .unwrap();
+    assert!(!gone.status.success());
 }
