@@ -1,8 +1,25 @@
-//! `mailpipe-operator`: reconciles `EmailPipeline` resources into broker topology and worker
-//! Deployments. This crate is a skeleton until the operator issue lands; it shares the
-//! topology plan and the worker's environment contract through `mailpipe-contract`.
+//! `mailpipe-operator`: `crd` prints the EmailPipeline CRD (YAML). The reconciler (`run`)
+//! arrives with the rest of the operator.
 #![forbid(unsafe_code)]
 
-fn main() {
-    println!("mailpipe-operator {}", env!("CARGO_PKG_VERSION"));
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(version, about = "The mailpipe operator")]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the EmailPipeline CustomResourceDefinition as YAML.
+    Crd,
+}
+
+fn main() -> anyhow::Result<()> {
+    match Args::parse().command {
+        Command::Crd => print!("{}", mailpipe_operator::crd_yaml()),
+    }
+    Ok(())
 }

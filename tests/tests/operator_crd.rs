@@ -1,0 +1,137 @@
+//! The generated EmailPipeline CRD in the Kubernetes API test server: accepted, defaults
+//! filled in, and bad specs refused by the schema and the CEL rules with clear messages.
+
+use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams};
+use kube::core::GroupVersionKind;
+use kube::CustomResourceExt;
+use mailpipe_kube_api::KubeApiServer;
+use mailpipe_operator::crd::EmailPipeline;
+use serde_json::{json, Value};
+
+fn pipeline(name: &str, spec: Value) -> DynamicObject {
+    serde_json::from_value(json!({
+        "apiVersion": "mailpipe.dev/v1alpha1", "kind": "EmailPipeline",
+        "metadata": {"name": name}, "spec": spec,
+    }))
+    .unwrap()
+}
+
+fn minimal() -> Value {
+    json!({
+        "source": {"rabbitmq": {"connectionSecret": {"name": "amqp", "key": "url"}, "queue": "welcome"}},
+        "smtp": {"host": "smtp.example.com", "from": {"address": "noreply@example.com"}},
+    })
+}
+
+/// The message of a refused create.
+async fn refused(api: &Api<DynamicObject>, name: &str, spec: Value) -> String {
+    match api
+        .create(&PostParams::default(), &pipeline(name, spec))
+        .await
+    {
+        Err(kube::Error::Api(e)) => {
+            assert_eq!(e.code, 422, "{e:?}");
+            e.message
+        }
+        other => panic!("{name} was not refused: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn the_crd_is_accepted_defaults_apply_and_bad_specs_are_refused_clearly() {
+    let server = KubeApiServer::start().await.unwrap();
+    let client = server.client();
+    let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
+        Api::all(client.clone());
+    crds.create(&PostParams::default(), &EmailPipeline::crd())
+        .await
+        .expect("the generated CRD is accepted");
+    let resource = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("mailpipe.dev", "v1alpha1", "EmailPipeline"),
+        "emailpipelines",
+    );
+    let api: Api<DynamicObject> = Api::default_namespaced_with(client.clone(), &resource);
+
+    let created = api
+        .create(&PostParams::default(), &pipeline("welcome", minimal()))
+        .await
+        .unwrap();
+    let spec = &created.data["spec"];
+    assert_eq!(
+        spec["source"]["rabbitmq"]["exchange"],
+        "smtp_send_email_exc"
+    );
+    assert_eq!(spec["source"]["rabbitmq"]["queueType"], "classic");
+    assert_eq!(spec["smtp"]["port"], 587);
+    assert_eq!(spec["smtp"]["tls"], "starttls");
+    assert_eq!(spec["delivery"]["maxAttempts"], 5);
+    assert_eq!(spec["delivery"]["backoff"]["initial"], "5s");
+    assert_eq!(spec["scaling"]["minReplicas"], 1);
+    assert_eq!(spec["scaling"]["maxReplicas"], 10);
+    assert_eq!(spec["deletionPolicy"], "Retain");
+    // The typed resource reads what the server stored.
+    let typed: Api<EmailPipeline> = Api::default_namespaced(client.clone());
+    let read = typed.get("welcome").await.unwrap();
+    assert_eq!(read.spec.delivery.max_attempts, 5);
+
+    let mut both = minimal();
+    both["source"]["kafka"] = json!({"bootstrapServers": ["kafka:9092"], "topic": "welcome"});
+    assert!(refused(&api, "both", both)
+        .await
+        .contains("exactly one of spec.source.rabbitmq or spec.source.kafka must be set"));
+
+    let mut neither = minimal();
+    neither["source"] = json!({});
+    assert!(refused(&api, "neither", neither)
+        .await
+        .contains("exactly one of spec.source.rabbitmq or spec.source.kafka must be set"));
+
+    let mut priority = minimal();
+    priority["source"]["rabbitmq"]["queueType"] = json!("quorum");
+    priority["source"]["rabbitmq"]["maxPriority"] = json!(5);
+    assert!(refused(&api, "priority", priority)
+        .await
+        .contains("maxPriority needs queueType classic"));
+
+    let mut bounds = minimal();
+    bounds["scaling"] = json!({"minReplicas": 5, "maxReplicas": 2});
+    assert!(refused(&api, "bounds", bounds)
+        .await
+        .contains("spec.scaling.minReplicas must be <= spec.scaling.maxReplicas"));
+
+    let mut tls = minimal();
+    tls["smtp"]["tls"] = json!("ssl");
+    let message = refused(&api, "tls", tls).await;
+    assert!(
+        message.contains("spec.smtp.tls: Unsupported value: \"ssl\""),
+        "{message}"
+    );
+
+    let mut queue = minimal();
+    queue["source"]["rabbitmq"]["queue"] = json!("bad name!");
+    let message = refused(&api, "queue", queue).await;
+    assert!(message.contains("spec.source.rabbitmq.queue"), "{message}");
+
+    // Queue names are immutable: renaming one would strand the jobs in it.
+    let rename = json!({"spec": {"source": {"rabbitmq": {"queue": "welcome-2"}}}});
+    match api
+        .patch("welcome", &PatchParams::default(), &Patch::Merge(rename))
+        .await
+    {
+        Err(kube::Error::Api(e)) => {
+            assert_eq!(e.code, 422);
+            assert!(
+                e.message
+                    .contains("spec.source.rabbitmq.queue is immutable"),
+                "{}",
+                e.message
+            );
+        }
+        other => panic!("the rename was not refused: {other:?}"),
+    }
+    // Other fields can change.
+    let more = json!({"spec": {"scaling": {"maxReplicas": 20}}});
+    api.patch("welcome", &PatchParams::default(), &Patch::Merge(more))
+        .await
+        .unwrap();
+}
