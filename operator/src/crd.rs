@@ -546,7 +546,7 @@ fn default_smtp_port() -> u16 {
     587
 }
 fn default_pool_size() -> u32 {
-    16
+    20
 }
 fn default_username_key() -> String {
     "username".into()
@@ -576,7 +576,7 @@ fn default_grace() -> i64 {
     60
 }
 fn default_max_replicas() -> i32 {
-    10
+    5
 }
 fn default_target_backlog() -> i64 {
     100

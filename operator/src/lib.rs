@@ -2,10 +2,12 @@
 //! worker Deployments. It shares the topology plan, the worker's environment and the labels
 //! with the worker through `mailpipe-contract`, and never depends on the worker itself.
 //!
-//! Modules: `crd` (the resource types, the source of the generated CRD).
+//! Modules: `crd` (the resource types, the source of the generated CRD) and `validate`
+//! (spec to `ValidatedPipeline`, pure).
 #![forbid(unsafe_code)]
 
 pub mod crd;
+pub mod validate;
 
 use kube::CustomResourceExt;
 

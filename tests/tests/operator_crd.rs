@@ -67,7 +67,7 @@ async fn the_crd_is_accepted_defaults_apply_and_bad_specs_are_refused_clearly() 
     assert_eq!(spec["delivery"]["maxAttempts"], 5);
     assert_eq!(spec["delivery"]["backoff"]["initial"], "5s");
     assert_eq!(spec["scaling"]["minReplicas"], 1);
-    assert_eq!(spec["scaling"]["maxReplicas"], 10);
+    assert_eq!(spec["scaling"]["maxReplicas"], 5);
     assert_eq!(spec["deletionPolicy"], "Retain");
     // The typed resource reads what the server stored.
     let typed: Api<EmailPipeline> = Api::default_namespaced(client.clone());

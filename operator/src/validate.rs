@@ -1,0 +1,350 @@
+//! validate (no client required): an `EmailPipeline` spec into a `ValidatedPipeline`, the
+//! one input of the pure builders and of the topology step.
+//!
+//! The API server already enforced the schema and the CEL rules; this step checks what the
+//! schema cannot say (durations that parse, retry bounds, names RabbitMQ reserves, a pool
+//! too small for the replicas) with the same words the worker and the broker would use, and
+//! turns the spec into the contract's types (retry policy, RabbitMQ settings, topology plan)
+//! so the operator and the worker agree by construction.
+
+use std::fmt;
+use std::time::Duration;
+
+use mailpipe_contract::topology::{ExchangeKind, QueueType, RabbitSettings, TopologyPlan};
+use mailpipe_contract::RetryPolicy;
+
+use crate::crd::{self, EmailPipelineSpec};
+
+/// What an invalid spec gets wrong: the field and what to change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidSpec {
+    /// `spec.delivery.backoff.initial`, say.
+    pub field: String,
+    /// What is wrong, in words a user can act on.
+    pub message: String,
+}
+
+impl fmt::Display for InvalidSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+impl std::error::Error for InvalidSpec {}
+
+fn invalid(field: &str, message: impl Into<String>) -> InvalidSpec {
+    InvalidSpec {
+        field: field.to_string(),
+        message: message.into(),
+    }
+}
+
+/// The broker side of a validated pipeline.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ValidatedSource {
+    /// RabbitMQ, with the plan both the operator and the worker declare.
+    Rabbit {
+        settings: RabbitSettings,
+        plan: TopologyPlan,
+        source: crd::RabbitSource,
+    },
+    /// Kafka (its topology comes with the Kafka issue).
+    Kafka(crd::KafkaSource),
+}
+
+/// A spec that can work, in the types the builders and the topology use.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidatedPipeline {
+    /// The pipeline's name and namespace.
+    pub name: String,
+    pub namespace: String,
+    /// The whole spec, for what needs no conversion.
+    pub spec: EmailPipelineSpec,
+    pub source: ValidatedSource,
+    pub retry: RetryPolicy,
+    /// How long a stopping worker finishes in-flight sends: the grace period less 5 s.
+    pub shutdown_timeout: Duration,
+    /// SMTP connections each replica may keep, so the pipeline stays within its cap at
+    /// its largest size.
+    pub pool_per_replica: u32,
+    /// Messages per second each replica may send, so the pipeline stays within its limit.
+    pub rate_per_replica: Option<u32>,
+    pub idempotency_ttl: Option<Duration>,
+    pub poll_interval: Duration,
+    pub scale_up_stabilization: Duration,
+    pub scale_down_stabilization: Duration,
+}
+
+impl ValidatedPipeline {
+    /// `rabbitmq/<queue>` or `kafka/<topic>`, as the status and the printer column show.
+    pub fn source_label(&self) -> String {
+        match &self.source {
+            ValidatedSource::Rabbit { settings, .. } => format!("rabbitmq/{}", settings.queue),
+            ValidatedSource::Kafka(kafka) => format!("kafka/{}", kafka.topic),
+        }
+    }
+}
+
+fn duration(field: &str, text: &str) -> Result<Duration, InvalidSpec> {
+    humantime::parse_duration(text).map_err(|e| {
+        invalid(
+            field,
+            format!("{text:?} is not a duration such as 5s or 1h30m ({e})"),
+        )
+    })
+}
+
+/// Checks `spec` of pipeline `namespace/name` and converts it.
+pub fn validate(
+    name: &str,
+    namespace: &str,
+    spec: &EmailPipelineSpec,
+) -> Result<ValidatedPipeline, InvalidSpec> {
+    let delivery = &spec.delivery;
+    let retry = RetryPolicy {
+        max_attempts: delivery.max_attempts,
+        initial: duration("spec.delivery.backoff.initial", &delivery.backoff.initial)?,
+        multiplier: delivery.backoff.multiplier,
+        max: duration("spec.delivery.backoff.max", &delivery.backoff.max)?,
+    };
+    retry
+        .validate()
+        .map_err(|e| invalid("spec.delivery", e.to_string()))?;
+
+    let source = match (&spec.source.rabbitmq, &spec.source.kafka) {
+        (Some(rabbit), None) => {
+            let settings = RabbitSettings {
+                exchange: rabbit.exchange.clone(),
+                exchange_kind: match rabbit.exchange_type {
+                    crd::ExchangeType::Fanout => ExchangeKind::Fanout,
+                    crd::ExchangeType::Direct => ExchangeKind::Direct,
+                    crd::ExchangeType::Topic => ExchangeKind::Topic,
+                },
+                queue: rabbit.queue.clone(),
+                queue_type: match rabbit.queue_type {
+                    crd::QueueType::Classic => QueueType::Classic,
+                    crd::QueueType::Quorum => QueueType::Quorum,
+                },
+                routing_key: rabbit.routing_key.clone(),
+                max_priority: rabbit.max_priority,
+                dead_letter: delivery.dead_letter,
+            };
+            settings
+                .validate()
+                .map_err(|e| invalid("spec.source.rabbitmq", e.to_string()))?;
+            let plan = settings.plan(&retry);
+            ValidatedSource::Rabbit {
+                settings,
+                plan,
+                source: rabbit.clone(),
+            }
+        }
+        (None, Some(kafka)) => ValidatedSource::Kafka(kafka.clone()),
+        _ => {
+            return Err(invalid(
+                "spec.source",
+                "exactly one of spec.source.rabbitmq or spec.source.kafka must be set",
+            ))
+        }
+    };
+
+    let scaling = &spec.scaling;
+    if scaling.min_replicas > scaling.max_replicas {
+        return Err(invalid(
+            "spec.scaling",
+            "spec.scaling.minReplicas must be <= spec.scaling.maxReplicas",
+        ));
+    }
+    let replicas = scaling.max_replicas.max(1) as u32;
+    let pool = spec.smtp.pool_size;
+    if pool < replicas {
+        return Err(invalid(
+            "spec.smtp.poolSize",
+            format!(
+                "{pool} connections cannot be shared by up to {replicas} replicas (spec.scaling.maxReplicas): \
+                 raise poolSize to at least {replicas} or lower maxReplicas"
+            ),
+        ));
+    }
+    let rate_per_replica = match spec.smtp.rate_limit {
+        Some(rate) if rate < replicas => {
+            return Err(invalid(
+                "spec.smtp.rateLimit",
+                format!(
+                    "{rate} messages per second cannot be shared by up to {replicas} replicas: \
+                     raise rateLimit to at least {replicas} or lower spec.scaling.maxReplicas"
+                ),
+            ))
+        }
+        Some(rate) => Some(rate / replicas),
+        None => None,
+    };
+    if spec.smtp.tls == crd::SmtpTls::None && spec.smtp.insecure_skip_verify {
+        return Err(invalid(
+            "spec.smtp.insecureSkipVerify",
+            "there is no certificate to skip with tls none",
+        ));
+    }
+    for var in &spec.worker.env {
+        if var.name.starts_with("MAILPIPE_") {
+            return Err(invalid(
+                "spec.worker.env",
+                format!(
+                    "{} is set by the operator from the spec; set the matching spec field instead",
+                    var.name
+                ),
+            ));
+        }
+    }
+    let grace = Duration::from_secs(spec.worker.termination_grace_period_seconds.max(10) as u64);
+    Ok(ValidatedPipeline {
+        name: name.to_string(),
+        namespace: namespace.to_string(),
+        spec: spec.clone(),
+        source,
+        retry,
+        shutdown_timeout: grace - Duration::from_secs(5),
+        pool_per_replica: pool / replicas,
+        rate_per_replica,
+        idempotency_ttl: match &delivery.idempotency {
+            Some(i) => Some(duration("spec.delivery.idempotency.ttl", &i.ttl)?),
+            None => None,
+        },
+        poll_interval: duration("spec.scaling.pollInterval", &scaling.poll_interval)?,
+        scale_up_stabilization: duration(
+            "spec.scaling.scaleUpStabilization",
+            &scaling.scale_up_stabilization,
+        )?,
+        scale_down_stabilization: duration(
+            "spec.scaling.scaleDownStabilization",
+            &scaling.scale_down_stabilization,
+        )?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn spec(patch: serde_json::Value) -> EmailPipelineSpec {
+        let mut base = json!({
+            "source": {"rabbitmq": {"connectionSecret": {"name": "amqp", "key": "url"}, "queue": "welcome"}},
+            "smtp": {"host": "smtp.example.com", "from": {"address": "noreply@example.com"}},
+        });
+        merge(&mut base, patch);
+        serde_json::from_value(base).expect("a spec")
+    }
+
+    fn merge(base: &mut serde_json::Value, patch: serde_json::Value) {
+        match (base, patch) {
+            (serde_json::Value::Object(b), serde_json::Value::Object(p)) => {
+                for (k, v) in p {
+                    merge(b.entry(k).or_insert(serde_json::Value::Null), v);
+                }
+            }
+            (b, p) => *b = p,
+        }
+    }
+
+    #[test]
+    fn a_minimal_spec_gets_the_contract_defaults() {
+        let valid = validate("welcome", "mail", &spec(json!({}))).unwrap();
+        assert_eq!(valid.retry, RetryPolicy::default());
+        assert_eq!(valid.shutdown_timeout, Duration::from_secs(55));
+        assert_eq!(valid.pool_per_replica, 4);
+        assert_eq!(valid.rate_per_replica, None);
+        assert_eq!(valid.source_label(), "rabbitmq/welcome");
+        let ValidatedSource::Rabbit { settings, plan, .. } = &valid.source else {
+            panic!("a RabbitMQ source")
+        };
+        assert_eq!(
+            *settings,
+            RabbitSettings {
+                exchange: "smtp_send_email_exc".into(),
+                queue: "welcome".into(),
+                ..RabbitSettings::default()
+            }
+        );
+        assert_eq!(*plan, settings.plan(&RetryPolicy::default()));
+    }
+
+    #[test]
+    fn the_pool_and_the_rate_are_shared_out_among_the_largest_replica_count() {
+        let valid = validate(
+            "w",
+            "m",
+            &spec(
+                json!({"smtp": {"poolSize": 40, "rateLimit": 100}, "scaling": {"maxReplicas": 4}}),
+            ),
+        )
+        .unwrap();
+        assert_eq!(
+            (valid.pool_per_replica, valid.rate_per_replica),
+            (10, Some(25))
+        );
+        let small = validate(
+            "w",
+            "m",
+            &spec(json!({"smtp": {"poolSize": 2}, "scaling": {"maxReplicas": 4}})),
+        );
+        assert_eq!(small.unwrap_err().field, "spec.smtp.poolSize");
+    }
+
+    #[test]
+    fn bad_durations_and_retry_bounds_name_their_field() {
+        let err = validate(
+            "w",
+            "m",
+            &spec(json!({"delivery": {"backoff": {"initial": "soon"}}})),
+        )
+        .unwrap_err();
+        assert_eq!(err.field, "spec.delivery.backoff.initial");
+        let err = validate(
+            "w",
+            "m",
+            &spec(json!({"delivery": {"backoff": {"initial": "10m", "max": "1m"}}})),
+        )
+        .unwrap_err();
+        assert_eq!(
+            err,
+            invalid(
+                "spec.delivery",
+                "initial backoff must be at least 1ms and at most the maximum backoff"
+            )
+        );
+    }
+
+    #[test]
+    fn what_rabbitmq_refuses_is_refused_here_first() {
+        let err = validate(
+            "w",
+            "m",
+            &spec(json!({"source": {"rabbitmq": {"queue": "amq.mine"}}})),
+        )
+        .unwrap_err();
+        assert_eq!(err.field, "spec.source.rabbitmq");
+        assert!(err.message.contains("reserved"), "{err}");
+        let err = validate(
+            "w",
+            "m",
+            &spec(json!({"source": {"rabbitmq": {"queueType": "quorum", "maxPriority": 3}}})),
+        )
+        .unwrap_err();
+        assert!(
+            err.message.contains("quorum queues refuse x-max-priority"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_operator_owns_the_worker_environment() {
+        let err = validate(
+            "w",
+            "m",
+            &spec(json!({"worker": {"env": [{"name": "MAILPIPE_SMTP_PASSWORD", "value": "x"}]}})),
+        )
+        .unwrap_err();
+        assert_eq!(err.field, "spec.worker.env");
+    }
+}
