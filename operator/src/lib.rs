@@ -2,10 +2,11 @@
 //! worker Deployments. It shares the topology plan, the worker's environment and the labels
 //! with the worker through `mailpipe-contract`, and never depends on the worker itself.
 //!
-//! Modules: `crd` (the resource types, the source of the generated CRD) and `validate`
-//! (spec to `ValidatedPipeline`, pure).
+//! Steps, after Stackable's operators: `validate` (spec to `ValidatedPipeline`, pure) ->
+//! `build` (children, pure). `crd` holds the resource types the CRD is generated from.
 #![forbid(unsafe_code)]
 
+pub mod build;
 pub mod crd;
 pub mod validate;
 

@@ -1,0 +1,475 @@
+//! build (no client required): the children of a pipeline, as pure functions of a
+//! `ValidatedPipeline` and what the reconciler read for it (`Inputs`).
+//!
+//! The worker Deployment carries only the environment the contract names; secrets reach
+//! it as mounted Secret files (the AMQP and Redis URLs, the SMTP password, CA bundles) or a
+//! `secretKeyRef` (the SMTP user name), never as values. `spec.replicas` is left out on
+//! purpose: the scaler owns it through `/scale`, and server-side apply leaves a field alone
+//! that the applier does not send. A hash of the rendered configuration and of the
+//! referenced Secrets and ConfigMaps sits on the pod template, so a change to either rolls
+//! the pods.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{
+    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
+};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
+    HTTPGetAction, KeyToPath, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+    ResourceRequirements, SeccompProfile, SecretKeySelector, SecretVolumeSource, SecurityContext,
+    Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use mailpipe_contract::{env, labels};
+use sha2::{Digest, Sha256};
+
+use crate::crd::{self, SecretKeyRef};
+use crate::validate::{ValidatedPipeline, ValidatedSource};
+
+/// The annotation on the pod template that changes when the configuration does.
+pub const CONFIG_HASH: &str = "mailpipe.dev/config-hash";
+/// The worker's HTTP port (metrics, health).
+pub const HTTP_PORT: i32 = 9090;
+/// Where Secret and ConfigMap volumes are mounted in the worker.
+const MOUNTS: &str = "/etc/mailpipe";
+
+/// What the builders need besides the validated spec.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Inputs {
+    /// The pipeline as owner of its children.
+    pub owner: OwnerReference,
+    /// The image when the spec names none.
+    pub default_image: String,
+    /// A digest of the referenced Secrets' and ConfigMaps' content (see `references_digest`).
+    pub references: String,
+}
+
+/// `<pipeline>-worker`: the Deployment, Service and PodDisruptionBudget share it.
+pub fn worker_name(pipeline: &ValidatedPipeline) -> String {
+    format!("{}-worker", pipeline.name)
+}
+
+/// The labels that pick a pipeline's worker pods (stable: a Deployment's selector is
+/// immutable).
+pub fn selector_labels(pipeline: &ValidatedPipeline) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (labels::NAME.to_string(), labels::WORKER_NAME.to_string()),
+        (labels::INSTANCE.to_string(), pipeline.name.clone()),
+    ])
+}
+
+/// Every label on the worker objects.
+pub fn worker_labels(pipeline: &ValidatedPipeline) -> BTreeMap<String, String> {
+    let mut all = selector_labels(pipeline);
+    all.insert(labels::COMPONENT.into(), labels::WORKER_COMPONENT.into());
+    all.insert(labels::PART_OF.into(), labels::PROJECT.into());
+    all.insert(labels::MANAGED_BY.into(), labels::OPERATOR.into());
+    all
+}
+
+fn metadata(pipeline: &ValidatedPipeline, inputs: &Inputs) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(worker_name(pipeline)),
+        namespace: Some(pipeline.namespace.clone()),
+        labels: Some(worker_labels(pipeline)),
+        owner_references: Some(vec![inputs.owner.clone()]),
+        ..ObjectMeta::default()
+    }
+}
+
+/// A digest of referenced content: (kind/name, key, bytes) in any order.
+pub fn references_digest<'a>(items: impl IntoIterator<Item = (String, &'a [u8])>) -> String {
+    let mut items: Vec<(String, &[u8])> = items.into_iter().collect();
+    items.sort();
+    let mut hash = Sha256::new();
+    for (name, bytes) in items {
+        hash.update(name.as_bytes());
+        hash.update([0]);
+        hash.update((bytes.len() as u64).to_le_bytes());
+        hash.update(bytes);
+    }
+    hex(&hash.finalize()[..8])
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn value(name: &str, value: impl ToString) -> EnvVar {
+    EnvVar {
+        name: name.to_string(),
+        value: Some(value.to_string()),
+        value_from: None,
+    }
+}
+
+fn millis(duration: std::time::Duration) -> String {
+    format!("{}ms", duration.as_millis())
+}
+
+/// A Secret key mounted as a file: the volume, its mount, and the file's path.
+fn secret_file(volume: &str, secret: &SecretKeyRef, file: &str) -> (Volume, VolumeMount, String) {
+    let dir = format!("{MOUNTS}/{volume}");
+    (
+        Volume {
+            name: volume.to_string(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(secret.name.clone()),
+                items: Some(vec![KeyToPath {
+                    key: secret.key.clone(),
+                    path: file.to_string(),
+                    mode: None,
+                }]),
+                default_mode: Some(0o440),
+                optional: None,
+            }),
+            ..Volume::default()
+        },
+        VolumeMount {
+            name: volume.to_string(),
+            mount_path: dir.clone(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        },
+        format!("{dir}/{file}"),
+    )
+}
+
+/// The worker's environment and the volumes its secret files come from.
+#[derive(Default)]
+struct Environment {
+    vars: Vec<EnvVar>,
+    volumes: Vec<Volume>,
+    mounts: Vec<VolumeMount>,
+}
+
+impl Environment {
+    /// Variable `name` names the file a Secret key is mounted as.
+    fn file(&mut self, name: &str, volume: &str, secret: &SecretKeyRef, file: &str) {
+        let (v, m, path) = secret_file(volume, secret, file);
+        self.volumes.push(v);
+        self.mounts.push(m);
+        self.vars.push(value(name, path));
+    }
+}
+
+fn environment(pipeline: &ValidatedPipeline) -> Environment {
+    let spec = &pipeline.spec;
+    let mut out = Environment::default();
+    match &pipeline.source {
+        ValidatedSource::Rabbit {
+            settings, source, ..
+        } => {
+            out.file(env::AMQP_URL_FILE, "amqp", &source.connection_secret, "url");
+            if let Some(ca) = &source.ca_secret {
+                out.file(env::AMQP_CA_FILE, "amqp-ca", ca, "ca.crt");
+            }
+            out.vars.push(value(env::TOPOLOGY, "verify"));
+            out.vars.push(value(env::EXCHANGE, &settings.exchange));
+            out.vars
+                .push(value(env::EXCHANGE_TYPE, settings.exchange_kind.as_str()));
+            out.vars.push(value(env::QUEUE, &settings.queue));
+            out.vars
+                .push(value(env::QUEUE_TYPE, settings.queue_type.as_str()));
+            out.vars
+                .push(value(env::ROUTING_KEY, &settings.routing_key));
+            if let Some(priority) = settings.max_priority {
+                out.vars.push(value(env::MAX_PRIORITY, priority));
+            }
+            out.vars.push(value(env::PREFETCH, source.prefetch));
+        }
+        ValidatedSource::Kafka(_) => {}
+    }
+    out.vars
+        .push(value(env::CONCURRENCY, spec.worker.concurrency));
+    let smtp = &spec.smtp;
+    out.vars.push(value(env::SMTP_HOST, &smtp.host));
+    out.vars.push(value(env::SMTP_PORT, smtp.port));
+    out.vars.push(value(
+        env::SMTP_TLS,
+        match smtp.tls {
+            crd::SmtpTls::Starttls => "starttls",
+            crd::SmtpTls::Tls => "tls",
+            crd::SmtpTls::None => "none",
+        },
+    ));
+    if let Some(ca) = &smtp.ca_secret {
+        out.file(env::SMTP_CA_FILE, "smtp-ca", ca, "ca.crt");
+    }
+    if smtp.insecure_skip_verify {
+        out.vars.push(value(env::SMTP_INSECURE_SKIP_VERIFY, true));
+    }
+    if let Some(credentials) = &smtp.credentials_secret {
+        out.vars.push(EnvVar {
+            name: env::SMTP_USERNAME.to_string(),
+            value: None,
+            value_from: Some(EnvVarSource {
+                secret_key_ref: Some(SecretKeySelector {
+                    name: credentials.name.clone(),
+                    key: credentials.username_key.clone(),
+                    optional: None,
+                }),
+                ..EnvVarSource::default()
+            }),
+        });
+        let password = SecretKeyRef {
+            name: credentials.name.clone(),
+            key: credentials.password_key.clone(),
+        };
+        out.file(
+            env::SMTP_PASSWORD_FILE,
+            "smtp-credentials",
+            &password,
+            "password",
+        );
+    }
+    out.vars
+        .push(value(env::SMTP_POOL_SIZE, pipeline.pool_per_replica));
+    if let Some(rate) = pipeline.rate_per_replica {
+        out.vars.push(value(env::SMTP_RATE_LIMIT, rate));
+    }
+    out.vars.push(value(env::FROM_ADDRESS, &smtp.from.address));
+    if let Some(name) = &smtp.from.name {
+        out.vars.push(value(env::FROM_NAME, name));
+    }
+    if let Some(templates) = &spec.templates {
+        let dir = format!("{MOUNTS}/templates");
+        out.volumes.push(Volume {
+            name: "templates".into(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: templates.config_map.clone(),
+                ..ConfigMapVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+        out.mounts.push(VolumeMount {
+            name: "templates".into(),
+            mount_path: dir.clone(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+        out.vars.push(value(env::TEMPLATES_DIR, dir));
+    }
+    let retry = &pipeline.retry;
+    out.vars.push(value(env::MAX_ATTEMPTS, retry.max_attempts));
+    out.vars
+        .push(value(env::BACKOFF_INITIAL, millis(retry.initial)));
+    out.vars
+        .push(value(env::BACKOFF_MULTIPLIER, retry.multiplier));
+    out.vars.push(value(env::BACKOFF_MAX, millis(retry.max)));
+    out.vars
+        .push(value(env::DEAD_LETTER, spec.delivery.dead_letter));
+    if let (Some(idempotency), Some(ttl)) = (&spec.delivery.idempotency, pipeline.idempotency_ttl) {
+        out.file(
+            env::REDIS_URL_FILE,
+            "redis",
+            &idempotency.redis_secret,
+            "url",
+        );
+        out.vars.push(value(env::IDEMPOTENCY_TTL, millis(ttl)));
+        out.vars.push(value(
+            env::IDEMPOTENCY_PREFIX,
+            format!("mailpipe:{}:{}", pipeline.namespace, pipeline.name),
+        ));
+        out.vars.push(value(
+            env::ON_REDIS_UNAVAILABLE,
+            match idempotency.on_unavailable {
+                crd::OnRedisUnavailable::Pause => "pause",
+                crd::OnRedisUnavailable::Send => "send",
+            },
+        ));
+    }
+    out.vars
+        .push(value(env::HTTP_ADDR, format!("0.0.0.0:{HTTP_PORT}")));
+    out.vars.push(value(env::LOG_FORMAT, "json"));
+    out.vars.push(value(
+        env::SHUTDOWN_TIMEOUT,
+        millis(pipeline.shutdown_timeout),
+    ));
+    out.vars.extend(spec.worker.env.iter().cloned());
+    out
+}
+
+fn probe(path: &str, period: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_string()),
+            port: IntOrString::String("http".into()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(3),
+        ..Probe::default()
+    }
+}
+
+fn default_resources() -> ResourceRequirements {
+    ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            ("cpu".to_string(), Quantity("50m".into())),
+            ("memory".to_string(), Quantity("64Mi".into())),
+        ])),
+        limits: Some(BTreeMap::from([(
+            "memory".to_string(),
+            Quantity("256Mi".into()),
+        )])),
+        ..ResourceRequirements::default()
+    }
+}
+
+/// The worker Deployment (without `spec.replicas`: the scaler's).
+pub fn worker_deployment(pipeline: &ValidatedPipeline, inputs: &Inputs) -> Deployment {
+    let spec = &pipeline.spec;
+    let Environment {
+        vars,
+        volumes,
+        mounts,
+    } = environment(pipeline);
+    let container = Container {
+        name: "worker".into(),
+        image: Some(
+            spec.worker
+                .image
+                .clone()
+                .unwrap_or_else(|| inputs.default_image.clone()),
+        ),
+        image_pull_policy: Some("IfNotPresent".into()),
+        env: Some(vars),
+        ports: Some(vec![ContainerPort {
+            name: Some("http".into()),
+            container_port: HTTP_PORT,
+            protocol: Some("TCP".into()),
+            ..ContainerPort::default()
+        }]),
+        readiness_probe: Some(probe("/readyz", 5)),
+        liveness_probe: Some(probe("/healthz", 10)),
+        resources: Some(
+            spec.worker
+                .resources
+                .clone()
+                .unwrap_or_else(default_resources),
+        ),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                add: None,
+            }),
+            ..SecurityContext::default()
+        }),
+        volume_mounts: (!mounts.is_empty()).then_some(mounts),
+        ..Container::default()
+    };
+    let pod = PodSpec {
+        containers: vec![container],
+        automount_service_account_token: Some(false),
+        termination_grace_period_seconds: Some(spec.worker.termination_grace_period_seconds),
+        security_context: Some(PodSecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(65532),
+            run_as_group: Some(65532),
+            fs_group: Some(65532),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".into(),
+                localhost_profile: None,
+            }),
+            ..PodSecurityContext::default()
+        }),
+        volumes: (!volumes.is_empty()).then_some(volumes),
+        node_selector: (!spec.worker.node_selector.is_empty())
+            .then(|| spec.worker.node_selector.clone()),
+        tolerations: (!spec.worker.tolerations.is_empty()).then(|| spec.worker.tolerations.clone()),
+        ..PodSpec::default()
+    };
+    let mut template = PodTemplateSpec {
+        metadata: Some(ObjectMeta {
+            labels: Some(worker_labels(pipeline)),
+            ..ObjectMeta::default()
+        }),
+        spec: Some(pod),
+    };
+    // The hash covers the rendered template and the content it refers to.
+    let rendered = serde_json::to_vec(&template).expect("a template serialises");
+    let hash = references_digest([
+        ("template".to_string(), rendered.as_slice()),
+        ("references".to_string(), inputs.references.as_bytes()),
+    ]);
+    template.metadata.as_mut().expect("set above").annotations =
+        Some(BTreeMap::from([(CONFIG_HASH.to_string(), hash)]));
+    Deployment {
+        metadata: metadata(pipeline, inputs),
+        spec: Some(DeploymentSpec {
+            replicas: None,
+            selector: LabelSelector {
+                match_labels: Some(selector_labels(pipeline)),
+                match_expressions: None,
+            },
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_surge: Some(IntOrString::Int(1)),
+                    max_unavailable: Some(IntOrString::Int(0)),
+                }),
+            }),
+            template,
+            ..DeploymentSpec::default()
+        }),
+        status: None,
+    }
+}
+
+/// The Service Prometheus scrapes the workers' metrics through.
+pub fn metrics_service(pipeline: &ValidatedPipeline, inputs: &Inputs) -> Service {
+    Service {
+        metadata: metadata(pipeline, inputs),
+        spec: Some(ServiceSpec {
+            selector: Some(selector_labels(pipeline)),
+            ports: Some(vec![ServicePort {
+                name: Some("http".into()),
+                port: HTTP_PORT,
+                target_port: Some(IntOrString::String("http".into())),
+                protocol: Some("TCP".into()),
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        status: None,
+    }
+}
+
+/// At most one worker away at a time during voluntary disruptions (node drains): the rest
+/// keep sending while the leaving one finishes its in-flight jobs.
+pub fn disruption_budget(pipeline: &ValidatedPipeline, inputs: &Inputs) -> PodDisruptionBudget {
+    PodDisruptionBudget {
+        metadata: metadata(pipeline, inputs),
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(1)),
+            selector: Some(LabelSelector {
+                match_labels: Some(selector_labels(pipeline)),
+                match_expressions: None,
+            }),
+            ..PodDisruptionBudgetSpec::default()
+        }),
+        status: None,
+    }
+}
+
+/// A prometheus-operator ServiceMonitor for the metrics Service (applied when that CRD
+/// exists in the cluster).
+pub fn service_monitor(pipeline: &ValidatedPipeline, inputs: &Inputs) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "ServiceMonitor",
+        "metadata": metadata(pipeline, inputs),
+        "spec": {
+            "selector": {"matchLabels": selector_labels(pipeline)},
+            "endpoints": [{"port": "http", "path": "/metrics", "interval": "30s"}],
+        },
+    })
+}
