@@ -8,6 +8,7 @@
 
 pub mod build;
 pub mod crd;
+pub mod topology;
 pub mod validate;
 
 use kube::CustomResourceExt;

@@ -15,15 +15,15 @@ use futures::future::BoxFuture;
 use futures::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-    BasicRejectOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions,
+    BasicRejectOptions, ConfirmSelectOptions,
 };
 use lapin::tcp::OwnedTLSConfig;
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::Acker;
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer};
+use mailpipe_contract::amqp::{self, long};
 use mailpipe_contract::naming::{self, headers};
-use mailpipe_contract::topology::{ArgValue, ExchangeKind, TopologyPlan};
+use mailpipe_contract::topology::TopologyPlan;
 use tokio_util::sync::CancellationToken;
 
 use super::{Delivery, MessageSource, Settle, SettleError, Settlement};
@@ -100,7 +100,12 @@ impl RabbitSource {
         )
         .await?;
         let setup = connection.create_channel().await?;
-        declare(&setup, &self.plan, self.config.topology).await?;
+        amqp::declare(
+            &setup,
+            &self.plan,
+            self.config.topology == TopologyMode::Verify,
+        )
+        .await?;
         let _ = setup.close(200, "topology ready".into()).await;
 
         let publisher = connection.create_channel().await?;
@@ -183,80 +188,6 @@ fn amqp_int(value: &AMQPValue) -> Option<i64> {
         AMQPValue::LongLongInt(v) => Some(*v),
         _ => None,
     }
-}
-
-fn lapin_kind(kind: ExchangeKind) -> lapin::ExchangeKind {
-    match kind {
-        ExchangeKind::Fanout => lapin::ExchangeKind::Fanout,
-        ExchangeKind::Direct => lapin::ExchangeKind::Direct,
-        ExchangeKind::Topic => lapin::ExchangeKind::Topic,
-    }
-}
-
-fn field_table(args: &std::collections::BTreeMap<String, ArgValue>) -> FieldTable {
-    let mut table = FieldTable::default();
-    for (key, value) in args {
-        let value = match value {
-            ArgValue::Str(s) => long(s),
-            ArgValue::Int(i) => AMQPValue::LongLongInt(*i),
-        };
-        table.insert(ShortString::from(key.as_str()), value);
-    }
-    table
-}
-
-/// Declares (or, in verify mode, passively checks) every part of the plan.
-async fn declare(
-    channel: &Channel,
-    plan: &TopologyPlan,
-    mode: TopologyMode,
-) -> Result<(), lapin::Error> {
-    let passive = mode == TopologyMode::Verify;
-    for exchange in &plan.exchanges {
-        channel
-            .exchange_declare(
-                exchange.name.as_str().into(),
-                lapin_kind(exchange.kind),
-                ExchangeDeclareOptions {
-                    passive,
-                    durable: true,
-                    ..ExchangeDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-    }
-    for queue in &plan.queues {
-        channel
-            .queue_declare(
-                queue.name.as_str().into(),
-                QueueDeclareOptions {
-                    passive,
-                    durable: true,
-                    ..QueueDeclareOptions::default()
-                },
-                if passive {
-                    FieldTable::default()
-                } else {
-                    field_table(&queue.args)
-                },
-            )
-            .await?;
-    }
-    if !passive {
-        for binding in &plan.bindings {
-            channel
-                .queue_bind(
-                    binding.queue.as_str().into(),
-                    binding.exchange.as_str().into(),
-                    binding.routing_key.as_str().into(),
-                    QueueBindOptions::default(),
-                    FieldTable::default(),
-                )
-                .await?;
-        }
-    }
-    Ok(())
 }
 
 impl MessageSource for RabbitSource {
@@ -467,10 +398,6 @@ impl RabbitSettle {
 }
 
 /// A header value: an AMQP long string.
-fn long(text: &str) -> AMQPValue {
-    AMQPValue::LongString(LongString::from(text))
-}
-
 fn truncate(text: &str, max: usize) -> String {
     if text.len() <= max {
         return text.to_string();

@@ -1,0 +1,118 @@
+//! The operator's RabbitMQ topology against the real broker: ensured idempotently, measured,
+//! refused clearly when it conflicts, and deleted only when every queue of it is empty.
+
+use mailpipe_contract::topology::{QueueType, RabbitSettings};
+use mailpipe_contract::RetryPolicy;
+use mailpipe_operator::topology::rabbitmq::RabbitTopology;
+use mailpipe_operator::topology::{Backlog, BrokerTopology, Removal, TopologyError};
+use mailpipe_tests::amqp::{self, Names, SHARED_URL};
+
+fn topology(names: &Names, queue_type: QueueType) -> (RabbitTopology, RabbitSettings) {
+    let settings = RabbitSettings {
+        exchange: names.exchange.clone(),
+        queue: names.queue.clone(),
+        queue_type,
+        ..RabbitSettings::default()
+    };
+    let plan = settings.plan(&RetryPolicy::default());
+    (
+        RabbitTopology::new(SHARED_URL.to_string(), None, settings.clone(), plan),
+        settings,
+    )
+}
+
+#[tokio::test]
+async fn topology_is_ensured_measured_and_deleted_only_when_empty() {
+    let names = Names::new("optopo");
+    let (topology, settings) = topology(&names, QueueType::Classic);
+    topology.ensure().await.expect("declared");
+    topology
+        .ensure()
+        .await
+        .expect("declaring again changes nothing");
+    for queue in settings.plan(&RetryPolicy::default()).queues {
+        assert_eq!(
+            amqp::ready(SHARED_URL, &queue.name).await,
+            0,
+            "{} exists",
+            queue.name
+        );
+    }
+
+    amqp::publish_numbered(SHARED_URL, &names.exchange, "optopo", 0..7).await;
+    assert_eq!(
+        topology.backlog().await.unwrap(),
+        Backlog {
+            ready: 7,
+            consumers: 0,
+            dead_letter: Some(0)
+        }
+    );
+
+    // Jobs waiting: nothing is deleted, and the answer names the queue.
+    assert_eq!(
+        topology.delete().await.unwrap(),
+        Removal::Waiting {
+            queue: names.queue.clone(),
+            messages: 7
+        }
+    );
+    assert_eq!(
+        amqp::ready(SHARED_URL, &names.queue).await,
+        7,
+        "the jobs are still there"
+    );
+
+    // Drained (as workers would), it goes entirely.
+    assert_eq!(amqp::take_all(SHARED_URL, &names.queue).await.len(), 7);
+    assert_eq!(topology.delete().await.unwrap(), Removal::Removed);
+    match topology.backlog().await {
+        Err(TopologyError::Missing(what)) => assert!(what.contains(&names.queue), "{what}"),
+        other => panic!("the queue should be gone: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_queue_declared_otherwise_is_a_conflict_not_a_retry() {
+    let names = Names::new("opconflict");
+    let (classic, _) = topology(&names, QueueType::Classic);
+    classic.ensure().await.unwrap();
+    let (quorum, settings) = topology(&names, QueueType::Quorum);
+    let error = quorum.ensure().await.unwrap_err();
+    assert!(matches!(error, TopologyError::Conflict(_)), "{error:?}");
+    assert!(!error.is_transient());
+    assert!(error.to_string().contains("inequivalent arg"), "{error}");
+    assert_eq!(error.category(), "TopologyConflict");
+    amqp::delete_plan(SHARED_URL, &settings.plan(&RetryPolicy::default())).await;
+}
+
+#[tokio::test]
+async fn wrong_credentials_are_refused_and_a_dead_port_is_unreachable() {
+    let names = Names::new("oprefused");
+    let (_, settings) = topology(&names, QueueType::Classic);
+    let plan = settings.plan(&RetryPolicy::default());
+    let refused = RabbitTopology::new(
+        "amqp://guest:wrong@127.0.0.1:5672/%2f".into(),
+        None,
+        settings.clone(),
+        plan.clone(),
+    );
+    let error = refused.ensure().await.unwrap_err();
+    assert!(
+        matches!(
+            error,
+            TopologyError::Refused(_) | TopologyError::Unreachable(_)
+        ),
+        "{error:?}"
+    );
+    let port = mailpipe_tests::free_port();
+    let dead = RabbitTopology::new(
+        format!("amqp://guest:guest@127.0.0.1:{port}/%2f"),
+        None,
+        settings,
+        plan,
+    );
+    let error = dead.ensure().await.unwrap_err();
+    assert!(matches!(error, TopologyError::Unreachable(_)), "{error:?}");
+    assert!(error.is_transient());
+}
