@@ -2,14 +2,26 @@
 //! worker Deployments. It shares the topology plan, the worker's environment and the labels
 //! with the worker through `mailpipe-contract`, and never depends on the worker itself.
 //!
-//! Steps, after Stackable's operators: `validate` (spec to `ValidatedPipeline`, pure) ->
-//! `build` (children, pure). `crd` holds the resource types the CRD is generated from.
+//! Steps, after Stackable's operators (see `reconcile`): `validate` (pure) -> `dereference`
+//! (client) -> `topology` (broker) -> `build` (pure) -> apply (client) -> `status` (client).
+//! `crd` holds the resource types the CRD is generated from; `controller` wires the watches,
+//! `leader` elects one active replica through a Lease.
 #![forbid(unsafe_code)]
 
 pub mod build;
+pub mod controller;
 pub mod crd;
+pub mod dereference;
+pub mod error;
+pub mod leader;
+pub mod metrics;
+pub mod reconcile;
+pub mod status;
 pub mod topology;
 pub mod validate;
+
+/// The one field manager of everything the operator writes.
+pub const MANAGER: &str = "mailpipe-operator";
 
 use kube::CustomResourceExt;
 

@@ -1,8 +1,19 @@
-//! `mailpipe-operator`: `crd` prints the EmailPipeline CRD (YAML). The reconciler (`run`)
-//! arrives with the rest of the operator.
+//! `mailpipe-operator`: `run` reconciles EmailPipelines (one active replica, elected
+//! through a Lease), `crd` prints the CRD (YAML). `/metrics`, `/healthz` and `/readyz` are
+//! served on `--http-addr`; logs are JSON by default.
 #![forbid(unsafe_code)]
 
-use clap::{Parser, Subcommand};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::routing::get;
+use clap::{Parser, Subcommand, ValueEnum};
+use kube::runtime::events::{Recorder, Reporter};
+use mailpipe_operator::leader::Elector;
+use mailpipe_operator::metrics::Metrics;
+use mailpipe_operator::reconcile::Context;
+use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
 #[command(version, about = "The mailpipe operator")]
@@ -13,13 +24,173 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Reconcile EmailPipelines until SIGTERM.
+    Run(Run),
     /// Print the EmailPipeline CustomResourceDefinition as YAML.
     Crd,
 }
 
-fn main() -> anyhow::Result<()> {
+#[derive(Parser)]
+struct Run {
+    /// Namespaces to watch, comma-separated (default: all).
+    #[arg(long, env = "MAILPIPE_OPERATOR_NAMESPACES", value_delimiter = ',')]
+    namespaces: Vec<String>,
+    /// The worker image for pipelines that name none.
+    #[arg(long, env = "MAILPIPE_OPERATOR_WORKER_IMAGE", default_value = concat!("ghcr.io/mailpipe/mailpipe-worker:", env!("CARGO_PKG_VERSION")))]
+    worker_image: String,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(
+        long,
+        env = "MAILPIPE_OPERATOR_HTTP_ADDR",
+        default_value = "0.0.0.0:8080"
+    )]
+    http_addr: SocketAddr,
+    /// Namespace of the leader Lease (default: the pod's namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    lease_namespace: String,
+    /// Name of the leader Lease.
+    #[arg(
+        long,
+        env = "MAILPIPE_OPERATOR_LEASE",
+        default_value = "mailpipe-operator"
+    )]
+    lease_name: String,
+    /// This replica's identity in the Lease (default: the pod name).
+    #[arg(long, env = "HOSTNAME", default_value = "mailpipe-operator")]
+    identity: String,
+    /// How long a leader holds the Lease without renewing it.
+    #[arg(long, env = "MAILPIPE_OPERATOR_LEASE_DURATION", default_value = "15s", value_parser = humantime::parse_duration)]
+    lease_duration: Duration,
+    /// `json` or `text`.
+    #[arg(
+        long,
+        env = "MAILPIPE_OPERATOR_LOG_FORMAT",
+        value_enum,
+        default_value = "json"
+    )]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Json,
+    Text,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
     match Args::parse().command {
-        Command::Crd => print!("{}", mailpipe_operator::crd_yaml()),
+        Command::Crd => {
+            print!("{}", mailpipe_operator::crd_yaml());
+            Ok(())
+        }
+        Command::Run(run) => serve(run).await,
     }
+}
+
+async fn serve(run: Run) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MAILPIPE_OPERATOR_LOG")
+        .unwrap_or_else(|_| "info,kube=warn".into());
+    match run.log_format {
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init(),
+        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
+    }
+    let client = kube::Client::try_default().await?;
+    let metrics = Metrics::new();
+    let stop = CancellationToken::new();
+
+    let http = {
+        let metrics = metrics.clone();
+        let app = axum::Router::new()
+            .route("/metrics", get(move || async move { metrics.render() }))
+            .route("/healthz", get(|| async { "ok" }))
+            .route("/readyz", get(|| async { "ok" }));
+        let listener = tokio::net::TcpListener::bind(run.http_addr).await?;
+        tracing::info!(addr = %listener.local_addr()?, "serving /metrics, /healthz, /readyz");
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await;
+        })
+    };
+    {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("a SIGTERM handler");
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            tracing::info!("shutting down");
+            stop.cancel();
+        });
+    }
+
+    let elector = Elector::new(
+        client.clone(),
+        &run.lease_namespace,
+        &run.lease_name,
+        &run.identity,
+        run.lease_duration,
+    );
+    tracing::info!(identity = %run.identity, lease = %run.lease_name, "waiting to lead");
+    if !elector.acquire(&stop).await {
+        http.await.ok();
+        return Ok(());
+    }
+    tracing::info!(identity = %run.identity, "leading");
+
+    let service_monitors = client
+        .list_api_group_resources("monitoring.coreos.com/v1")
+        .await
+        .is_ok_and(|list| list.resources.iter().any(|r| r.name == "servicemonitors"));
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        default_image: run.worker_image.clone(),
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: mailpipe_operator::MANAGER.into(),
+                instance: Some(run.identity.clone()),
+            },
+        ),
+        metrics,
+        service_monitors,
+    });
+    let lost = CancellationToken::new();
+    let work = stop.child_token();
+    {
+        let work = work.clone();
+        let lost = lost.clone();
+        tokio::spawn(async move {
+            lost.cancelled().await;
+            work.cancel();
+        });
+    }
+    let namespaces: Vec<Option<String>> = if run.namespaces.is_empty() {
+        vec![None]
+    } else {
+        run.namespaces.iter().cloned().map(Some).collect()
+    };
+    let controllers = futures::future::join_all(
+        namespaces
+            .into_iter()
+            .map(|ns| mailpipe_operator::controller::run(ctx.clone(), ns, work.clone())),
+    );
+    tokio::join!(controllers, elector.hold(&work, &lost));
+    if lost.is_cancelled() && !stop.is_cancelled() {
+        // Another replica may be reconciling now: stop at once, the pod restarts as a
+        // candidate.
+        anyhow::bail!("lost the leader lease");
+    }
+    elector.release().await;
+    stop.cancel();
+    http.await.ok();
     Ok(())
 }

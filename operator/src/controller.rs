@@ -1,0 +1,82 @@
+//! The controller: watches pipelines, the children it owns, and the Secrets and ConfigMaps
+//! pipelines refer to (a changed Secret rolls the workers and may unblock a pipeline).
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::{watcher, Controller};
+use kube::{Api, ResourceExt};
+use tokio_util::sync::CancellationToken;
+
+use crate::crd::EmailPipeline;
+use crate::dereference::{refers_to_config_map, refers_to_secret};
+use crate::reconcile::{error_policy, reconcile, Context};
+
+/// The pipelines in the namespace of `object` that `refers` says refer to it.
+fn referring<K: ResourceExt>(
+    store: &Store<EmailPipeline>,
+    object: &K,
+    refers: fn(&crate::crd::EmailPipelineSpec, &str) -> bool,
+) -> Vec<ObjectRef<EmailPipeline>> {
+    let namespace = object.namespace();
+    let name = object.name_any();
+    store
+        .state()
+        .iter()
+        .filter(|p| p.namespace() == namespace && refers(&p.spec, &name))
+        .map(|p| ObjectRef::from_obj(p.as_ref()))
+        .collect()
+}
+
+/// Runs the controller for one namespace (`None`: all) until `stop`.
+pub async fn run(ctx: Arc<Context>, namespace: Option<String>, stop: CancellationToken) {
+    let client = ctx.client.clone();
+    let api = |_: ()| -> Api<EmailPipeline> {
+        match &namespace {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        }
+    };
+    fn scoped<K>(client: &kube::Client, namespace: &Option<String>) -> Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+    {
+        match namespace {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        }
+    }
+    let owned = watcher::Config::default().labels(&format!(
+        "{}={}",
+        mailpipe_contract::labels::MANAGED_BY,
+        mailpipe_contract::labels::OPERATOR
+    ));
+    let controller = Controller::new(api(()), watcher::Config::default());
+    let store = controller.store();
+    let secrets_store = store.clone();
+    controller
+        .owns(scoped::<Deployment>(&client, &namespace), owned.clone())
+        .owns(scoped::<Service>(&client, &namespace), owned.clone())
+        .owns(scoped::<PodDisruptionBudget>(&client, &namespace), owned)
+        .watches(
+            scoped::<Secret>(&client, &namespace),
+            watcher::Config::default(),
+            move |secret| referring(&secrets_store, &secret, refers_to_secret),
+        )
+        .watches(
+            scoped::<ConfigMap>(&client, &namespace),
+            watcher::Config::default(),
+            move |map| referring(&store, &map, refers_to_config_map),
+        )
+        .graceful_shutdown_on(async move { stop.cancelled().await })
+        .run(reconcile, error_policy, ctx)
+        .for_each(|_| futures::future::ready(()))
+        .await;
+}

@@ -1,0 +1,142 @@
+//! The operator's Prometheus metrics (prefix `mailpipe_operator_`). Labels are bounded:
+//! results and error categories are static, pipelines are what the cluster holds.
+
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
+
+/// All operator metrics.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// Reconciles, by result (`ok`, `error`).
+    pub reconciles: IntCounterVec,
+    /// Failed reconciles, by error category.
+    pub reconcile_failures: IntCounterVec,
+    /// Reconcile duration.
+    pub reconcile_seconds: HistogramVec,
+    /// Jobs waiting, per pipeline.
+    pub backlog: IntGaugeVec,
+    /// Jobs in the dead-letter queue, per pipeline.
+    pub dead_letter_depth: IntGaugeVec,
+    /// Worker replicas, per pipeline and kind (`desired`, `current`, `ready`).
+    pub replicas: IntGaugeVec,
+    /// 1 when the pipeline's topology is in place.
+    pub topology_ready: IntGaugeVec,
+    /// Replica count changes made by the scaler, per pipeline and direction.
+    pub scale_events: IntCounterVec,
+    /// 1, labelled with the version.
+    pub build_info: IntGaugeVec,
+}
+
+const PIPELINE: &[&str] = &["namespace", "pipeline"];
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
+        };
+        let reconcile_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "mailpipe_operator_reconcile_duration_seconds",
+                "Time of one reconcile.",
+            )
+            .buckets(vec![
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ]),
+            &[],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(reconcile_seconds.clone()))
+            .expect("unique metric");
+        let metrics = Metrics {
+            reconciles: counter(
+                "mailpipe_operator_reconciles_total",
+                "Reconciles, by result.",
+                &["result"],
+            ),
+            reconcile_failures: counter(
+                "mailpipe_operator_reconcile_failures_total",
+                "Failed reconciles, by error category.",
+                &["category"],
+            ),
+            reconcile_seconds,
+            backlog: gauge(
+                "mailpipe_operator_backlog",
+                "Jobs waiting in a pipeline's queue.",
+                PIPELINE,
+            ),
+            dead_letter_depth: gauge(
+                "mailpipe_operator_dead_letter_depth",
+                "Jobs in a pipeline's dead-letter queue.",
+                PIPELINE,
+            ),
+            replicas: gauge(
+                "mailpipe_operator_replicas",
+                "Worker replicas of a pipeline: desired, current and ready.",
+                &["namespace", "pipeline", "kind"],
+            ),
+            topology_ready: gauge(
+                "mailpipe_operator_topology_ready",
+                "1 when a pipeline's broker topology is in place.",
+                PIPELINE,
+            ),
+            scale_events: counter(
+                "mailpipe_operator_scale_events_total",
+                "Replica count changes made by the scaler.",
+                &["namespace", "pipeline", "direction"],
+            ),
+            build_info: gauge(
+                "mailpipe_operator_build_info",
+                "1, labelled with the version.",
+                &["version"],
+            ),
+            registry,
+        };
+        metrics
+            .build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        metrics
+    }
+
+    /// Forgets a deleted pipeline's series.
+    pub fn forget(&self, namespace: &str, pipeline: &str) {
+        let labels = [namespace, pipeline];
+        let _ = self.backlog.remove_label_values(&labels);
+        let _ = self.dead_letter_depth.remove_label_values(&labels);
+        let _ = self.topology_ready.remove_label_values(&labels);
+        for kind in ["desired", "current", "ready"] {
+            let _ = self
+                .replicas
+                .remove_label_values(&[namespace, pipeline, kind]);
+        }
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        prometheus::TextEncoder::new()
+            .encode_utf8(&self.registry.gather(), &mut out)
+            .expect("metrics encode");
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

@@ -1,0 +1,481 @@
+//! reconcile: orchestration only. Each pipeline goes through named steps:
+//! validate (pure) -> dereference (client) -> ensure topology (broker) -> build children
+//! (pure) -> apply (client) -> observe and update status (client). Deletion goes through
+//! the topology finalizer: `Retain` releases it at once, `Delete` removes the topology
+//! only when every queue is empty, and the release annotation lets an admin let go when
+//! the broker is gone for good.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder};
+use kube::runtime::finalizer::{self, finalizer, Event};
+use kube::{Api, Client, Resource, ResourceExt};
+
+use crate::build::{self, Inputs};
+use crate::crd::{DeletionPolicy, EmailPipeline, EmailPipelineStatus};
+use crate::dereference::{dereference, Referenced};
+use crate::error::Error;
+use crate::metrics::Metrics;
+use crate::status::{self, is_true, set_conditions, ConditionUpdate};
+use crate::topology::rabbitmq::RabbitTopology;
+use crate::topology::{Backlog, BrokerTopology, Removal, TopologyError};
+use crate::validate::{validate, ValidatedPipeline, ValidatedSource};
+use crate::MANAGER;
+
+/// The finalizer that holds a pipeline until its broker topology is dealt with.
+pub const FINALIZER: &str = "mailpipe.dev/topology";
+/// Set to `"true"` on a pipeline to release the finalizer without touching the broker
+/// (when the broker is gone for good and the namespace must be deleted).
+pub const RELEASE_ANNOTATION: &str = "mailpipe.dev/release-finalizer";
+/// How often a healthy pipeline is looked at again (backlog, readiness).
+const RESYNC: Duration = Duration::from_secs(30);
+
+/// What every reconcile shares.
+pub struct Context {
+    pub client: Client,
+    /// The worker image for pipelines that name none.
+    pub default_image: String,
+    pub recorder: Recorder,
+    pub metrics: Metrics,
+    /// Whether the cluster serves ServiceMonitors (prometheus-operator).
+    pub service_monitors: bool,
+}
+
+/// Reconciles one pipeline.
+pub async fn reconcile(pipeline: Arc<EmailPipeline>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let namespace = pipeline.namespace().unwrap_or_default();
+    let api: Api<EmailPipeline> = Api::namespaced(ctx.client.clone(), &namespace);
+    let result = finalizer(&api, FINALIZER, pipeline, |event| async {
+        match event {
+            Event::Apply(pipeline) => apply(&api, &pipeline, &ctx).await,
+            Event::Cleanup(pipeline) => cleanup(&api, &pipeline, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| match e {
+        finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e,
+        other => Error::Finalizer(other.to_string()),
+    });
+    ctx.metrics
+        .reconcile_seconds
+        .with_label_values::<&str>(&[])
+        .observe(started.elapsed().as_secs_f64());
+    let outcome = if result.is_ok() { "ok" } else { "error" };
+    ctx.metrics.reconciles.with_label_values(&[outcome]).inc();
+    result
+}
+
+/// What the controller does after a failed reconcile: the error's own policy.
+pub fn error_policy(pipeline: Arc<EmailPipeline>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics
+        .reconcile_failures
+        .with_label_values(&[error.category()])
+        .inc();
+    tracing::warn!(
+        pipeline = %pipeline.name_any(),
+        namespace = %pipeline.namespace().unwrap_or_default(),
+        category = error.category(),
+        "reconcile failed: {error}"
+    );
+    Action::requeue(error.requeue_after())
+}
+
+async fn publish(
+    ctx: &Context,
+    pipeline: &EmailPipeline,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
+    let event = KubeEvent {
+        type_,
+        reason: reason.to_string(),
+        note: Some(note),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx
+        .recorder
+        .publish(&event, &pipeline.object_ref(&()))
+        .await
+    {
+        tracing::warn!(pipeline = %pipeline.name_any(), "cannot publish an event: {e}");
+    }
+}
+
+/// The status with `updates` applied to its conditions and `Ready` derived from them.
+fn next_status(
+    pipeline: &EmailPipeline,
+    mut base: EmailPipelineStatus,
+    updates: &[ConditionUpdate<'_>],
+) -> EmailPipelineStatus {
+    let generation = pipeline.metadata.generation;
+    let mut conditions = set_conditions(&base.conditions, updates, generation, status::now());
+    let failing = conditions
+        .iter()
+        .find(|c| c.type_ != "Ready" && c.status != "True")
+        .map(|c| (c.reason.clone(), c.message.clone()));
+    let ready = match &failing {
+        None => (
+            "Ready",
+            true,
+            "Ready",
+            "the pipeline delivers mail".to_string(),
+        ),
+        Some((reason, message)) => ("Ready", false, reason.as_str(), message.clone()),
+    };
+    conditions = set_conditions(
+        &conditions,
+        &[(ready.0, ready.1, ready.2, ready.3)],
+        generation,
+        status::now(),
+    );
+    base.conditions = conditions;
+    base.observed_generation = generation;
+    base
+}
+
+async fn fail(
+    api: &Api<EmailPipeline>,
+    pipeline: &EmailPipeline,
+    ctx: &Context,
+    condition: &str,
+    reason: &str,
+    message: String,
+) -> Result<(), Error> {
+    let current = pipeline.status.clone().unwrap_or_default();
+    let was_reported = current
+        .conditions
+        .iter()
+        .any(|c| c.type_ == condition && c.reason == reason && c.message == message);
+    let next = next_status(
+        pipeline,
+        current,
+        &[(condition, false, reason, message.clone())],
+    );
+    status::write(api, pipeline, &next).await?;
+    if !was_reported {
+        publish(ctx, pipeline, EventType::Warning, reason, message).await;
+    }
+    Ok(())
+}
+
+fn topology_of(valid: &ValidatedPipeline, referenced: &Referenced) -> Option<RabbitTopology> {
+    match &valid.source {
+        ValidatedSource::Rabbit { settings, plan, .. } => Some(RabbitTopology::new(
+            referenced.amqp_url.clone().unwrap_or_default(),
+            referenced.amqp_ca.clone(),
+            settings.clone(),
+            plan.clone(),
+        )),
+        ValidatedSource::Kafka(_) => None,
+    }
+}
+
+async fn apply(
+    api: &Api<EmailPipeline>,
+    pipeline: &EmailPipeline,
+    ctx: &Context,
+) -> Result<Action, Error> {
+    let name = pipeline.name_any();
+    let namespace = pipeline.namespace().unwrap_or_default();
+
+    // validate (no client required): an invalid spec waits for a change.
+    let valid = match validate(&name, &namespace, &pipeline.spec) {
+        Ok(valid) => valid,
+        Err(invalid) => {
+            fail(
+                api,
+                pipeline,
+                ctx,
+                "SpecValid",
+                "InvalidSpec",
+                invalid.to_string(),
+            )
+            .await?;
+            return Ok(Action::await_change());
+        }
+    };
+
+    // dereference (client required).
+    let referenced = match dereference(&ctx.client, &namespace, &pipeline.spec).await {
+        Ok(referenced) => referenced,
+        Err(Error::MissingReference(message)) => {
+            fail(
+                api,
+                pipeline,
+                ctx,
+                "SpecValid",
+                "MissingReference",
+                message.clone(),
+            )
+            .await?;
+            return Err(Error::MissingReference(message));
+        }
+        Err(other) => return Err(other),
+    };
+
+    // ensure topology (broker required).
+    let Some(topology) = topology_of(&valid, &referenced) else {
+        let message = "Kafka sources are not supported by this version of the operator".to_string();
+        fail(api, pipeline, ctx, "TopologyReady", "Unsupported", message).await?;
+        return Ok(Action::await_change());
+    };
+    if let Err(error) = topology.ensure().await {
+        ctx.metrics
+            .topology_ready
+            .with_label_values(&[&namespace, &name])
+            .set(0);
+        fail(
+            api,
+            pipeline,
+            ctx,
+            "TopologyReady",
+            error.category(),
+            error.to_string(),
+        )
+        .await?;
+        return Err(error.into());
+    }
+    ctx.metrics
+        .topology_ready
+        .with_label_values(&[&namespace, &name])
+        .set(1);
+    if !is_true(pipeline.status.as_ref(), "TopologyReady") {
+        let ValidatedSource::Rabbit { plan, settings, .. } = &valid.source else {
+            unreachable!("only RabbitMQ has a topology here")
+        };
+        publish(
+            ctx,
+            pipeline,
+            EventType::Normal,
+            "TopologyReady",
+            format!(
+                "exchange {}, queue {} and {} more queues (retry, dead-letter) are declared",
+                settings.exchange,
+                settings.queue,
+                plan.queues.len() - 1
+            ),
+        )
+        .await;
+    }
+
+    // build (no client required), then apply (client required).
+    let inputs = Inputs {
+        owner: pipeline
+            .controller_owner_ref(&())
+            .expect("a stored object has a name and uid"),
+        default_image: ctx.default_image.clone(),
+        references: referenced.digest.clone(),
+    };
+    let params = PatchParams::apply(MANAGER).force();
+    let deployment = build::worker_deployment(&valid, &inputs);
+    let worker = build::worker_name(&valid);
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &namespace);
+    let applied = deployments
+        .patch(&worker, &params, &Patch::Apply(&deployment))
+        .await?;
+    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &namespace);
+    services
+        .patch(
+            &worker,
+            &params,
+            &Patch::Apply(&build::metrics_service(&valid, &inputs)),
+        )
+        .await?;
+    let budgets: Api<PodDisruptionBudget> = Api::namespaced(ctx.client.clone(), &namespace);
+    budgets
+        .patch(
+            &worker,
+            &params,
+            &Patch::Apply(&build::disruption_budget(&valid, &inputs)),
+        )
+        .await?;
+    if ctx.service_monitors {
+        let resource = ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("monitoring.coreos.com", "v1", "ServiceMonitor"),
+            "servicemonitors",
+        );
+        let monitors: Api<DynamicObject> =
+            Api::namespaced_with(ctx.client.clone(), &namespace, &resource);
+        monitors
+            .patch(
+                &worker,
+                &params,
+                &Patch::Apply(&build::service_monitor(&valid, &inputs)),
+            )
+            .await?;
+    }
+
+    // observe, then update status.
+    let observed = applied.status.unwrap_or_default();
+    let replicas = observed.replicas.unwrap_or(0);
+    let ready = observed.ready_replicas.unwrap_or(0);
+    let desired = applied.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    let rolled_out = applied.metadata.generation == observed.observed_generation;
+    let worker_ready = if desired == 0 {
+        (
+            true,
+            "ScaledToZero",
+            "no worker runs: the backlog is empty".to_string(),
+        )
+    } else if ready > 0 && rolled_out {
+        (true, "Ready", format!("{ready} of {desired} workers ready"))
+    } else {
+        (
+            false,
+            "WorkersStarting",
+            format!("{ready} of {desired} workers ready"),
+        )
+    };
+    let backlog: Option<Backlog> = match topology.backlog().await {
+        Ok(backlog) => Some(backlog),
+        Err(TopologyError::Unreachable(e)) => {
+            tracing::warn!(pipeline = %name, "cannot read the backlog: {e}");
+            None
+        }
+        Err(other) => return Err(other.into()),
+    };
+    let mut current = pipeline.status.clone().unwrap_or_default();
+    current.source = Some(valid.source_label());
+    current.replicas = Some(replicas);
+    current.ready_replicas = Some(ready);
+    current.desired_replicas = Some(desired);
+    if let Some(backlog) = backlog {
+        current.backlog = Some(backlog.ready as i64);
+        current.dead_letter_depth = backlog.dead_letter.map(|d| d as i64);
+        ctx.metrics
+            .backlog
+            .with_label_values(&[&namespace, &name])
+            .set(backlog.ready as i64);
+        if let Some(depth) = backlog.dead_letter {
+            ctx.metrics
+                .dead_letter_depth
+                .with_label_values(&[&namespace, &name])
+                .set(depth as i64);
+        }
+    }
+    for (kind, value) in [
+        ("desired", desired),
+        ("current", replicas),
+        ("ready", ready),
+    ] {
+        ctx.metrics
+            .replicas
+            .with_label_values(&[&namespace, &name, kind])
+            .set(i64::from(value));
+    }
+    let next = next_status(
+        pipeline,
+        current,
+        &[
+            (
+                "SpecValid",
+                true,
+                "Valid",
+                "the spec and the objects it refers to are valid".into(),
+            ),
+            (
+                "TopologyReady",
+                true,
+                "Declared",
+                format!("{} is declared", valid.source_label()),
+            ),
+            (
+                "WorkerReady",
+                worker_ready.0,
+                worker_ready.1,
+                worker_ready.2,
+            ),
+        ],
+    );
+    if pipeline.status.as_ref() != Some(&next) {
+        status::write(api, pipeline, &next).await?;
+    }
+    Ok(Action::requeue(RESYNC))
+}
+
+async fn cleanup(
+    api: &Api<EmailPipeline>,
+    pipeline: &EmailPipeline,
+    ctx: &Context,
+) -> Result<Action, Error> {
+    let name = pipeline.name_any();
+    let namespace = pipeline.namespace().unwrap_or_default();
+    let release = pipeline
+        .annotations()
+        .get(RELEASE_ANNOTATION)
+        .is_some_and(|v| v == "true");
+    if release || pipeline.spec.deletion_policy == DeletionPolicy::Retain {
+        if release {
+            publish(
+                ctx,
+                pipeline,
+                EventType::Warning,
+                "FinalizerReleased",
+                format!("{RELEASE_ANNOTATION} is set: the broker topology was left as it is"),
+            )
+            .await;
+        }
+        ctx.metrics.forget(&namespace, &name);
+        return Ok(Action::await_change());
+    }
+    let waiting = |reason: &str, message: String| {
+        let api = api.clone();
+        let reason = reason.to_string();
+        async move {
+            let message = format!("{message}; deleting the pipeline waits (set the annotation {RELEASE_ANNOTATION}=true to keep the topology and finish)");
+            fail(
+                &api,
+                pipeline,
+                ctx,
+                "TopologyReady",
+                &reason,
+                message.clone(),
+            )
+            .await?;
+            Err::<Action, Error>(Error::Waiting(message))
+        }
+    };
+    let valid = match validate(&name, &namespace, &pipeline.spec) {
+        Ok(valid) => valid,
+        Err(invalid) => return waiting("InvalidSpec", invalid.to_string()).await,
+    };
+    let referenced = match dereference(&ctx.client, &namespace, &pipeline.spec).await {
+        Ok(referenced) => referenced,
+        Err(Error::MissingReference(message)) => return waiting("MissingReference", message).await,
+        Err(other) => return Err(other),
+    };
+    let Some(topology) = topology_of(&valid, &referenced) else {
+        ctx.metrics.forget(&namespace, &name);
+        return Ok(Action::await_change());
+    };
+    match topology.delete().await? {
+        Removal::Removed => {
+            publish(
+                ctx,
+                pipeline,
+                EventType::Normal,
+                "TopologyDeleted",
+                format!("the topology of {} is deleted", valid.source_label()),
+            )
+            .await;
+            ctx.metrics.forget(&namespace, &name);
+            Ok(Action::await_change())
+        }
+        Removal::Waiting { queue, messages } => {
+            waiting(
+                "QueueNotEmpty",
+                format!("queue {queue} still holds {messages} jobs"),
+            )
+            .await
+        }
+    }
+}
