@@ -46,7 +46,7 @@ impl Error {
             Error::Topology(e) if e.is_transient() => Duration::from_secs(10),
             Error::Topology(_) | Error::MissingReference(_) => Duration::from_secs(60),
             Error::Finalizer(_) => Duration::from_secs(5),
-            Error::Waiting(_) => Duration::from_secs(30),
+            Error::Waiting(_) => Duration::from_secs(10),
         }
     }
 }

@@ -144,6 +144,17 @@ pub async fn ready(url: &str, queue: &str) -> u32 {
     declared.message_count()
 }
 
+/// Whether `queue` exists on the broker at `url`.
+pub async fn queue_exists(url: &str, queue: &str) -> bool {
+    let connection = connect(url).await;
+    let channel = connection.create_channel().await.expect("channel");
+    let exists = mailpipe_contract::amqp::depth(&channel, queue)
+        .await
+        .is_ok();
+    let _ = connection.close(200, "checked".into()).await;
+    exists
+}
+
 /// A message read back from a queue.
 #[derive(Debug, Clone)]
 pub struct Got {

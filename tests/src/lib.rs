@@ -10,6 +10,7 @@
 
 pub mod amqp;
 pub mod certs;
+pub mod cluster;
 pub mod jobs;
 pub mod process;
 pub mod rabbit_node;
@@ -71,6 +72,27 @@ pub fn tools_dir() -> std::path::PathBuf {
             std::path::Path::new(&home).join(".cache/mailpipe/tools")
         }
     }
+}
+
+/// A workspace binary built beside the test executable (`cargo build --workspace --bins`
+/// first, as `.ci/run` does), or the path in the environment variable `override_var`.
+pub fn built_binary(name: &str, override_var: &str) -> std::path::PathBuf {
+    if let Some(path) = std::env::var_os(override_var) {
+        return path.into();
+    }
+    // Test executables live in target/<profile>/deps, binaries in target/<profile>.
+    let exe = std::env::current_exe().expect("executable path");
+    let dir = exe.parent().expect("executable directory");
+    let bin = [dir.join(name), dir.join("..").join(name)]
+        .into_iter()
+        .find(|p| p.exists())
+        .unwrap_or_else(|| dir.join("..").join(name));
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (cargo build --workspace --bins), as .ci/run does",
+        bin.display()
+    );
+    bin
 }
 
 /// The repository root (for scripts and fixtures).

@@ -15,22 +15,7 @@ use crate::{eventually, free_port};
 /// The `mailpipe-worker` binary built beside the test executable
 /// (`cargo build -p mailpipe-worker` first), or `MAILPIPE_WORKER_BIN`.
 pub fn binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("MAILPIPE_WORKER_BIN") {
-        return path.into();
-    }
-    // Test executables live in target/<profile>/deps, binaries in target/<profile>.
-    let exe = std::env::current_exe().expect("executable path");
-    let dir = exe.parent().expect("executable directory");
-    let bin = [dir.join("mailpipe-worker"), dir.join("../mailpipe-worker")]
-        .into_iter()
-        .find(|p| p.exists())
-        .unwrap_or_else(|| dir.join("../mailpipe-worker"));
-    assert!(
-        bin.exists(),
-        "{} is missing: build it first (cargo build -p mailpipe-worker), as .ci/run does",
-        bin.display()
-    );
-    bin
+    crate::built_binary("mailpipe-worker", "MAILPIPE_WORKER_BIN")
 }
 
 /// How to start a worker: flags and environment on top of test defaults.

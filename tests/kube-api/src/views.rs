@@ -279,6 +279,28 @@ fn builtin_columns(kind: &Kind) -> Option<Vec<Column>> {
             ("Selector", "Label selector for pods. Existing ReplicaSets whose pods are selected by this will be the ones affected by this deployment. It must match the pod template's labels.", 1,
                 |d| json!(selector_text(&d["spec"]["selector"]))),
         ]),
+        // `kubectl get events` (not recorded; the columns of the real server's printer).
+        ("", "events") => Some(vec![
+            ("Last Seen", "Time of the last occurrence.", 0, |e| {
+                let last = ["lastTimestamp", "eventTime"]
+                    .iter()
+                    .find_map(|f| e[*f].as_str())
+                    .or_else(|| e["series"]["lastObservedTime"].as_str())
+                    .or_else(|| e["metadata"]["creationTimestamp"].as_str());
+                age(&json!({"metadata": {"creationTimestamp": last}}))
+            }),
+            ("Type", "Type of this event (Normal, Warning).", 0, |e| e["type"].clone()),
+            ("Reason", "Why the action was taken.", 0, |e| e["reason"].clone()),
+            ("Object", "The object this event is about.", 0, |e| {
+                let object = &e["involvedObject"];
+                json!(format!(
+                    "{}/{}",
+                    object["kind"].as_str().unwrap_or("").to_lowercase(),
+                    object["name"].as_str().unwrap_or("")
+                ))
+            }),
+            ("Message", "A human-readable description.", 0, |e| e["message"].clone()),
+        ]),
         _ => None,
     }
 }

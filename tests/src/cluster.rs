@@ -1,0 +1,124 @@
+//! A cluster for end-to-end tests of the operator: the Kubernetes API test server, the
+//! generated CRD applied with kubectl, the runner playing kubelet for worker Deployments
+//! (real worker processes), and operator replicas as processes.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use mailpipe_kube_api::runner::{Runner, RunnerConfig};
+use mailpipe_kube_api::KubeApiServer;
+
+use crate::process::Proc;
+use crate::{built_binary, free_port, repo_root, worker};
+
+/// A test's own cluster; everything stops when it is dropped.
+pub struct Cluster {
+    pub server: KubeApiServer,
+    pub client: kube::Client,
+    pub runner: Runner,
+    pub kubeconfig: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// Starts the server, applies `crds/` with kubectl and starts the runner.
+    pub async fn start() -> Cluster {
+        let server = KubeApiServer::start()
+            .await
+            .expect("the test server starts");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let kubeconfig = dir.path().join("kubeconfig");
+        server.write_kubeconfig(&kubeconfig).expect("kubeconfig");
+        let runner = Runner::start(
+            server.client(),
+            RunnerConfig::new(
+                mailpipe_contract::labels::WORKER_SELECTOR,
+                &dir.path().join("pods"),
+            )
+            .program(mailpipe_contract::labels::WORKER_NAME, &worker::binary()),
+        );
+        let cluster = Cluster {
+            client: server.client(),
+            server,
+            runner,
+            kubeconfig,
+            dir,
+        };
+        let crd = repo_root().join("crds/emailpipelines.mailpipe.dev.yaml");
+        cluster
+            .kubectl_ok(&["apply", "-f", crd.to_str().expect("UTF-8 path")])
+            .await;
+        cluster
+    }
+
+    /// Runs kubectl against this cluster.
+    pub async fn kubectl(&self, args: &[&str]) -> Output {
+        let kubeconfig = self.kubeconfig.clone();
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        tokio::task::spawn_blocking(move || {
+            Command::new("kubectl")
+                .env("KUBECONFIG", kubeconfig)
+                .args(&args)
+                .output()
+                .expect("kubectl is installed (scripts/test-servers.sh)")
+        })
+        .await
+        .expect("kubectl ran")
+    }
+
+    /// Runs kubectl and returns its output, failing the test when it fails.
+    pub async fn kubectl_ok(&self, args: &[&str]) -> String {
+        let output = self.kubectl(args).await;
+        assert!(
+            output.status.success(),
+            "kubectl {args:?} failed: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// `kubectl apply` of a manifest given as text.
+    pub async fn apply(&self, manifest: &str) -> Output {
+        let path = self
+            .dir
+            .path()
+            .join(format!("{}.yaml", crate::unique("manifest")));
+        std::fs::write(&path, manifest).expect("manifest written");
+        self.kubectl(&["apply", "-f", path.to_str().expect("UTF-8 path")])
+            .await
+    }
+
+    /// Starts an operator replica named `identity` (its Lease is held 3 s).
+    pub fn operator(&self, identity: &str) -> Proc {
+        let mut command = Command::new(built_binary("mailpipe-operator", "MAILPIPE_OPERATOR_BIN"));
+        command
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env(
+                "MAILPIPE_OPERATOR_LOG",
+                "info,mailpipe_operator=debug,kube=warn",
+            )
+            .args([
+                "run",
+                "--identity",
+                identity,
+                "--lease-duration",
+                "3s",
+                "--log-format",
+                "text",
+            ])
+            .args(["--http-addr", &format!("127.0.0.1:{}", free_port())])
+            .args(["--worker-image", "ghcr.io/mailpipe/mailpipe-worker:test"]);
+        Proc::spawn(
+            &format!("operator {identity}"),
+            command,
+            &self.dir.path().join(format!("operator-{identity}.log")),
+        )
+    }
+
+    /// How long a test waits for the operator and the runner to converge.
+    pub const SETTLE: Duration = Duration::from_secs(60);
+}

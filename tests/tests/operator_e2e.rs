@@ -1,0 +1,355 @@
+//! The operator end to end: kubectl against the Kubernetes API test server, a real RabbitMQ,
+//! real worker processes run by the runner, a real SMTP server. From `kubectl apply` of the
+//! example pipeline to mail delivered, a rolled Deployment, refusals, a deletion that waits
+//! for its queue, and a leader hand-over.
+
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::Api;
+use mailpipe_tests::amqp::{self, Names, SHARED_URL};
+use mailpipe_tests::cluster::Cluster;
+use mailpipe_tests::smtp::{SmtpOptions, SmtpServer};
+use mailpipe_tests::{eventually, repo_root};
+
+/// The example pipeline (`deploy/examples/emailpipeline.yaml`) pointed at this test's
+/// queue and SMTP server.
+fn manifest(name: &str, names: &Names, smtp_port: u16, policy: &str) -> String {
+    let example = std::fs::read_to_string(repo_root().join("deploy/examples/emailpipeline.yaml"))
+        .expect("the example pipeline");
+    let mut text = example;
+    for (from, to) in [
+        ("name: welcome", format!("name: {name}")),
+        (
+            "exchange: smtp_send_email_exc",
+            format!("exchange: {}", names.exchange),
+        ),
+        ("queue: smtp_send_email", format!("queue: {}", names.queue)),
+        ("host: smtp.example.com", "host: 127.0.0.1".to_string()),
+        ("port: 587", format!("port: {smtp_port}")),
+        ("tls: starttls", "tls: none".to_string()),
+        ("initial: 5s", "initial: 200ms".to_string()),
+        ("max: 5m", "max: 2s".to_string()),
+        (
+            "deletionPolicy: Retain",
+            format!("deletionPolicy: {policy}"),
+        ),
+    ] {
+        assert!(text.contains(from), "the example has {from:?}");
+        text = text.replacen(from, &to, 1);
+    }
+    text
+}
+
+const SECRET: &str =
+    "apiVersion: v1\nkind: Secret\nmetadata:\n  name: amqp\nstringData:\n  url: URL\n";
+
+async fn condition(cluster: &Cluster, pipeline: &str, type_: &str, field: &str) -> String {
+    let path = format!("jsonpath={{.status.conditions[?(@.type==\"{type_}\")].{field}}}");
+    let out = cluster.kubectl(&["get", "ep", pipeline, "-o", &path]).await;
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+async fn wait_condition(
+    cluster: &Cluster,
+    pipeline: &str,
+    type_: &str,
+    status: &str,
+    reason: &str,
+) {
+    eventually(
+        Cluster::SETTLE,
+        &format!("{pipeline}: {type_}={status} ({reason})"),
+        || async {
+            let ok = condition(cluster, pipeline, type_, "status").await == status
+                && condition(cluster, pipeline, type_, "reason").await == reason;
+            ok.then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn an_applied_pipeline_gets_its_topology_workers_and_status_and_delivers_mail() {
+    let cluster = Cluster::start().await;
+    let smtp = SmtpServer::start(SmtpOptions::default()).await;
+    let names = Names::new("e2e");
+    let operator = cluster.operator("op-a");
+    assert!(cluster
+        .apply(&SECRET.replace("URL", SHARED_URL))
+        .await
+        .status
+        .success());
+    let applied = cluster
+        .apply(&manifest("welcome", &names, smtp.port, "Delete"))
+        .await;
+    assert!(
+        String::from_utf8_lossy(&applied.stdout)
+            .contains("emailpipeline.mailpipe.dev/welcome created"),
+        "{applied:?}"
+    );
+
+    // The topology exists in RabbitMQ: exchange, queue, dead-letter and retry queues.
+    let dlq = mailpipe_contract::naming::dead_letter_queue(&names.queue);
+    eventually(Cluster::SETTLE, "the queues declared", || async {
+        (amqp::queue_exists(SHARED_URL, &names.queue).await
+            && amqp::queue_exists(SHARED_URL, &dlq).await)
+            .then_some(())
+    })
+    .await;
+
+    // The children exist with the expected spec.
+    let deployments: Api<Deployment> = Api::default_namespaced(cluster.client.clone());
+    let deployment = eventually(Cluster::SETTLE, "the worker Deployment", || async {
+        deployments.get_opt("welcome-worker").await.ok().flatten()
+    })
+    .await;
+    let template = deployment.spec.as_ref().unwrap().template.clone();
+    let env = template.spec.unwrap().containers[0].env.clone().unwrap();
+    let value = |name: &str| {
+        env.iter()
+            .find(|e| e.name == name)
+            .and_then(|e| e.value.clone())
+    };
+    assert_eq!(
+        value("MAILPIPE_QUEUE").as_deref(),
+        Some(names.queue.as_str())
+    );
+    assert_eq!(
+        value("MAILPIPE_AMQP_URL_FILE").as_deref(),
+        Some("/etc/mailpipe/amqp/url")
+    );
+    assert!(
+        env.iter().all(|e| e.name != "MAILPIPE_AMQP_URL"),
+        "no URL in plain env"
+    );
+    let owned = serde_json::to_string(&deployment.metadata.managed_fields).unwrap();
+    assert!(owned.contains("mailpipe-operator"));
+    let operator_entry = deployment
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .find(|e| e.manager.as_deref() == Some("mailpipe-operator"))
+        .unwrap();
+    let fields = serde_json::to_string(&operator_entry.fields_v1).unwrap();
+    assert!(
+        !fields.contains("f:replicas"),
+        "the operator leaves spec.replicas to the scaler: {fields}"
+    );
+    let services: Api<Service> = Api::default_namespaced(cluster.client.clone());
+    let service = services.get("welcome-worker").await.unwrap();
+    assert_eq!(service.spec.unwrap().ports.unwrap()[0].port, 9090);
+    let budgets: Api<PodDisruptionBudget> = Api::default_namespaced(cluster.client.clone());
+    let budget = budgets.get("welcome-worker").await.unwrap();
+    assert_eq!(
+        budget.spec.unwrap().max_unavailable,
+        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(1))
+    );
+
+    // Ready once a worker is ready; kubectl prints the columns.
+    wait_condition(&cluster, "welcome", "Ready", "True", "Ready").await;
+    let table = cluster.kubectl_ok(&["get", "ep"]).await;
+    let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(
+        header,
+        ["NAME", "SOURCE", "BACKLOG", "REPLICAS", "READY", "AGE"],
+        "{table}"
+    );
+    assert!(
+        table.contains(&format!("rabbitmq/{}", names.queue)),
+        "{table}"
+    );
+
+    // Jobs published to the exchange arrive.
+    let run = mailpipe_tests::unique("e2e");
+    amqp::publish_numbered(SHARED_URL, &names.exchange, &run, 0..10).await;
+    smtp.wait_for_count(10, Duration::from_secs(30)).await;
+    assert_eq!(smtp.tally(&run, 10).await.lost, 0);
+
+    // Editing the spec rolls the workers.
+    let before = cluster.runner.pods("default", "welcome-worker");
+    assert_eq!(before.len(), 1, "{before:?}");
+    cluster
+        .kubectl_ok(&[
+            "patch",
+            "ep",
+            "welcome",
+            "--type",
+            "merge",
+            "-p",
+            r#"{"spec":{"worker":{"concurrency":4}}}"#,
+        ])
+        .await;
+    eventually(Cluster::SETTLE, "the worker replaced", || async {
+        let pods = cluster.runner.pods("default", "welcome-worker");
+        (pods.len() == 1 && pods[0].name != before[0].name && pods[0].ready).then_some(())
+    })
+    .await;
+    let events = cluster.kubectl_ok(&["get", "events"]).await;
+    assert!(
+        events.contains("TopologyReady") && events.contains("emailpipeline/welcome"),
+        "{events}"
+    );
+
+    // Deleting it (policy Delete, queues empty) removes the topology and the workers.
+    cluster
+        .kubectl_ok(&["delete", "ep", "welcome", "--timeout=60s"])
+        .await;
+    eventually(Cluster::SETTLE, "the queues deleted", || async {
+        (!amqp::queue_exists(SHARED_URL, &names.queue).await
+            && !amqp::queue_exists(SHARED_URL, &dlq).await)
+            .then_some(())
+    })
+    .await;
+    eventually(Cluster::SETTLE, "the workers stopped", || async {
+        cluster
+            .runner
+            .pods("default", "welcome-worker")
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+    drop(operator);
+}
+
+#[tokio::test]
+async fn bad_specs_are_refused_or_reported_and_deletion_waits_for_a_non_empty_queue() {
+    let cluster = Cluster::start().await;
+    let smtp = SmtpServer::start(SmtpOptions::default()).await;
+    let _operator = cluster.operator("op-a");
+    assert!(cluster
+        .apply(&SECRET.replace("URL", SHARED_URL))
+        .await
+        .status
+        .success());
+
+    // Refused by the CEL rules, with their message.
+    let names = Names::new("e2ebad");
+    let both = manifest("both", &names, smtp.port, "Retain").replace(
+        "  smtp:\n",
+        "    kafka:\n      bootstrapServers: [\"kafka:9092\"]\n      topic: jobs\n  smtp:\n",
+    );
+    let refused = cluster.apply(&both).await;
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr)
+            .contains("exactly one of spec.source.rabbitmq or spec.source.kafka must be set"),
+        "{refused:?}"
+    );
+
+    // Accepted by the schema, but its Secret is missing: Ready=False with the reason.
+    let missing =
+        manifest("missing", &names, smtp.port, "Retain").replace("name: amqp", "name: nope");
+    assert!(cluster.apply(&missing).await.status.success());
+    wait_condition(&cluster, "missing", "Ready", "False", "MissingReference").await;
+    let message = condition(&cluster, "missing", "Ready", "message").await;
+    assert!(message.contains("Secret \"nope\" not found"), "{message}");
+
+    // A pipeline whose workers cannot start (no program for the image) keeps its jobs;
+    // deleting it with policy Delete waits and says why, then finishes once drained.
+    let held = Names::new("e2eheld");
+    let manifest = manifest("held", &held, smtp.port, "Delete").replace(
+        "  scaling:\n",
+        "  worker:\n    image: example.com/not-runnable:1\n  scaling:\n",
+    );
+    assert!(cluster.apply(&manifest).await.status.success());
+    wait_condition(&cluster, "held", "TopologyReady", "True", "Declared").await;
+    amqp::publish_numbered(SHARED_URL, &held.exchange, "held", 0..3).await;
+    cluster
+        .kubectl_ok(&["delete", "ep", "held", "--wait=false"])
+        .await;
+    wait_condition(&cluster, "held", "TopologyReady", "False", "QueueNotEmpty").await;
+    let message = condition(&cluster, "held", "TopologyReady", "message").await;
+    assert!(
+        message.contains(&format!("queue {} still holds 3 jobs", held.queue)),
+        "{message}"
+    );
+    assert_eq!(
+        amqp::ready(SHARED_URL, &held.queue).await,
+        3,
+        "nothing was deleted"
+    );
+    assert_eq!(amqp::take_all(SHARED_URL, &held.queue).await.len(), 3);
+    eventually(
+        Cluster::SETTLE,
+        "the pipeline and its queue gone",
+        || async {
+            let gone = !cluster
+                .kubectl(&["get", "ep", "held"])
+                .await
+                .status
+                .success();
+            (gone && !amqp::queue_exists(SHARED_URL, &held.queue).await).then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_second_operator_replica_waits_and_takes_over_when_the_leader_dies() {
+    let cluster = Cluster::start().await;
+    let smtp = SmtpServer::start(SmtpOptions::default()).await;
+    let mut a = cluster.operator("op-a");
+    let mut b = cluster.operator("op-b");
+    assert!(cluster
+        .apply(&SECRET.replace("URL", SHARED_URL))
+        .await
+        .status
+        .success());
+    let holder = || async {
+        let out = cluster
+            .kubectl(&[
+                "get",
+                "lease",
+                "mailpipe-operator",
+                "-o",
+                "jsonpath={.spec.holderIdentity}",
+            ])
+            .await;
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let first = eventually(Cluster::SETTLE, "a leader", || async {
+        let h = holder().await;
+        (!h.is_empty()).then_some(h)
+    })
+    .await;
+    let names = Names::new("e2elead");
+    assert!(cluster
+        .apply(&manifest("first", &names, smtp.port, "Retain"))
+        .await
+        .status
+        .success());
+    let deployments: Api<Deployment> = Api::default_namespaced(cluster.client.clone());
+    eventually(Cluster::SETTLE, "the first pipeline's workers", || async {
+        deployments.get_opt("first-worker").await.ok().flatten()
+    })
+    .await;
+
+    // Kill the leader: the other replica takes the Lease and reconciles what comes next.
+    let (leader, standby) = if first == "op-a" {
+        (&mut a, "op-b")
+    } else {
+        (&mut b, "op-a")
+    };
+    leader.kill();
+    let second = Names::new("e2elead2");
+    assert!(cluster
+        .apply(&manifest("second", &second, smtp.port, "Retain"))
+        .await
+        .status
+        .success());
+    eventually(Cluster::SETTLE, "the standby leading", || async {
+        (holder().await == standby).then_some(())
+    })
+    .await;
+    eventually(Cluster::SETTLE, "the second pipeline's workers", || async {
+        deployments.get_opt("second-worker").await.ok().flatten()
+    })
+    .await;
+    for n in [&names, &second] {
+        amqp::delete_plan(SHARED_URL, &n.plan(&Default::default())).await;
+    }
+}
