@@ -12,6 +12,25 @@ use mailpipe_kube_api::KubeApiServer;
 use crate::process::Proc;
 use crate::{built_binary, free_port, repo_root, worker};
 
+/// An operator replica: its process and the port of its /metrics.
+pub struct Operator {
+    pub proc: Proc,
+    pub port: u16,
+}
+
+impl Operator {
+    /// Its `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("http://127.0.0.1:{}/metrics", self.port))
+            .await
+            .and_then(|r| r.error_for_status())
+            .expect("the operator serves /metrics")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+}
+
 /// A test's own cluster; everything stops when it is dropped.
 pub struct Cluster {
     pub server: KubeApiServer,
@@ -91,7 +110,8 @@ impl Cluster {
     }
 
     /// Starts an operator replica named `identity` (its Lease is held 3 s).
-    pub fn operator(&self, identity: &str) -> Proc {
+    pub fn operator(&self, identity: &str) -> Operator {
+        let port = free_port();
         let mut command = Command::new(built_binary("mailpipe-operator", "MAILPIPE_OPERATOR_BIN"));
         command
             .env_clear()
@@ -110,13 +130,14 @@ impl Cluster {
                 "--log-format",
                 "text",
             ])
-            .args(["--http-addr", &format!("127.0.0.1:{}", free_port())])
+            .args(["--http-addr", &format!("127.0.0.1:{port}")])
             .args(["--worker-image", "ghcr.io/mailpipe/mailpipe-worker:test"]);
-        Proc::spawn(
+        let proc = Proc::spawn(
             &format!("operator {identity}"),
             command,
             &self.dir.path().join(format!("operator-{identity}.log")),
-        )
+        );
+        Operator { proc, port }
     }
 
     /// How long a test waits for the operator and the runner to converge.

@@ -43,6 +43,28 @@ fn manifest(name: &str, names: &Names, smtp_port: u16, policy: &str) -> String {
     text
 }
 
+/// prometheus-operator's ServiceMonitor CRD, reduced to what the test needs.
+const SERVICE_MONITOR_CRD: &str = "apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata:
+  name: servicemonitors.monitoring.coreos.com
+spec:
+  group: monitoring.coreos.com
+  names: {kind: ServiceMonitor, listKind: ServiceMonitorList, plural: servicemonitors, singular: servicemonitor}
+  scope: Namespaced
+  versions:
+  - name: v1
+    served: true
+    storage: true
+    schema:
+      openAPIV3Schema:
+        type: object
+        properties:
+          spec:
+            type: object
+            x-kubernetes-preserve-unknown-fields: true
+";
+
 const SECRET: &str =
     "apiVersion: v1\nkind: Secret\nmetadata:\n  name: amqp\nstringData:\n  url: URL\n";
 
@@ -188,6 +210,36 @@ async fn an_applied_pipeline_gets_its_topology_workers_and_status_and_delivers_m
         (pods.len() == 1 && pods[0].name != before[0].name && pods[0].ready).then_some(())
     })
     .await;
+    // A changed referenced Secret rolls the workers too.
+    let rolled = cluster.runner.pods("default", "welcome-worker");
+    let same_broker = SHARED_URL.replace("127.0.0.1", "localhost");
+    assert_ne!(same_broker, SHARED_URL);
+    assert!(cluster
+        .apply(&SECRET.replace("URL", &same_broker))
+        .await
+        .status
+        .success());
+    eventually(
+        Cluster::SETTLE,
+        "the worker replaced after the Secret changed",
+        || async {
+            let pods = cluster.runner.pods("default", "welcome-worker");
+            (pods.len() == 1 && pods[0].name != rolled[0].name && pods[0].ready).then_some(())
+        },
+    )
+    .await;
+
+    // The operator's metrics say the same.
+    let metrics = operator.metrics().await;
+    for series in [
+        "mailpipe_operator_topology_ready{namespace=\"default\",pipeline=\"welcome\"} 1",
+        "mailpipe_operator_replicas{kind=\"ready\",namespace=\"default\",pipeline=\"welcome\"} 1",
+        "mailpipe_operator_dead_letter_depth{namespace=\"default\",pipeline=\"welcome\"} 0",
+        "mailpipe_operator_reconciles_total{result=\"ok\"}",
+    ] {
+        assert!(metrics.contains(series), "{series} in\n{metrics}");
+    }
+
     let events = cluster.kubectl_ok(&["get", "events"]).await;
     assert!(
         events.contains("TopologyReady") && events.contains("emailpipeline/welcome"),
@@ -292,6 +344,8 @@ async fn bad_specs_are_refused_or_reported_and_deletion_waits_for_a_non_empty_qu
 async fn a_second_operator_replica_waits_and_takes_over_when_the_leader_dies() {
     let cluster = Cluster::start().await;
     let smtp = SmtpServer::start(SmtpOptions::default()).await;
+    // With prometheus-operator's ServiceMonitor served, pipelines get one.
+    assert!(cluster.apply(SERVICE_MONITOR_CRD).await.status.success());
     let mut a = cluster.operator("op-a");
     let mut b = cluster.operator("op-b");
     assert!(cluster
@@ -327,6 +381,16 @@ async fn a_second_operator_replica_waits_and_takes_over_when_the_leader_dies() {
         deployments.get_opt("first-worker").await.ok().flatten()
     })
     .await;
+    let monitor = cluster
+        .kubectl_ok(&[
+            "get",
+            "servicemonitors",
+            "first-worker",
+            "-o",
+            "jsonpath={.spec.endpoints[0].port}",
+        ])
+        .await;
+    assert_eq!(monitor, "http");
 
     // Kill the leader: the other replica takes the Lease and reconciles what comes next.
     let (leader, standby) = if first == "op-a" {
@@ -334,7 +398,7 @@ async fn a_second_operator_replica_waits_and_takes_over_when_the_leader_dies() {
     } else {
         (&mut b, "op-a")
     };
-    leader.kill();
+    leader.proc.kill();
     let second = Names::new("e2elead2");
     assert!(cluster
         .apply(&manifest("second", &second, smtp.port, "Retain"))
