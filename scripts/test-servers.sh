@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs and starts what the tests and the demo need, when missing:
-# RabbitMQ (shared node on 127.0.0.1:5672), Redis (127.0.0.1:6379), python3-aiosmtpd
+# RabbitMQ (shared node on 127.0.0.1:5672, management API on 15672), Redis (127.0.0.1:6379), python3-aiosmtpd
 # (the test SMTP server), openssl, and maildev (npm, into $MAILPIPE_TOOLS, outside the clone).
 # Safe to run again: it only acts on what is missing.
 set -euo pipefail
@@ -50,6 +50,13 @@ if ! port_open 5672; then
   rabbitmqctl await_startup >/dev/null
 fi
 
+# The operator creates virtual hosts through the management API (tests: guest on 15672).
+if ! port_open 15672; then
+  log "enabling the RabbitMQ management plugin"
+  rabbitmq-plugins enable rabbitmq_management >/dev/null
+  wait_port 15672 "RabbitMQ management"
+fi
+
 if ! port_open 6379; then
   log "starting Redis"
   redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no >/dev/null
@@ -61,4 +68,4 @@ if [ ! -x "$TOOLS/node_modules/.bin/maildev" ]; then
   (cd "$TOOLS" && npm install --no-audit --no-fund --loglevel=error maildev@3 >/dev/null)
 fi
 
-log "ready: RabbitMQ 5672, Redis 6379, aiosmtpd, maildev ($TOOLS)"
+log "ready: RabbitMQ 5672 (management 15672), Redis 6379, aiosmtpd, maildev ($TOOLS)"

@@ -121,6 +121,11 @@ pub struct RabbitSource {
     /// The Secret key holding a PEM CA bundle to verify an amqps server with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_secret: Option<SecretKeyRef>,
+    /// The Secret key holding the management API URL with administrator credentials
+    /// (`https://admin:pass@rabbitmq:15672`). Set, the operator creates the connection
+    /// URL's virtual host and gives its user access; unset, the virtual host must exist.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub management_secret: Option<SecretKeyRef>,
     /// The exchange producers publish to.
     #[serde(default = "default_exchange")]
     #[schemars(length(min = 1, max = 200), regex(pattern = BROKER_NAME))]

@@ -17,6 +17,8 @@ pub struct Referenced {
     pub amqp_url: Option<String>,
     /// A PEM CA bundle for amqps.
     pub amqp_ca: Option<String>,
+    /// The RabbitMQ management API URL with credentials. Secret: never logged.
+    pub management_url: Option<String>,
     /// A digest of every referenced key's content.
     pub digest: String,
 }
@@ -27,6 +29,7 @@ pub fn secret_keys(spec: &EmailPipelineSpec) -> Vec<SecretKeyRef> {
     if let Some(rabbit) = &spec.source.rabbitmq {
         keys.push(rabbit.connection_secret.clone());
         keys.extend(rabbit.ca_secret.clone());
+        keys.extend(rabbit.management_secret.clone());
     }
     if let Some(kafka) = &spec.source.kafka {
         keys.extend(kafka.ca_secret.clone());
@@ -121,6 +124,7 @@ pub async fn dereference(
     Ok(Referenced {
         amqp_url: text(&rabbit.map(|r| r.connection_secret.clone())),
         amqp_ca: text(&rabbit.and_then(|r| r.ca_secret.clone())),
+        management_url: text(&rabbit.and_then(|r| r.management_secret.clone())),
         digest: references_digest(values.iter().map(|(k, v)| (k.clone(), v.as_slice()))),
     })
 }

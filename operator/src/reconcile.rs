@@ -167,15 +167,24 @@ async fn fail(
     Ok(())
 }
 
-fn topology_of(valid: &ValidatedPipeline, referenced: &Referenced) -> Option<RabbitTopology> {
+fn topology_of(
+    valid: &ValidatedPipeline,
+    referenced: &Referenced,
+) -> Result<Option<RabbitTopology>, TopologyError> {
     match &valid.source {
-        ValidatedSource::Rabbit { settings, plan, .. } => Some(RabbitTopology::new(
-            referenced.amqp_url.clone().unwrap_or_default(),
-            referenced.amqp_ca.clone(),
-            settings.clone(),
-            plan.clone(),
-        )),
-        ValidatedSource::Kafka(_) => None,
+        ValidatedSource::Rabbit { settings, plan, .. } => {
+            let topology = RabbitTopology::new(
+                referenced.amqp_url.clone().unwrap_or_default(),
+                referenced.amqp_ca.clone(),
+                settings.clone(),
+                plan.clone(),
+            );
+            Ok(Some(match &referenced.management_url {
+                Some(base) => topology.with_management(base)?,
+                None => topology,
+            }))
+        }
+        ValidatedSource::Kafka(_) => Ok(None),
     }
 }
 
@@ -223,7 +232,22 @@ async fn apply(
     };
 
     // ensure topology (broker required).
-    let Some(topology) = topology_of(&valid, &referenced) else {
+    let topology = match topology_of(&valid, &referenced) {
+        Ok(topology) => topology,
+        Err(error) => {
+            fail(
+                api,
+                pipeline,
+                ctx,
+                "TopologyReady",
+                error.category(),
+                error.to_string(),
+            )
+            .await?;
+            return Err(error.into());
+        }
+    };
+    let Some(topology) = topology else {
         let message = "Kafka sources are not supported by this version of the operator".to_string();
         fail(api, pipeline, ctx, "TopologyReady", "Unsupported", message).await?;
         return Ok(Action::await_change());
@@ -453,7 +477,7 @@ async fn cleanup(
         Err(Error::MissingReference(message)) => return waiting("MissingReference", message).await,
         Err(other) => return Err(other),
     };
-    let Some(topology) = topology_of(&valid, &referenced) else {
+    let Some(topology) = topology_of(&valid, &referenced)? else {
         ctx.metrics.forget(&namespace, &name);
         return Ok(Action::await_change());
     };

@@ -4,6 +4,7 @@
 //! `deletionPolicy: Delete`, only when nothing is left in it.
 //! Implementations: `rabbitmq` (here); Kafka comes with the Kafka issue.
 
+pub mod management;
 pub mod rabbitmq;
 
 use std::future::Future;

@@ -116,3 +116,60 @@ async fn wrong_credentials_are_refused_and_a_dead_port_is_unreachable() {
     assert!(matches!(error, TopologyError::Unreachable(_)), "{error:?}");
     assert!(error.is_transient());
 }
+
+#[tokio::test]
+async fn with_a_management_secret_the_virtual_host_is_created_first() {
+    let vhost = mailpipe_tests::unique("mpvhost");
+    let url = format!("amqp://guest:guest@127.0.0.1:5672/{vhost}");
+    let names = Names::new("opvhost");
+    let settings = RabbitSettings {
+        exchange: names.exchange.clone(),
+        queue: names.queue.clone(),
+        ..RabbitSettings::default()
+    };
+    let plan = settings.plan(&RetryPolicy::default());
+    let without = RabbitTopology::new(url.clone(), None, settings.clone(), plan.clone());
+    let error = without.ensure().await.unwrap_err();
+    assert!(
+        matches!(error, TopologyError::Refused(_)),
+        "a missing vhost: {error:?}"
+    );
+
+    let management = "http://guest:guest@127.0.0.1:15672";
+    let topology = RabbitTopology::new(url.clone(), None, settings, plan)
+        .with_management(management)
+        .unwrap();
+    topology.ensure().await.expect("vhost, then topology");
+    topology.ensure().await.expect("again: nothing changes");
+    assert!(
+        amqp::queue_exists(&url, &names.queue).await,
+        "the queue is in the new vhost"
+    );
+    assert!(
+        !amqp::queue_exists(SHARED_URL, &names.queue).await,
+        "and not in the default one"
+    );
+
+    let wrong = RabbitTopology::new(
+        url.clone(),
+        None,
+        RabbitSettings::default(),
+        RabbitSettings::default().plan(&RetryPolicy::default()),
+    )
+    .with_management("http://guest:wrong@127.0.0.1:15672")
+    .unwrap();
+    let error = wrong.ensure().await.unwrap_err();
+    assert!(matches!(error, TopologyError::Refused(_)), "{error:?}");
+    assert!(
+        !error.to_string().contains("wrong"),
+        "no credentials in messages: {error}"
+    );
+
+    let deleted = reqwest::Client::new()
+        .delete(format!("http://127.0.0.1:15672/api/vhosts/{vhost}"))
+        .basic_auth("guest", Some("guest"))
+        .send()
+        .await
+        .unwrap();
+    assert!(deleted.status().is_success());
+}

@@ -15,6 +15,7 @@ pub struct RabbitTopology {
     ca: Option<String>,
     settings: RabbitSettings,
     plan: TopologyPlan,
+    management: Option<super::management::Management>,
 }
 
 impl std::fmt::Debug for RabbitTopology {
@@ -52,7 +53,18 @@ impl RabbitTopology {
             ca,
             settings,
             plan,
+            management: None,
         }
+    }
+
+    /// Creates the connection URL's virtual host through the management API at `base`
+    /// before declaring anything.
+    pub fn with_management(mut self, base: &str) -> Result<RabbitTopology, TopologyError> {
+        self.management = Some(super::management::Management::new(
+            base,
+            self.ca.as_deref(),
+        )?);
+        Ok(self)
     }
 
     async fn connect(&self) -> Result<Connection, TopologyError> {
@@ -100,6 +112,9 @@ impl RabbitTopology {
 
 impl BrokerTopology for RabbitTopology {
     async fn ensure(&self) -> Result<(), TopologyError> {
+        if let Some(management) = &self.management {
+            management.ensure_vhost(&self.url).await?;
+        }
         let connection = self.connect().await?;
         let channel = Self::channel(&connection).await?;
         let declared = amqp::declare(&channel, &self.plan, false)
