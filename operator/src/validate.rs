@@ -46,7 +46,7 @@ pub enum ValidatedSource {
     Rabbit {
         settings: RabbitSettings,
         plan: TopologyPlan,
-        source: crd::RabbitSource,
+        source: Box<crd::RabbitSource>,
     },
     /// Kafka (its topology comes with the Kafka issue).
     Kafka(crd::KafkaSource),
@@ -136,7 +136,7 @@ pub fn validate(
             ValidatedSource::Rabbit {
                 settings,
                 plan,
-                source: rabbit.clone(),
+                source: Box::new(rabbit.clone()),
             }
         }
         (None, Some(kafka)) => ValidatedSource::Kafka(kafka.clone()),
