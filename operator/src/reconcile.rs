@@ -167,6 +167,33 @@ async fn fail(
     Ok(())
 }
 
+/// Reports a topology failure (condition, event, metric) and returns it as the error.
+async fn topology_failed(
+    api: &Api<EmailPipeline>,
+    pipeline: &EmailPipeline,
+    ctx: &Context,
+    error: TopologyError,
+) -> Result<Action, Error> {
+    let (namespace, name) = (
+        pipeline.namespace().unwrap_or_default(),
+        pipeline.name_any(),
+    );
+    ctx.metrics
+        .topology_ready
+        .with_label_values(&[&namespace, &name])
+        .set(0);
+    fail(
+        api,
+        pipeline,
+        ctx,
+        "TopologyReady",
+        error.category(),
+        error.to_string(),
+    )
+    .await?;
+    Err(error.into())
+}
+
 fn topology_of(
     valid: &ValidatedPipeline,
     referenced: &Referenced,
@@ -233,40 +260,17 @@ async fn apply(
 
     // ensure topology (broker required).
     let topology = match topology_of(&valid, &referenced) {
-        Ok(topology) => topology,
-        Err(error) => {
-            fail(
-                api,
-                pipeline,
-                ctx,
-                "TopologyReady",
-                error.category(),
-                error.to_string(),
-            )
-            .await?;
-            return Err(error.into());
+        Ok(Some(topology)) => topology,
+        Ok(None) => {
+            let message =
+                "Kafka sources are not supported by this version of the operator".to_string();
+            fail(api, pipeline, ctx, "TopologyReady", "Unsupported", message).await?;
+            return Ok(Action::await_change());
         }
-    };
-    let Some(topology) = topology else {
-        let message = "Kafka sources are not supported by this version of the operator".to_string();
-        fail(api, pipeline, ctx, "TopologyReady", "Unsupported", message).await?;
-        return Ok(Action::await_change());
+        Err(error) => return topology_failed(api, pipeline, ctx, error).await,
     };
     if let Err(error) = topology.ensure().await {
-        ctx.metrics
-            .topology_ready
-            .with_label_values(&[&namespace, &name])
-            .set(0);
-        fail(
-            api,
-            pipeline,
-            ctx,
-            "TopologyReady",
-            error.category(),
-            error.to_string(),
-        )
-        .await?;
-        return Err(error.into());
+        return topology_failed(api, pipeline, ctx, error).await;
     }
     ctx.metrics
         .topology_ready

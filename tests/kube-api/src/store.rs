@@ -418,6 +418,28 @@ pub fn apply_defaults(value: &mut Value, schema: &Value) {
     }
 }
 
+/// The objects of `kind` (in `namespace` when given) the selectors select, as `kind` shows
+/// them.
+fn select<'a>(
+    objects: impl Iterator<Item = (&'a ObjectKey, &'a Value)>,
+    kind: &Kind,
+    namespace: Option<&str>,
+    labels: &LabelSelector,
+    fields: &FieldSelector,
+) -> Vec<Value> {
+    objects
+        .filter(|(key, _)| key.group == kind.storage_group() && key.plural == kind.plural)
+        .filter(|(key, _)| namespace.is_none_or(|ns| key.namespace == ns))
+        .map(|(_, object)| object)
+        .filter(|object| labels.matches(&labels_of(object)) && fields.matches(object))
+        .map(|object| {
+            let mut object = object.clone();
+            crate::builtin::convert(&mut object, kind);
+            object
+        })
+        .collect()
+}
+
 fn terminating(object: &Value) -> bool {
     object["metadata"]["deletionTimestamp"].is_string()
 }
@@ -651,18 +673,7 @@ impl Store {
         labels: &LabelSelector,
         fields: &FieldSelector,
     ) -> Vec<Value> {
-        self.objects
-            .iter()
-            .filter(|(key, _)| key.group == kind.storage_group() && key.plural == kind.plural)
-            .filter(|(key, _)| namespace.is_none_or(|ns| key.namespace == ns))
-            .map(|(_, object)| object)
-            .filter(|object| labels.matches(&labels_of(object)) && fields.matches(object))
-            .map(|object| {
-                let mut object = object.clone();
-                crate::builtin::convert(&mut object, kind);
-                object
-            })
-            .collect()
+        select(self.objects.iter(), kind, namespace, labels, fields)
     }
 
     /// Objects of `kind` as they were at resourceVersion `rv` (a list with
@@ -690,20 +701,7 @@ impl Store {
                 }
             }
         }
-        Some(
-            objects
-                .into_iter()
-                .filter(|(key, _)| key.group == kind.storage_group() && key.plural == kind.plural)
-                .filter(|(key, _)| namespace.is_none_or(|ns| key.namespace == ns))
-                .map(|(_, object)| object)
-                .filter(|object| labels.matches(&labels_of(object)) && fields.matches(object))
-                .map(|object| {
-                    let mut object = object.clone();
-                    crate::builtin::convert(&mut object, kind);
-                    object
-                })
-                .collect(),
-        )
+        Some(select(objects.into_iter(), kind, namespace, labels, fields))
     }
 
     fn check_namespace(&self, kind: &Kind, namespace: &str, name: &str) -> Result<(), ApiError> {
