@@ -167,6 +167,22 @@ async fn fail(
     Ok(())
 }
 
+/// Server-side applies a child built for the pipeline (forced: the operator owns what it
+/// sends; it sends nothing it does not own).
+async fn apply_child<K>(ctx: &Context, namespace: &str, child: &K) -> Result<K, Error>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::Serialize
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), namespace);
+    let name = child.meta().name.clone().unwrap_or_default();
+    let params = PatchParams::apply(MANAGER).force();
+    Ok(api.patch(&name, &params, &Patch::Apply(child)).await?)
+}
+
 /// Reports a topology failure (condition, event, metric) and returns it as the error.
 async fn topology_failed(
     api: &Api<EmailPipeline>,
@@ -304,28 +320,12 @@ async fn apply(
         references: referenced.digest.clone(),
     };
     let params = PatchParams::apply(MANAGER).force();
-    let deployment = build::worker_deployment(&valid, &inputs);
     let worker = build::worker_name(&valid);
-    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &namespace);
-    let applied = deployments
-        .patch(&worker, &params, &Patch::Apply(&deployment))
-        .await?;
-    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &namespace);
-    services
-        .patch(
-            &worker,
-            &params,
-            &Patch::Apply(&build::metrics_service(&valid, &inputs)),
-        )
-        .await?;
-    let budgets: Api<PodDisruptionBudget> = Api::namespaced(ctx.client.clone(), &namespace);
-    budgets
-        .patch(
-            &worker,
-            &params,
-            &Patch::Apply(&build::disruption_budget(&valid, &inputs)),
-        )
-        .await?;
+    let applied: Deployment =
+        apply_child(ctx, &namespace, &build::worker_deployment(&valid, &inputs)).await?;
+    let _: Service = apply_child(ctx, &namespace, &build::metrics_service(&valid, &inputs)).await?;
+    let _: PodDisruptionBudget =
+        apply_child(ctx, &namespace, &build::disruption_budget(&valid, &inputs)).await?;
     if ctx.service_monitors {
         let resource = ApiResource::from_gvk_with_plural(
             &GroupVersionKind::gvk("monitoring.coreos.com", "v1", "ServiceMonitor"),
