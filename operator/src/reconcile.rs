@@ -481,12 +481,16 @@ async fn cleanup(
         Err(Error::MissingReference(message)) => return waiting("MissingReference", message).await,
         Err(other) => return Err(other),
     };
-    let Some(topology) = topology_of(&valid, &referenced)? else {
+    let topology = match topology_of(&valid, &referenced) {
+        Ok(topology) => topology,
+        Err(error) => return waiting(error.category(), error.to_string()).await,
+    };
+    let Some(topology) = topology else {
         ctx.metrics.forget(&namespace, &name);
         return Ok(Action::await_change());
     };
-    match topology.delete().await? {
-        Removal::Removed => {
+    match topology.delete().await {
+        Ok(Removal::Removed) => {
             publish(
                 ctx,
                 pipeline,
@@ -498,12 +502,14 @@ async fn cleanup(
             ctx.metrics.forget(&namespace, &name);
             Ok(Action::await_change())
         }
-        Removal::Waiting { queue, messages } => {
+        Ok(Removal::Waiting { queue, messages }) => {
             waiting(
                 "QueueNotEmpty",
                 format!("queue {queue} still holds {messages} jobs"),
             )
             .await
         }
+        // The broker may be gone for good: say how to let go.
+        Err(error) => waiting(error.category(), error.to_string()).await,
     }
 }

@@ -303,11 +303,11 @@ async fn bad_specs_are_refused_or_reported_and_deletion_waits_for_a_non_empty_qu
     // A pipeline whose workers cannot start (no program for the image) keeps its jobs;
     // deleting it with policy Delete waits and says why, then finishes once drained.
     let held = Names::new("e2eheld");
-    let manifest = manifest("held", &held, smtp.port, "Delete").replace(
+    let held_manifest = manifest("held", &held, smtp.port, "Delete").replace(
         "  scaling:\n",
         "  worker:\n    image: example.com/not-runnable:1\n  scaling:\n",
     );
-    assert!(cluster.apply(&manifest).await.status.success());
+    assert!(cluster.apply(&held_manifest).await.status.success());
     wait_condition(&cluster, "held", "TopologyReady", "True", "Declared").await;
     amqp::publish_numbered(SHARED_URL, &held.exchange, "held", 0..3).await;
     cluster
@@ -337,6 +337,67 @@ async fn bad_specs_are_refused_or_reported_and_deletion_waits_for_a_non_empty_qu
             (gone && !amqp::queue_exists(SHARED_URL, &held.queue).await).then_some(())
         },
     )
+    .await;
+
+    // A broker gone for good holds a Delete-policy deletion until an admin lets go.
+    let dead = format!(
+        "amqp://guest:guest@127.0.0.1:{}/%2f",
+        mailpipe_tests::free_port()
+    );
+    let dead_secret = SECRET
+        .replace("name: amqp", "name: dead")
+        .replace("URL", &dead);
+    assert!(cluster.apply(&dead_secret).await.status.success());
+    let gone = Names::new("e2egone");
+    let gone_manifest =
+        manifest("gone", &gone, smtp.port, "Delete").replace("name: amqp", "name: dead");
+    assert!(cluster.apply(&gone_manifest).await.status.success());
+    wait_condition(
+        &cluster,
+        "gone",
+        "TopologyReady",
+        "False",
+        "BrokerUnreachable",
+    )
+    .await;
+    cluster
+        .kubectl_ok(&["delete", "ep", "gone", "--wait=false"])
+        .await;
+    eventually(
+        Cluster::SETTLE,
+        "the deletion waiting with advice",
+        || async {
+            let message = condition(&cluster, "gone", "TopologyReady", "message").await;
+            message
+                .contains("mailpipe.dev/release-finalizer=true")
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(
+        cluster
+            .kubectl(&["get", "ep", "gone"])
+            .await
+            .status
+            .success(),
+        "still there"
+    );
+    cluster
+        .kubectl_ok(&[
+            "annotate",
+            "ep",
+            "gone",
+            "mailpipe.dev/release-finalizer=true",
+        ])
+        .await;
+    eventually(Cluster::SETTLE, "the pipeline released", || async {
+        (!cluster
+            .kubectl(&["get", "ep", "gone"])
+            .await
+            .status
+            .success())
+        .then_some(())
+    })
     .await;
 }
 
