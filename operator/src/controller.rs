@@ -32,33 +32,32 @@ fn referring<K: ResourceExt>(
         .collect()
 }
 
+/// An Api for `K` in `namespace`, or across all namespaces.
+fn scoped<K>(client: &kube::Client, namespace: &Option<String>) -> Api<K>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
 /// Runs the controller for one namespace (`None`: all) until `stop`.
 pub async fn run(ctx: Arc<Context>, namespace: Option<String>, stop: CancellationToken) {
     let client = ctx.client.clone();
-    let api = |_: ()| -> Api<EmailPipeline> {
-        match &namespace {
-            Some(ns) => Api::namespaced(client.clone(), ns),
-            None => Api::all(client.clone()),
-        }
-    };
-    fn scoped<K>(client: &kube::Client, namespace: &Option<String>) -> Api<K>
-    where
-        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
-            + Clone
-            + serde::de::DeserializeOwned
-            + std::fmt::Debug,
-    {
-        match namespace {
-            Some(ns) => Api::namespaced(client.clone(), ns),
-            None => Api::all(client.clone()),
-        }
-    }
     let owned = watcher::Config::default().labels(&format!(
         "{}={}",
         mailpipe_contract::labels::MANAGED_BY,
         mailpipe_contract::labels::OPERATOR
     ));
-    let controller = Controller::new(api(()), watcher::Config::default());
+    let controller = Controller::new(
+        scoped::<EmailPipeline>(&client, &namespace),
+        watcher::Config::default(),
+    );
     let store = controller.store();
     let secrets_store = store.clone();
     controller
