@@ -4,8 +4,10 @@
 //! objects in memory and implements the parts of the API mailpipe uses, checked against
 //! exchanges recorded from a real kube-apiserver (`tests/kube-api/fixtures/`). It is test
 //! support, never shipped. Modules: `registry` (kinds, discovery), `store` (objects,
-//! resourceVersions, history), `server` (HTTP, watch), `selector`, `patch`, `errors`, and `runner`, which plays
-//! kubelet for Deployments.
+//! resourceVersions, history, apply, managedFields, garbage collection), `builtin` (what the
+//! real server does to built-in kinds), `server` (HTTP, lists, watch, discovery), `views`
+//! (OpenAPI, Tables), `validation` (schemas, CEL), `fields`, `selector`, `patch`, `errors`,
+//! and `runner`, which plays the Deployment controller and kubelet.
 #![forbid(unsafe_code)]
 
 pub mod builtin;
