@@ -210,3 +210,46 @@ async fn quorum_queues_retry_and_dead_letter_at_least_once() {
     };
     amqp::delete_plan(SHARED_URL, &settings.plan(&retry(2))).await;
 }
+
+#[tokio::test]
+async fn an_smtp_restart_between_sends_costs_no_attempt() {
+    // One attempt only: a send lost to a connection the server closed while it sat in the
+    // pool would dead-letter the job.
+    let mut smtp = SmtpServer::start(SmtpOptions::default()).await;
+    let names = Names::new("stalepool");
+    let worker = WorkerSpec::new(SHARED_URL, &names, smtp.port)
+        .args(&[
+            "--max-attempts",
+            "1",
+            "--concurrency",
+            "1",
+            "--smtp-pool-size",
+            "1",
+        ])
+        .spawn();
+    worker.wait_ready(Duration::from_secs(30)).await;
+    let run = unique("run");
+    amqp::publish_numbered(SHARED_URL, &names.exchange, &run, 0..1).await;
+    smtp.wait_for_count(1, Duration::from_secs(15)).await;
+
+    // The pooled connection is now dead, and too fresh to be checked with NOOP.
+    smtp.stop().await;
+    smtp.restart().await;
+    amqp::publish_numbered(SHARED_URL, &names.exchange, &run, 1..2).await;
+    smtp.wait_for_count(2, Duration::from_secs(15)).await;
+    let tally = smtp.tally(&run, 2).await;
+    assert_eq!((tally.lost, tally.duplicated), (0, 0), "{tally:?}");
+    assert_eq!(
+        amqp::ready(SHARED_URL, &dead_letter_queue(&names.queue)).await,
+        0,
+        "nothing dead-lettered"
+    );
+    assert_eq!(
+        worker
+            .metric("mailpipe_jobs_failed_total{reason=\"smtp_connection\"}")
+            .await,
+        0.0,
+        "no attempt was spent on the stale connection"
+    );
+    amqp::delete_plan(SHARED_URL, &names.plan(&retry(1))).await;
+}

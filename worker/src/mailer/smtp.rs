@@ -13,7 +13,8 @@
 //! Certificates are verified against the system roots, or only against a given CA bundle;
 //! skipping verification is an opt-in that `run` logs loudly. A connection that failed is
 //! dropped, never returned to the pool; one idle for a while is checked with NOOP before
-//! reuse, and one idle too long is closed. lettre's errors are mapped to a classified
+//! reuse, and one idle too long is closed; a reused one that fails without any reply is
+//! replaced and the transaction sent again at once. lettre's errors are mapped to a classified
 //! [`SendError`] here and nowhere else.
 
 use std::sync::{Arc, Mutex};
@@ -159,12 +160,17 @@ impl SmtpMailer {
         Ok(connection)
     }
 
-    /// An idle connection that still answers, or a new one.
-    async fn checkout(&self) -> Result<AsyncSmtpConnection, SendError> {
+    /// An idle connection that still answers, or a new one (always new with `fresh`);
+    /// `true` when it was reused.
+    async fn checkout(&self, fresh: bool) -> Result<(AsyncSmtpConnection, bool), SendError> {
         loop {
-            let candidate = self.idle.lock().expect("pool lock").pop();
+            let candidate = if fresh {
+                None
+            } else {
+                self.idle.lock().expect("pool lock").pop()
+            };
             let Some((mut connection, since)) = candidate else {
-                return self.open().await;
+                return Ok((self.open().await?, false));
             };
             self.metrics
                 .smtp_pool_connections
@@ -178,7 +184,7 @@ impl SmtpMailer {
             if idle_for > CHECK_AFTER_IDLE && !connection.test_connected().await {
                 continue;
             }
-            return Ok(connection);
+            return Ok((connection, true));
         }
     }
 
@@ -196,12 +202,14 @@ impl SmtpMailer {
             .inc();
     }
 
-    /// Runs `work` on a pooled connection within the timeout; the connection goes back to
-    /// the pool only when the work succeeded.
+    /// Runs `work` on a pooled connection (a new one with `fresh`) within the timeout; the
+    /// connection goes back to the pool only when the work succeeded. A failure says
+    /// whether the connection was a reused one.
     async fn with_connection<T>(
         &self,
+        fresh: bool,
         work: impl AsyncFnOnce(&mut AsyncSmtpConnection) -> Result<T, SendError>,
-    ) -> Result<T, SendError> {
+    ) -> Result<T, (SendError, bool)> {
         let _permit = self
             .permits
             .acquire()
@@ -213,18 +221,21 @@ impl SmtpMailer {
             .with_label_values(&["busy"]);
         busy.inc();
         let outcome = tokio::time::timeout(self.timeout, async {
-            let mut connection = self.checkout().await?;
+            let (mut connection, reused) = self.checkout(fresh).await.map_err(|e| (e, false))?;
             let result = work(&mut connection).await;
             if result.is_ok() {
                 self.checkin(connection);
             }
-            result
+            result.map_err(|e| (e, reused))
         })
         .await
         .unwrap_or_else(|_| {
-            Err(SendError::without_reply(
-                "smtp_timeout",
-                format!("no answer within {:?}", self.timeout),
+            Err((
+                SendError::without_reply(
+                    "smtp_timeout",
+                    format!("no answer within {:?}", self.timeout),
+                ),
+                false,
             ))
         });
         busy.dec();
@@ -319,15 +330,27 @@ fn error_chain(error: &dyn std::error::Error) -> String {
 impl Mailer for SmtpMailer {
     async fn send(&self, message: &Outgoing) -> Result<(), SendError> {
         let started = Instant::now();
-        let result = self
-            .with_connection(async |connection| {
-                connection
-                    .send(&message.envelope, &message.bytes)
-                    .await
-                    .map(drop)
-                    .map_err(|e| classify(&e))
-            })
-            .await;
+        let transaction = async |connection: &mut AsyncSmtpConnection| {
+            connection
+                .send(&message.envelope, &message.bytes)
+                .await
+                .map(drop)
+                .map_err(|e| classify(&e))
+        };
+        // A reused connection that fails without any reply was closed by the server while it
+        // sat in the pool (a restart, an idle timeout shorter than ours): the transaction
+        // goes once more on a new connection, and the job loses no attempt. A reply, even
+        // an error, is final.
+        let result = match self.with_connection(false, transaction).await {
+            Err((error, true)) if error.reason == "smtp_connection" => {
+                tracing::debug!(
+                    "a pooled SMTP connection was closed by the server; using a new one"
+                );
+                self.with_connection(true, transaction).await
+            }
+            other => other,
+        }
+        .map_err(|(error, _)| error);
         self.metrics
             .smtp_send_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -335,7 +358,7 @@ impl Mailer for SmtpMailer {
     }
 
     async fn probe(&self) -> Result<(), SendError> {
-        self.with_connection(async |connection| {
+        self.with_connection(false, async |connection| {
             if connection.test_connected().await {
                 Ok(())
             } else {
@@ -346,6 +369,7 @@ impl Mailer for SmtpMailer {
             }
         })
         .await
+        .map_err(|(error, _)| error)
     }
 }
 
