@@ -56,3 +56,12 @@ pub struct Tally {
     /// Messages that are not jobs of this run.
     pub foreign: usize,
 }
+
+impl Tally {
+    /// Every job exactly once, nothing else.
+    pub const EXACT: Tally = Tally {
+        lost: 0,
+        duplicated: 0,
+        foreign: 0,
+    };
+}

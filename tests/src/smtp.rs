@@ -176,6 +176,14 @@ impl SmtpServer {
         .await;
     }
 
+    /// Waits until `n` messages arrived, lets a late duplicate arrive too (500 ms), then
+    /// tallies the numbered jobs 0..n of `run`.
+    pub async fn settled_tally(&self, run: &str, n: usize, timeout: Duration) -> jobs::Tally {
+        self.wait_for_count(n, timeout).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        self.tally(run, n).await
+    }
+
     /// Which of the numbered jobs 0..n of `run` arrived, how often (see [`jobs::numbered`]).
     pub async fn tally(&self, run: &str, n: usize) -> jobs::Tally {
         let messages = self.messages().await;

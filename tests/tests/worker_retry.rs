@@ -48,17 +48,8 @@ async fn smtp_4xx_for_a_while_delays_delivery_but_dead_letters_nothing() {
     assert_eq!(smtp.count().await, 0);
     smtp.clear_fault().await;
 
-    smtp.wait_for_count(N, Duration::from_secs(30)).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let tally = smtp.tally(&run, N).await;
-    assert_eq!(
-        tally,
-        jobs::Tally {
-            lost: 0,
-            duplicated: 0,
-            foreign: 0
-        }
-    );
+    let tally = smtp.settled_tally(&run, N, Duration::from_secs(30)).await;
+    assert_eq!(tally, jobs::Tally::EXACT);
     assert_eq!(
         amqp::ready(SHARED_URL, &dead_letter_queue(&names.queue)).await,
         0
@@ -142,17 +133,8 @@ async fn smtp_server_down_then_back_delivers_everything_and_readiness_follows() 
 
     smtp.restart().await;
     worker.wait_ready(Duration::from_secs(30)).await;
-    smtp.wait_for_count(N, Duration::from_secs(30)).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let tally = smtp.tally(&run, N).await;
-    assert_eq!(
-        tally,
-        jobs::Tally {
-            lost: 0,
-            duplicated: 0,
-            foreign: 0
-        }
-    );
+    let tally = smtp.settled_tally(&run, N, Duration::from_secs(30)).await;
+    assert_eq!(tally, jobs::Tally::EXACT);
     assert_eq!(
         amqp::ready(SHARED_URL, &dead_letter_queue(&names.queue)).await,
         0
