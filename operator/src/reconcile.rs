@@ -160,7 +160,10 @@ async fn fail(
         current,
         &[(condition, false, reason, message.clone())],
     );
-    status::write(api, pipeline, &next).await?;
+    // A failure seen again leaves the status as it is: no write, no event.
+    if pipeline.status.as_ref() != Some(&next) {
+        status::write(api, pipeline, &next).await?;
+    }
     if !was_reported {
         publish(ctx, pipeline, EventType::Warning, reason, message).await;
     }
