@@ -66,12 +66,32 @@ pub struct EmailJob {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub attachments: Vec<Attachment>,
     /// Past this instant (RFC 3339) the job is dead-lettered as expired, never sent.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "not_after"
+    )]
     pub not_after: Option<DateTime<Utc>>,
 }
 
 fn default_version() -> u32 {
     JOB_VERSION
+}
+
+/// `not_after` as RFC 3339, with an error that names the field (serde's own says only
+/// "input contains invalid characters").
+fn not_after<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Option<DateTime<Utc>>, D::Error> {
+    let text = Option::<String>::deserialize(de)?;
+    text.map(|t| {
+        DateTime::parse_from_rfc3339(&t)
+            .map(|d| d.with_timezone(&Utc))
+            .map_err(|e| {
+                serde::de::Error::custom(format!(
+                    "not_after must be an RFC 3339 time such as 2026-01-01T12:00:00Z ({e})"
+                ))
+            })
+    })
+    .transpose()
 }
 
 /// A template to render: `name` in the worker's template set, `data` its context.
@@ -152,8 +172,11 @@ impl Default for Limits {
 pub enum InvalidJob {
     /// The body is larger than [`Limits::max_job_bytes`].
     Oversize { bytes: usize, max: usize },
-    /// The body is not a JSON job object (the serde message says where).
+    /// The body is not JSON, or not a JSON object (the serde message says where).
     MalformedJson(String),
+    /// Well-formed JSON that breaks the job schema: an unknown field, a wrong type, a bad
+    /// time (the message names the field).
+    SchemaViolation(String),
     /// `version` is not one this worker reads.
     UnsupportedVersion(u32),
     /// No recipient in `to`, `cc` or `bcc`.
@@ -178,6 +201,7 @@ impl InvalidJob {
         match self {
             InvalidJob::Oversize { .. } => "oversize",
             InvalidJob::MalformedJson(_) => "malformed_json",
+            InvalidJob::SchemaViolation(_) => "schema_violation",
             InvalidJob::UnsupportedVersion(_) => "unsupported_version",
             InvalidJob::NoRecipient => "no_recipient",
             InvalidJob::TooManyRecipients { .. } => "too_many_recipients",
@@ -194,7 +218,8 @@ impl fmt::Display for InvalidJob {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             InvalidJob::Oversize { bytes, max } => write!(f, "job is {bytes} bytes, limit {max}"),
-            InvalidJob::MalformedJson(e) => write!(f, "not a valid job: {e}"),
+            InvalidJob::MalformedJson(e) => write!(f, "not a JSON job object: {e}"),
+            InvalidJob::SchemaViolation(e) => write!(f, "not a valid job: {e}"),
             InvalidJob::UnsupportedVersion(v) => {
                 write!(
                     f,
@@ -243,8 +268,21 @@ impl EmailJob {
                 max: limits.max_job_bytes,
             });
         }
-        let job: EmailJob =
-            serde_json::from_slice(body).map_err(|e| InvalidJob::MalformedJson(e.to_string()))?;
+        // serde reads a struct from a JSON array too (field by field); the schema says object.
+        if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return Err(InvalidJob::MalformedJson(
+                "the job must be a JSON object".into(),
+            ));
+        }
+        let job: EmailJob = serde_json::from_slice(body).map_err(|e| {
+            use serde_json::error::Category;
+            match e.classify() {
+                Category::Data => InvalidJob::SchemaViolation(e.to_string()),
+                Category::Io | Category::Syntax | Category::Eof => {
+                    InvalidJob::MalformedJson(e.to_string())
+                }
+            }
+        })?;
         job.validate(limits)?;
         Ok(job)
     }
@@ -374,10 +412,27 @@ mod tests {
     }
 
     #[test]
-    fn malformed_json_and_unknown_fields_are_refused() {
+    fn malformed_json_and_schema_violations_are_told_apart() {
         assert_eq!(parse("{not json").unwrap_err().reason(), "malformed_json");
         let err = parse(r#"{"to":["a@example.com"],"subject":"x","text":"y","txet":1}"#);
+        assert_eq!(err.unwrap_err().reason(), "schema_violation");
+        let err = parse(r#"{"to":"a@example.com","subject":"x","text":"y"}"#);
+        assert_eq!(err.unwrap_err().reason(), "schema_violation");
+    }
+
+    #[test]
+    fn a_json_array_is_not_a_job() {
+        let err = parse(r#"[1, [], ["a@example.com"], [], [], null, null, "s", "t"]"#);
         assert_eq!(err.unwrap_err().reason(), "malformed_json");
+    }
+
+    #[test]
+    fn a_malformed_not_after_names_the_field() {
+        let err =
+            parse(r#"{"to":["a@example.com"],"subject":"x","text":"y","not_after":"tomorrow"}"#)
+                .unwrap_err();
+        assert_eq!(err.reason(), "schema_violation");
+        assert!(err.to_string().contains("not_after"), "{err}");
     }
 
     #[test]
