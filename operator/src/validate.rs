@@ -132,6 +132,15 @@ pub fn validate(
             settings
                 .validate()
                 .map_err(|e| invalid("spec.source.rabbitmq", e.to_string()))?;
+            if u32::from(rabbit.prefetch) < spec.worker.concurrency {
+                return Err(invalid(
+                    "spec.source.rabbitmq.prefetch",
+                    format!(
+                        "prefetch {} is below spec.worker.concurrency {}: the broker would hand each worker at most {} jobs at once; raise prefetch or lower concurrency",
+                        rabbit.prefetch, spec.worker.concurrency, rabbit.prefetch
+                    ),
+                ));
+            }
             let plan = settings.plan(&retry);
             ValidatedSource::Rabbit {
                 settings,
@@ -313,6 +322,22 @@ mod tests {
                 "initial backoff must be at least 1ms and at most the maximum backoff"
             )
         );
+    }
+
+    #[test]
+    fn a_prefetch_below_the_concurrency_is_refused_not_silently_capped() {
+        let err = validate("w", "m", &spec(json!({"worker": {"concurrency": 64}}))).unwrap_err();
+        assert_eq!(err.field, "spec.source.rabbitmq.prefetch");
+        assert!(
+            err.message.contains("below spec.worker.concurrency 64"),
+            "{err}"
+        );
+        validate(
+            "w",
+            "m",
+            &spec(json!({"worker": {"concurrency": 64}, "source": {"rabbitmq": {"prefetch": 64}}})),
+        )
+        .unwrap();
     }
 
     #[test]
