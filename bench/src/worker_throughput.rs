@@ -158,6 +158,7 @@ async fn raw_smtp(port: u16, stats: &sink::SinkStats, n: usize) -> anyhow::Resul
         pool_size: CONNECTIONS as u32,
         rate_limit: None,
         timeout: Duration::from_secs(30),
+        data_timeout: Duration::from_secs(600),
     };
     let mailer = Arc::new(SmtpMailer::new(
         &config,
@@ -167,7 +168,9 @@ async fn raw_smtp(port: u16, stats: &sink::SinkStats, n: usize) -> anyhow::Resul
     let outgoing = Arc::new(Outgoing { envelope, bytes });
     over_16(n, move || {
         let (mailer, outgoing) = (mailer.clone(), outgoing.clone());
-        async move { mailer.send(&outgoing).await.expect("the sink accepts") }
+        async move {
+            mailer.send(&outgoing).await.expect("the sink accepts");
+        }
     })
     .await
 }

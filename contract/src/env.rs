@@ -48,8 +48,10 @@ pub const SMTP_PASSWORD_FILE: &str = "MAILPIPE_SMTP_PASSWORD_FILE";
 pub const SMTP_POOL_SIZE: &str = "MAILPIPE_SMTP_POOL_SIZE";
 /// Messages per second this worker sends at most.
 pub const SMTP_RATE_LIMIT: &str = "MAILPIPE_SMTP_RATE_LIMIT";
-/// Timeout of one SMTP command.
+/// Timeout of one SMTP command (capped by RFC 5321's value for each).
 pub const SMTP_TIMEOUT: &str = "MAILPIPE_SMTP_TIMEOUT";
+/// Timeout of the server's reply to the end of a message (RFC 5321 allows 10 minutes).
+pub const SMTP_DATA_TIMEOUT: &str = "MAILPIPE_SMTP_DATA_TIMEOUT";
 /// Default From address.
 pub const FROM_ADDRESS: &str = "MAILPIPE_FROM_ADDRESS";
 /// Default From display name.

@@ -25,6 +25,10 @@ pub fn dead_letter_queue(work_queue: &str) -> String {
 pub mod headers {
     /// The attempt the message is on, counting from 1 (absent on a first delivery).
     pub const ATTEMPT: &str = "x-mailpipe-attempt";
+    /// On a retry or dead-letter copy of a job that was delivered to some of its recipients:
+    /// the envelope recipients still to serve (a JSON array). A worker sends such a copy only
+    /// to those of the job's own recipients.
+    pub const RECIPIENTS: &str = "x-mailpipe-recipients";
     /// Why the job was dead-lettered: a bounded label such as `smtp_5xx` or `expired`.
     pub const REASON: &str = "x-mailpipe-reason";
     /// A short human explanation (an SMTP reply code and text, a validation message);

@@ -4,8 +4,15 @@
 It speaks plain SMTP, STARTTLS (required, with AUTH only after TLS) or implicit TLS, can
 require AUTH, and answers scripted faults so tests can drive the worker's retry paths:
 - recipients whose local part starts with "reject5xx" get "550 5.1.1" at RCPT;
-- a fault set through the control API answers every DATA with the given code;
+- recipients whose local part starts with "deferonce" get "451 4.2.1" at RCPT the first
+  time each is seen, and are accepted after that;
+- a fault set through the control API answers every DATA with the given code, or with
+  {"drop": true} stores the message and cuts the connection before replying to its dot;
 - --delay-ms holds each DATA reply (a slow provider, for shutdown tests).
+
+With --store FILE every accepted message is also appended to FILE as one JSON line, written
+out before the 250 is sent, so a test counting after a kill or a restart misses nothing the
+client was told was accepted.
 
 Control API (HTTP on 127.0.0.1): GET /messages (JSON list), GET /count,
 POST /fault {"code": 451, "text": "..."}, DELETE /fault.
@@ -23,16 +30,25 @@ from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
 LOCK = threading.Lock()
 MESSAGES = []
-FAULT = {"code": None, "text": ""}
+DEFERRED = set()
+FAULT = {"code": None, "text": "", "drop": False}
 
 
 class Handler:
-    def __init__(self, delay_ms):
+    def __init__(self, delay_ms, store):
         self.delay = delay_ms / 1000.0
+        self.store = store
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
-        if address.split("@")[0].startswith("reject5xx"):
+        local = address.split("@")[0]
+        if local.startswith("reject5xx"):
             return "550 5.1.1 mailbox unavailable"
+        if local.startswith("deferonce"):
+            with LOCK:
+                first = address not in DEFERRED
+                DEFERRED.add(address)
+            if first:
+                return "451 4.2.1 mailbox busy, try again later"
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
@@ -40,15 +56,21 @@ class Handler:
         if self.delay:
             await asyncio.sleep(self.delay)
         with LOCK:
-            code, text = FAULT["code"], FAULT["text"]
+            code, text, drop = FAULT["code"], FAULT["text"], FAULT["drop"]
             if code is None:
-                MESSAGES.append({
+                message = {
                     "mail_from": envelope.mail_from,
                     "rcpt_tos": list(envelope.rcpt_tos),
                     "data": envelope.content.decode("utf-8", "replace"),
-                })
+                }
+                MESSAGES.append(message)
+                if self.store:
+                    self.store.write(json.dumps(message) + "\n")
+                    self.store.flush()
         if code is not None:
             return f"{code} {text}"
+        if drop:
+            server.transport.abort()
         return "250 Message accepted for delivery"
 
 
@@ -90,12 +112,15 @@ class Control(BaseHTTPRequestHandler):
             return self.reply(404, {"error": "not found"})
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         with LOCK:
-            FAULT["code"], FAULT["text"] = int(body["code"]), body.get("text", "fault")
+            if body.get("drop"):
+                FAULT["drop"] = True
+            else:
+                FAULT["code"], FAULT["text"] = int(body["code"]), body.get("text", "fault")
         self.reply(200, FAULT)
 
     def do_DELETE(self):
         with LOCK:
-            FAULT["code"] = None
+            FAULT["code"], FAULT["drop"] = None, False
         self.reply(200, FAULT)
 
 
@@ -108,6 +133,7 @@ async def main():
     parser.add_argument("--key")
     parser.add_argument("--auth", help="user:password; AUTH is then required")
     parser.add_argument("--delay-ms", type=int, default=0)
+    parser.add_argument("--store", help="append each accepted message to this file")
     args = parser.parse_args()
 
     context = None
@@ -119,6 +145,8 @@ async def main():
         user, password = args.auth.split(":", 1)
         authenticator = Authenticator(user, password)
 
+    store = open(args.store, "a", encoding="utf-8") if args.store else None
+
     def factory():
         options = dict(hostname="mailpipe-test-smtp", data_size_limit=10 * 1024 * 1024)
         if authenticator:
@@ -126,7 +154,7 @@ async def main():
                            auth_require_tls=args.tls == "starttls")
         if args.tls == "starttls":
             options.update(tls_context=context, require_starttls=True)
-        return SMTP(Handler(args.delay_ms), **options)
+        return SMTP(Handler(args.delay_ms, store), **options)
 
     loop = asyncio.get_running_loop()
     server = await loop.create_server(

@@ -162,6 +162,8 @@ pub struct Got {
     pub headers: BTreeMap<String, String>,
     /// The body.
     pub body: Vec<u8>,
+    /// The per-message TTL, when the message has one.
+    pub expiration: Option<String>,
 }
 
 /// Takes (and acks) every message now in `queue`.
@@ -196,6 +198,12 @@ pub async fn take_all(url: &str, queue: &str) -> Vec<Got> {
         got.push(Got {
             headers,
             body: message.delivery.data.clone(),
+            expiration: message
+                .delivery
+                .properties
+                .expiration()
+                .as_ref()
+                .map(|e| e.to_string()),
         });
     }
     let _ = connection.close(200, "taken".into()).await;

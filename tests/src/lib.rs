@@ -13,6 +13,8 @@ pub mod certs;
 pub mod cluster;
 pub mod jobs;
 pub mod process;
+pub mod proxy;
+pub mod quiet;
 pub mod rabbit_node;
 pub mod redis_server;
 pub mod smtp;

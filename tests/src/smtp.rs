@@ -10,6 +10,7 @@ use serde::Deserialize;
 
 use crate::jobs;
 use crate::process::Proc;
+use crate::quiet::Quiet;
 use crate::{eventually, repo_root, tools_dir};
 
 /// Transport security of the test server.
@@ -72,7 +73,6 @@ pub struct SmtpServer {
     control_port: u16,
     options: SmtpOptions,
     dir: tempfile::TempDir,
-    earlier: Vec<Received>,
     http: reqwest::Client,
 }
 
@@ -88,7 +88,6 @@ impl SmtpServer {
             control_port: 0,
             options,
             dir,
-            earlier: Vec::new(),
             http: reqwest::Client::new(),
         };
         server.launch().await;
@@ -110,6 +109,8 @@ impl SmtpServer {
             .args(["--port", &self.port.to_string()])
             .args(["--control-port", &self.control_port.to_string()])
             .args(["--delay-ms", &self.options.delay_ms.to_string()])
+            .arg("--store")
+            .arg(self.store())
             .args([
                 "--tls",
                 match self.options.tls {
@@ -143,22 +144,18 @@ impl SmtpServer {
         format!("http://127.0.0.1:{}{path}", self.control_port)
     }
 
-    /// Every message received, across restarts.
+    fn store(&self) -> std::path::PathBuf {
+        self.dir.path().join("received.jsonl")
+    }
+
+    /// Every message accepted, across restarts and kills: the server writes each one to its
+    /// store before it answers 250.
     pub async fn messages(&self) -> Vec<Received> {
-        let mut all = self.earlier.clone();
-        if self.proc.is_some() {
-            let current: Vec<Received> = self
-                .http
-                .get(self.control("/messages"))
-                .send()
-                .await
-                .expect("SMTP control API answers")
-                .json()
-                .await
-                .expect("messages are JSON");
-            all.extend(current);
-        }
-        all
+        let text = std::fs::read_to_string(self.store()).unwrap_or_default();
+        // A line cut short by a kill was never acknowledged to the client.
+        text.lines()
+            .filter_map(|line| serde_json::from_str(line).ok())
+            .collect()
     }
 
     /// How many messages arrived, across restarts.
@@ -176,11 +173,17 @@ impl SmtpServer {
         .await;
     }
 
-    /// Waits until `n` messages arrived, lets a late duplicate arrive too (500 ms), then
+    /// Waits until `n` messages arrived and nothing more can arrive (see [`Quiet`]), then
     /// tallies the numbered jobs 0..n of `run`.
-    pub async fn settled_tally(&self, run: &str, n: usize, timeout: Duration) -> jobs::Tally {
+    pub async fn settled_tally(
+        &self,
+        run: &str,
+        n: usize,
+        timeout: Duration,
+        quiet: &Quiet<'_>,
+    ) -> jobs::Tally {
         self.wait_for_count(n, timeout).await;
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        quiet.wait(timeout).await;
         self.tally(run, n).await
     }
 
@@ -205,6 +208,17 @@ impl SmtpServer {
             .expect("SMTP control API answers");
     }
 
+    /// From now on every message is stored and then the connection is cut before the reply
+    /// to its final dot: the client cannot know the message arrived (RFC 1047).
+    pub async fn set_drop_after_data(&self) {
+        self.http
+            .post(self.control("/fault"))
+            .json(&serde_json::json!({"drop": true}))
+            .send()
+            .await
+            .expect("SMTP control API answers");
+    }
+
     /// Back to accepting messages.
     pub async fn clear_fault(&self) {
         self.http
@@ -214,9 +228,8 @@ impl SmtpServer {
             .expect("SMTP control API answers");
     }
 
-    /// Stops the server (keeping what it received so far).
+    /// Stops the server (what it received stays counted).
     pub async fn stop(&mut self) {
-        self.earlier = self.messages().await;
         if let Some(mut proc) = self.proc.take() {
             proc.kill();
         }

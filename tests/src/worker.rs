@@ -18,6 +18,15 @@ pub fn binary() -> PathBuf {
     crate::built_binary("mailpipe-worker", "MAILPIPE_WORKER_BIN")
 }
 
+/// The retry policy of [`WorkerSpec::new`]: 5 attempts, 200 ms doubling up to 2 s (its
+/// delay queues are those of `names.plan(&TEST_RETRY)`).
+pub const TEST_RETRY: mailpipe_contract::RetryPolicy = mailpipe_contract::RetryPolicy {
+    max_attempts: 5,
+    initial: Duration::from_millis(200),
+    multiplier: 2.0,
+    max: Duration::from_secs(2),
+};
+
 /// How to start a worker: flags and environment on top of test defaults.
 #[derive(Debug, Clone)]
 pub struct WorkerSpec {
@@ -50,6 +59,32 @@ impl WorkerSpec {
             "2s",
             "--shutdown-timeout",
             "20s",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let mut env = BTreeMap::new();
+        env.insert("MAILPIPE_AMQP_URL".to_string(), amqp_url.to_string());
+        WorkerSpec { args, env }
+    }
+
+    /// A worker for `names` on broker `amqp_url` sending plain SMTP to 127.0.0.1:`smtp_port`
+    /// with everything else as users get it: the default attempts, backoff, timeouts and
+    /// drain deadline. Tests of faults users meet run with these.
+    pub fn with_defaults(amqp_url: &str, names: &Names, smtp_port: u16) -> WorkerSpec {
+        let args = [
+            "--exchange",
+            &names.exchange,
+            "--queue",
+            &names.queue,
+            "--smtp-host",
+            "127.0.0.1",
+            "--smtp-port",
+            &smtp_port.to_string(),
+            "--smtp-tls",
+            "none",
+            "--from-address",
+            "noreply@mailpipe.test",
         ]
         .iter()
         .map(|s| s.to_string())

@@ -257,3 +257,159 @@ async fn log_mode_renders_and_acks_without_sending() {
     );
     amqp::delete_plan(SHARED_URL, &names.plan(&test_retry())).await;
 }
+
+/// Jobs that are valid, or broken in ways producers really break them, each ending where it
+/// belongs: long header lines are folded and delivered (a server refuses lines over 998
+/// characters), a non-ASCII address to a server without SMTPUTF8 is dead-lettered at once
+/// (not taken for a server outage), and schema violations are told apart from bad JSON.
+#[tokio::test]
+async fn long_headers_non_ascii_addresses_and_schema_violations_end_where_they_belong() {
+    let smtp = SmtpServer::start(SmtpOptions::default()).await;
+    let names = Names::new("edgejobs");
+    let worker = WorkerSpec::new(SHARED_URL, &names, smtp.port).spawn();
+    worker.wait_ready(Duration::from_secs(30)).await;
+    let long_subject = format!("Your link https://example.com/{}", "a".repeat(1200));
+    let jobs = [
+        serde_json::json!({"id": "long", "to": ["a@example.com"], "subject": long_subject,
+            "text": "t", "headers": {"X-Trace": "x".repeat(1500)}})
+        .to_string(),
+        serde_json::json!({"id": "utf8", "to": ["jos\u{e9}@example.com"], "subject": "s", "text": "t"})
+            .to_string(),
+        r#"[1, ["a@example.com"], [], [], null, null, "s", "t"]"#.to_string(),
+        r#"{"id": "typed", "to": "a@example.com", "subject": "s", "text": "t"}"#.to_string(),
+        r#"{"id": "when", "to": ["a@example.com"], "subject": "s", "text": "t", "not_after": "tomorrow"}"#
+            .to_string(),
+    ];
+    amqp::publish(
+        SHARED_URL,
+        &names.exchange,
+        jobs.iter().map(|j| j.as_bytes().to_vec()),
+    )
+    .await;
+    let dlq = mailpipe_contract::naming::dead_letter_queue(&names.queue);
+    eventually(Duration::from_secs(20), "4 jobs dead-lettered", || async {
+        (amqp::ready(SHARED_URL, &dlq).await == 4).then_some(())
+    })
+    .await;
+    smtp.wait_for_count(1, Duration::from_secs(20)).await;
+    let received = smtp.messages().await;
+    let longest = received[0].data.lines().map(str::len).max().unwrap();
+    assert!(longest <= 998, "a line of {longest} characters");
+    assert!(
+        worker.is_ready().await,
+        "a job's address is not a server outage"
+    );
+    let metrics = worker.metrics().await;
+    assert_eq!(
+        metrics["mailpipe_jobs_consumed_total"], 5.0,
+        "each consumed once"
+    );
+    let mut reasons: Vec<(String, String, String)> = amqp::take_all(SHARED_URL, &dlq)
+        .await
+        .into_iter()
+        .map(|got| {
+            (
+                got.headers["x-mailpipe-reason"].clone(),
+                got.headers["x-mailpipe-job-id"].clone(),
+                got.headers["x-mailpipe-detail"].clone(),
+            )
+        })
+        .collect();
+    reasons.sort();
+    let summary: Vec<(&str, &str)> = reasons
+        .iter()
+        .map(|(reason, id, _)| {
+            (
+                reason.as_str(),
+                if id.starts_with("sha256:") {
+                    "derived"
+                } else {
+                    id.as_str()
+                },
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("malformed_json", "derived"),
+            ("schema_violation", "typed"),
+            ("schema_violation", "when"),
+            ("smtputf8_unsupported", "utf8"),
+        ]
+    );
+    assert!(reasons[2].2.contains("not_after"), "{:?}", reasons[2]);
+    amqp::delete_plan(SHARED_URL, &names.plan(&test_retry())).await;
+}
+
+/// One refused recipient no longer costs the others their mail: the server's answer is
+/// taken recipient by recipient, a recipient refused for now is retried alone, and one
+/// refused for good is dead-lettered alone, named in `x-mailpipe-recipients`.
+#[tokio::test]
+async fn refused_recipients_are_retried_or_dead_lettered_alone() {
+    let smtp = SmtpServer::start(SmtpOptions::default()).await;
+    let names = Names::new("rcpts");
+    let worker = WorkerSpec::new(SHARED_URL, &names, smtp.port).spawn();
+    worker.wait_ready(Duration::from_secs(30)).await;
+    let jobs = [
+        serde_json::json!({"id": "mixed", "to": ["ok@example.com", "deferonce1@example.com"],
+            "cc": ["reject5xx-a@example.com"], "subject": "mixed", "text": "t"}),
+        serde_json::json!({"id": "bounce", "to": ["ok2@example.com"],
+            "bcc": ["reject5xx-b@example.com"], "subject": "bounce", "text": "t"}),
+    ];
+    amqp::publish(
+        SHARED_URL,
+        &names.exchange,
+        jobs.iter().map(|j| j.to_string().into_bytes()),
+    )
+    .await;
+    let dlq = mailpipe_contract::naming::dead_letter_queue(&names.queue);
+    smtp.wait_for_count(3, Duration::from_secs(20)).await;
+    eventually(
+        Duration::from_secs(20),
+        "the bounce dead-lettered",
+        || async { (amqp::ready(SHARED_URL, &dlq).await == 1).then_some(()) },
+    )
+    .await;
+    let quiet = mailpipe_tests::quiet::Quiet {
+        url: SHARED_URL,
+        plan: names.plan(&test_retry()),
+        workers: vec![&worker],
+    };
+    quiet.wait(Duration::from_secs(20)).await;
+    let mut delivered: Vec<Vec<String>> = smtp
+        .messages()
+        .await
+        .into_iter()
+        .map(|m| m.rcpt_tos)
+        .collect();
+    delivered.sort();
+    assert_eq!(
+        delivered,
+        [
+            vec!["deferonce1@example.com".to_string()],
+            vec!["ok2@example.com".to_string()],
+            vec!["ok@example.com".to_string()],
+        ],
+        "each served recipient once, the deferred one on the retry alone"
+    );
+    let dead = amqp::take_all(SHARED_URL, &dlq).await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].headers["x-mailpipe-reason"], "recipient_refused");
+    assert_eq!(dead[0].headers["x-mailpipe-job-id"], "bounce");
+    assert_eq!(
+        dead[0].headers["x-mailpipe-recipients"],
+        r#"["reject5xx-b@example.com"]"#
+    );
+    let metrics = worker.metrics().await;
+    assert_eq!(
+        metrics["mailpipe_recipients_refused_total{class=\"transient\"}"],
+        1.0
+    );
+    assert_eq!(
+        metrics["mailpipe_recipients_refused_total{class=\"permanent\"}"],
+        2.0
+    );
+    assert_eq!(metrics["mailpipe_jobs_sent_total"], 3.0);
+    amqp::delete_plan(SHARED_URL, &names.plan(&test_retry())).await;
+}

@@ -8,6 +8,7 @@ use mailpipe_contract::topology::{QueueType, RabbitSettings};
 use mailpipe_contract::RetryPolicy;
 use mailpipe_tests::amqp::{self, Names, SHARED_URL};
 use mailpipe_tests::jobs;
+use mailpipe_tests::quiet::Quiet;
 use mailpipe_tests::smtp::{SmtpOptions, SmtpServer};
 use mailpipe_tests::worker::WorkerSpec;
 use mailpipe_tests::{eventually, unique};
@@ -48,7 +49,14 @@ async fn smtp_4xx_for_a_while_delays_delivery_but_dead_letters_nothing() {
     assert_eq!(smtp.count().await, 0);
     smtp.clear_fault().await;
 
-    let tally = smtp.settled_tally(&run, N, Duration::from_secs(30)).await;
+    let quiet = Quiet {
+        url: SHARED_URL,
+        plan: names.plan(&retry(10)),
+        workers: vec![&worker],
+    };
+    let tally = smtp
+        .settled_tally(&run, N, Duration::from_secs(30), &quiet)
+        .await;
     assert_eq!(tally, jobs::Tally::EXACT);
     assert_eq!(
         amqp::ready(SHARED_URL, &dead_letter_queue(&names.queue)).await,
@@ -109,37 +117,102 @@ async fn past_max_attempts_transient_failures_are_dead_lettered_with_the_attempt
     amqp::delete_plan(SHARED_URL, &names.plan(&retry(3))).await;
 }
 
+/// The users' defaults (5 attempts, 5-10-20-40 s apart) used to dead-letter what was
+/// consumed during any outage longer than about 75 s. An unavailable server is not the
+/// job's fault: consuming pauses, no attempt is spent, everything goes out afterwards.
 #[tokio::test]
-async fn smtp_server_down_then_back_delivers_everything_and_readiness_follows() {
-    const N: usize = 10;
-    let mut smtp = SmtpServer::start(SmtpOptions::default()).await;
-    let names = Names::new("smtpdown");
-    let worker = WorkerSpec::new(SHARED_URL, &names, smtp.port)
-        .args(&["--max-attempts", "20"])
-        .spawn();
-    worker.wait_ready(Duration::from_secs(30)).await;
-    smtp.stop().await;
-
-    let run = unique("run");
-    amqp::publish_numbered(SHARED_URL, &names.exchange, &run, 0..N).await;
-    worker.wait_unready(Duration::from_secs(15)).await;
-    eventually(Duration::from_secs(15), "connection failures", || async {
-        let failed = worker
-            .metric("mailpipe_jobs_failed_total{reason=\"smtp_connection\"}")
-            .await;
-        (failed >= N as f64).then_some(())
+async fn a_three_minute_smtp_outage_with_default_settings_dead_letters_nothing() {
+    const N: usize = 1000;
+    const OUTAGE_TENS: usize = 18;
+    let mut smtp = SmtpServer::start(SmtpOptions {
+        delay_ms: 5,
+        ..SmtpOptions::default()
     })
     .await;
+    let names = Names::new("smtpoutage");
+    let worker = WorkerSpec::with_defaults(SHARED_URL, &names, smtp.port).spawn();
+    worker.wait_ready(Duration::from_secs(30)).await;
+    let run = unique("run");
+    amqp::publish_numbered(SHARED_URL, &names.exchange, &run, 0..N).await;
+    smtp.wait_for_count(100, Duration::from_secs(60)).await;
+
+    smtp.stop().await;
+    eprintln!("SMTP server stopped after {} messages", smtp.count().await);
+    worker.wait_unready(Duration::from_secs(15)).await;
+    let consumed_at_stop = worker.metric("mailpipe_jobs_consumed_total").await;
+    let dlq = dead_letter_queue(&names.queue);
+    for _ in 0..OUTAGE_TENS {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert_eq!(
+            amqp::ready(SHARED_URL, &dlq).await,
+            0,
+            "nothing dead-lettered during the outage"
+        );
+        assert!(
+            !worker.is_ready().await,
+            "not ready while the server is down"
+        );
+    }
+    let consumed_in_outage = worker.metric("mailpipe_jobs_consumed_total").await - consumed_at_stop;
+    assert_eq!(
+        consumed_in_outage, 0.0,
+        "consuming paused during the outage"
+    );
+    assert!(
+        amqp::ready(SHARED_URL, &names.queue).await > 0,
+        "the backlog waited in the queue"
+    );
 
     smtp.restart().await;
-    worker.wait_ready(Duration::from_secs(30)).await;
-    let tally = smtp.settled_tally(&run, N, Duration::from_secs(30)).await;
+    eprintln!("SMTP server back; consumed {consumed_at_stop} before the outage");
+    worker.wait_ready(Duration::from_secs(60)).await;
+    eprintln!("worker ready again");
+    let quiet = Quiet {
+        url: SHARED_URL,
+        plan: names.plan(&RetryPolicy::default()),
+        workers: vec![&worker],
+    };
+    let tally = smtp
+        .settled_tally(&run, N, Duration::from_secs(120), &quiet)
+        .await;
     assert_eq!(tally, jobs::Tally::EXACT);
-    assert_eq!(
-        amqp::ready(SHARED_URL, &dead_letter_queue(&names.queue)).await,
-        0
+    assert_eq!(amqp::ready(SHARED_URL, &dlq).await, 0);
+    let metrics = worker.metrics().await;
+    // The only attempts spent are those of messages being handed over at the instant the
+    // server died: their outcome is unknown (the server may have stored them), so they go
+    // through the retry queue once. Every other job waited without spending one.
+    let failed: Vec<(&String, &f64)> = metrics
+        .iter()
+        .filter(|(k, _)| k.starts_with("mailpipe_jobs_failed_total"))
+        .collect();
+    let unknown = metrics
+        .get("mailpipe_jobs_failed_total{reason=\"smtp_outcome_unknown\"}")
+        .copied()
+        .unwrap_or(0.0);
+    assert!(
+        failed
+            .iter()
+            .all(|(k, _)| k.contains("smtp_outcome_unknown")),
+        "no attempt spent on the outage itself: {failed:?}"
     );
-    amqp::delete_plan(SHARED_URL, &names.plan(&retry(20))).await;
+    assert!(
+        unknown <= 16.0,
+        "at most the 16 jobs in flight at the crash had an unknown outcome: {unknown}"
+    );
+    let consumed = metrics["mailpipe_jobs_consumed_total"];
+    assert_eq!(
+        consumed,
+        N as f64 + unknown,
+        "each job consumed once, plus one retry for an unknown outcome"
+    );
+    assert!(
+        metrics
+            .iter()
+            .any(|(k, v)| k.starts_with("mailpipe_smtp_unavailable_total") && *v > 0.0),
+        "the outage is counted apart: {metrics:?}"
+    );
+    assert_eq!(metrics["mailpipe_jobs_sent_total"], N as f64);
+    amqp::delete_plan(SHARED_URL, &names.plan(&RetryPolicy::default())).await;
 }
 
 #[tokio::test]
@@ -234,4 +307,188 @@ async fn an_smtp_restart_between_sends_costs_no_attempt() {
         "no attempt was spent on the stale connection"
     );
     amqp::delete_plan(SHARED_URL, &names.plan(&retry(1))).await;
+}
+
+#[tokio::test]
+async fn a_connection_lost_after_the_final_dot_is_never_resent_at_once() {
+    // One attempt only: before, a reused connection cut after the dot was resent at once on a
+    // new one (two copies, no failure counted).
+    let smtp = SmtpServer::start(SmtpOptions::default()).await;
+    let names = Names::new("afterdot");
+    let worker = WorkerSpec::new(SHARED_URL, &names, smtp.port)
+        .args(&[
+            "--max-attempts",
+            "1",
+            "--concurrency",
+            "1",
+            "--smtp-pool-size",
+            "1",
+        ])
+        .spawn();
+    worker.wait_ready(Duration::from_secs(30)).await;
+    let run = unique("run");
+    amqp::publish_numbered(SHARED_URL, &names.exchange, &run, 0..1).await;
+    smtp.wait_for_count(1, Duration::from_secs(15)).await;
+
+    // The pooled connection is reused for job 1; the server stores it and cuts the line.
+    smtp.set_drop_after_data().await;
+    amqp::publish_numbered(SHARED_URL, &names.exchange, &run, 1..2).await;
+    let dlq = dead_letter_queue(&names.queue);
+    eventually(Duration::from_secs(15), "job 1 dead-lettered", || async {
+        (amqp::ready(SHARED_URL, &dlq).await == 1).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let tally = smtp.tally(&run, 2).await;
+    assert_eq!(
+        tally,
+        jobs::Tally::EXACT,
+        "stored once, never resent at once"
+    );
+    let metrics = worker.metrics().await;
+    assert_eq!(metrics["mailpipe_smtp_outcome_unknown_total"], 1.0);
+    assert_eq!(
+        metrics["mailpipe_jobs_failed_total{reason=\"smtp_outcome_unknown\"}"],
+        1.0
+    );
+    assert_eq!(metrics["mailpipe_jobs_sent_total"], 1.0);
+    let dead = amqp::take_all(SHARED_URL, &dlq).await;
+    assert_eq!(dead[0].headers["x-mailpipe-reason"], "max_attempts");
+    assert!(
+        dead[0].headers["x-mailpipe-detail"].contains("smtp_outcome_unknown"),
+        "{:?}",
+        dead[0].headers
+    );
+    amqp::delete_plan(SHARED_URL, &names.plan(&retry(1))).await;
+}
+
+#[tokio::test]
+async fn a_slow_reply_to_the_final_dot_is_waited_for_not_resent() {
+    // The command timeout is 1 s; the server takes 3 s to accept each message, which RFC
+    // 5321 allows (10 minutes). Each job arrives once and is sent on its first attempt.
+    const N: usize = 4;
+    let smtp = SmtpServer::start(SmtpOptions {
+        delay_ms: 3000,
+        ..SmtpOptions::default()
+    })
+    .await;
+    let names = Names::new("slowdot");
+    let worker = WorkerSpec::new(SHARED_URL, &names, smtp.port)
+        .args(&["--smtp-timeout", "1s", "--concurrency", "4"])
+        .spawn();
+    worker.wait_ready(Duration::from_secs(30)).await;
+    let run = unique("run");
+    amqp::publish_numbered(SHARED_URL, &names.exchange, &run, 0..N).await;
+    let quiet = Quiet {
+        url: SHARED_URL,
+        plan: names.plan(&test_policy()),
+        workers: vec![&worker],
+    };
+    let tally = smtp
+        .settled_tally(&run, N, Duration::from_secs(30), &quiet)
+        .await;
+    assert_eq!(tally, jobs::Tally::EXACT);
+    let metrics = worker.metrics().await;
+    assert_eq!(
+        metrics["mailpipe_jobs_consumed_total"], N as f64,
+        "one attempt each"
+    );
+    amqp::delete_plan(SHARED_URL, &names.plan(&test_policy())).await;
+}
+
+/// The retry policy `WorkerSpec::new` sets (200 ms doubling up to 2 s, 5 attempts).
+fn test_policy() -> RetryPolicy {
+    RetryPolicy {
+        max_attempts: 5,
+        ..retry(5)
+    }
+}
+
+/// A broker that refuses the retry copy (here a policy caps the delay queues at zero
+/// messages with `reject-publish`, as a full queue would): the job is not acked and not
+/// lost; it goes back to the work queue unchanged, counted, and goes out once the broker
+/// takes copies again.
+#[tokio::test]
+async fn a_refused_retry_copy_leaves_the_job_in_the_queue_counted() {
+    let smtp = SmtpServer::start(SmtpOptions::default()).await;
+    smtp.set_fault(451, "4.3.0 try again later").await;
+    let names = Names::new("nackcopy");
+    let policy = unique("nackpolicy");
+    amqp::rabbitmqctl(
+        None,
+        &[
+            "set_policy",
+            &policy,
+            &format!("^{}\\.retry\\.", names.queue),
+            r#"{"max-length":0,"overflow":"reject-publish"}"#,
+            "--apply-to",
+            "queues",
+        ],
+    )
+    .expect("a policy can be set");
+    let worker = WorkerSpec::new(SHARED_URL, &names, smtp.port).spawn();
+    worker.wait_ready(Duration::from_secs(30)).await;
+    let run = unique("run");
+    amqp::publish_numbered(SHARED_URL, &names.exchange, &run, 0..1).await;
+    eventually(Duration::from_secs(20), "two refused copies", || async {
+        (worker.metric("mailpipe_broker_nacks_total").await >= 2.0).then_some(())
+    })
+    .await;
+    let attempts_so_far = worker.metric("mailpipe_jobs_consumed_total").await;
+    assert!(
+        attempts_so_far >= 2.0,
+        "the job came back: {attempts_so_far}"
+    );
+    let dlq = dead_letter_queue(&names.queue);
+    assert_eq!(
+        amqp::ready(SHARED_URL, &dlq).await,
+        0,
+        "never dead-lettered"
+    );
+
+    amqp::rabbitmqctl(None, &["clear_policy", &policy]).expect("the policy goes");
+    smtp.clear_fault().await;
+    let quiet = Quiet {
+        url: SHARED_URL,
+        plan: names.plan(&test_policy()),
+        workers: vec![&worker],
+    };
+    let tally = smtp
+        .settled_tally(&run, 1, Duration::from_secs(30), &quiet)
+        .await;
+    assert_eq!(tally, jobs::Tally::EXACT);
+    amqp::delete_plan(SHARED_URL, &names.plan(&test_policy())).await;
+}
+
+/// A producer's per-message TTL must not make a job vanish from the dead-letter queue.
+#[tokio::test]
+async fn dead_letter_copies_drop_the_producers_expiration() {
+    let smtp = SmtpServer::start(SmtpOptions::default()).await;
+    smtp.set_fault(550, "5.7.1 refused").await;
+    let names = Names::new("expiration");
+    let worker = WorkerSpec::new(SHARED_URL, &names, smtp.port).spawn();
+    worker.wait_ready(Duration::from_secs(30)).await;
+    let run = unique("run");
+    amqp::publish_with(
+        SHARED_URL,
+        &names.exchange,
+        [(
+            jobs::numbered(&run, 0),
+            lapin::BasicProperties::default().with_expiration("600000".into()),
+        )],
+    )
+    .await;
+    let dlq = dead_letter_queue(&names.queue);
+    eventually(Duration::from_secs(20), "the job dead-lettered", || async {
+        (amqp::ready(SHARED_URL, &dlq).await == 1).then_some(())
+    })
+    .await;
+    let dead = amqp::take_all(SHARED_URL, &dlq).await;
+    assert_eq!(dead[0].headers["x-mailpipe-reason"], "smtp_5xx");
+    assert_eq!(
+        dead[0].expiration, None,
+        "no expiration on the dead-letter copy"
+    );
+    drop(worker);
+    amqp::delete_plan(SHARED_URL, &names.plan(&test_policy())).await;
 }

@@ -2,14 +2,17 @@
 //! SIGKILL leaves unacked jobs to the broker, and with deduplication on, the only
 //! duplicates are jobs that were in flight at the instant of a kill.
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use mailpipe_contract::RetryPolicy;
 use mailpipe_tests::amqp::{self, Names, SHARED_URL};
-use mailpipe_tests::jobs::Tally;
+use mailpipe_tests::jobs::{self, Tally};
+use mailpipe_tests::proxy::{Mode, Proxy};
+use mailpipe_tests::quiet::Quiet;
 use mailpipe_tests::redis_server::SHARED_URL as REDIS;
 use mailpipe_tests::smtp::{SmtpOptions, SmtpServer};
-use mailpipe_tests::worker::{Worker, WorkerSpec};
+use mailpipe_tests::worker::{Worker, WorkerSpec, TEST_RETRY};
 use mailpipe_tests::{eventually, unique};
 use nix::sys::signal::Signal;
 
@@ -48,21 +51,50 @@ async fn sigterm_mid_run_loses_nothing_and_sends_nothing_twice() {
 
     let second = spec.spawn();
     second.wait_ready(Duration::from_secs(30)).await;
-    let result = smtp.settled_tally(&run, N, Duration::from_secs(60)).await;
+    let quiet = Quiet {
+        url: SHARED_URL,
+        plan: names.plan(&TEST_RETRY),
+        workers: vec![&second],
+    };
+    let result = smtp
+        .settled_tally(&run, N, Duration::from_secs(60), &quiet)
+        .await;
     println!(
         "SIGTERM run: lost {}, duplicated {}",
         result.lost, result.duplicated
     );
     assert_eq!(result, Tally::EXACT);
     assert_eq!(amqp::ready(SHARED_URL, &names.queue).await, 0);
-    amqp::delete_plan(SHARED_URL, &names.plan(&RetryPolicy::default())).await;
+    amqp::delete_plan(SHARED_URL, &names.plan(&TEST_RETRY)).await;
 }
 
-/// Kills the worker `kills` times with SIGKILL mid-run, restarting it each time, and
-/// returns (tally, in-flight counts at each kill). "In flight at a kill" is what the broker
-/// counts as delivered to the worker and not yet settled, read while the worker is frozen
-/// with SIGSTOP just before the SIGKILL: the jobs whose fate was undecided at that instant.
-async fn run_with_kills(label: &str, dedup: bool, kills: usize) -> (Tally, Vec<u64>) {
+/// What a run with kills came to.
+struct Killed {
+    tally: Tally,
+    /// Per kill, what the broker counted as delivered and not settled, read while the worker
+    /// was frozen with SIGSTOP just before the SIGKILL: the jobs whose fate was undecided.
+    in_flight: Vec<u64>,
+    /// With deduplication: the job numbers the SMTP server had accepted but the store had
+    /// not recorded at a kill (the 250-to-record window), the only jobs that may repeat.
+    unrecorded: BTreeSet<usize>,
+    /// How often each job arrived.
+    counts: Vec<usize>,
+}
+
+/// Job numbers of `run` whose send the store recorded under `prefix`.
+fn recorded(prefix: &str, run: &str) -> BTreeSet<usize> {
+    let out = std::process::Command::new("redis-cli")
+        .args(["--scan", "--pattern", &format!("{prefix}:sent:{run}-*")])
+        .output()
+        .expect("redis-cli runs (apt-get install -y redis-server)");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|key| key.rsplit_once('-')?.1.parse().ok())
+        .collect()
+}
+
+/// Kills the worker `kills` times with SIGKILL mid-run, restarting it each time.
+async fn run_with_kills(label: &str, dedup: bool, kills: usize) -> Killed {
     const N: usize = 300;
     let smtp = SmtpServer::start(SmtpOptions {
         delay_ms: 30,
@@ -76,10 +108,11 @@ async fn run_with_kills(label: &str, dedup: bool, kills: usize) -> (Tally, Vec<u
         "--prefetch",
         "8",
     ]);
+    let prefix = unique("mailpipe-test");
     if dedup {
         spec = spec
             .env("MAILPIPE_REDIS_URL", REDIS)
-            .args(&["--idempotency-prefix", &unique("mailpipe-test")]);
+            .args(&["--idempotency-prefix", &prefix]);
     }
     let mut worker: Worker = spec.spawn();
     worker.wait_ready(Duration::from_secs(30)).await;
@@ -87,11 +120,24 @@ async fn run_with_kills(label: &str, dedup: bool, kills: usize) -> (Tally, Vec<u
     amqp::publish_numbered(SHARED_URL, &names.exchange, &run, 0..N).await;
 
     let mut in_flight_at_kills = Vec::new();
+    let mut unrecorded = BTreeSet::new();
     for kill in 0..kills {
         let target = (kill + 1) * N / (kills + 2);
         smtp.wait_for_count(target, Duration::from_secs(60)).await;
         worker.signal(Signal::SIGSTOP);
         let unacked = amqp::unacked(None, &names.queue);
+        if dedup {
+            // Let the server finish what the frozen worker had already handed over.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let stored = recorded(&prefix, &run);
+            let received: BTreeSet<usize> = smtp
+                .messages()
+                .await
+                .iter()
+                .filter_map(|m| jobs::number_in_message(&m.data, &run))
+                .collect();
+            unrecorded.extend(received.difference(&stored));
+        }
         worker.kill();
         in_flight_at_kills.push(unacked);
         worker = spec.spawn();
@@ -107,42 +153,163 @@ async fn run_with_kills(label: &str, dedup: bool, kills: usize) -> (Tally, Vec<u
         },
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let result = smtp.tally(&run, N).await;
-    amqp::delete_plan(SHARED_URL, &names.plan(&RetryPolicy::default())).await;
-    (result, in_flight_at_kills)
+    let quiet = Quiet {
+        url: SHARED_URL,
+        plan: names.plan(&TEST_RETRY),
+        workers: vec![&worker],
+    };
+    quiet.wait(Duration::from_secs(60)).await;
+    let tally = smtp.tally(&run, N).await;
+    let mut counts = vec![0; N];
+    for message in smtp.messages().await {
+        if let Some(n) = jobs::number_in_message(&message.data, &run) {
+            counts[n] += 1;
+        }
+    }
+    amqp::delete_plan(SHARED_URL, &names.plan(&TEST_RETRY)).await;
+    Killed {
+        tally,
+        in_flight: in_flight_at_kills,
+        unrecorded,
+        counts,
+    }
 }
 
 #[tokio::test]
-async fn kill_9_with_deduplication_loses_nothing_and_duplicates_only_jobs_in_flight_at_a_kill() {
-    let (result, in_flight) = run_with_kills("kill9dedup", true, 3).await;
-    let bound: u64 = in_flight.iter().sum();
+async fn kill_9_with_deduplication_repeats_only_jobs_accepted_but_not_yet_recorded() {
+    let killed = run_with_kills("kill9dedup", true, 3).await;
+    let repeated: BTreeSet<usize> = (0..killed.counts.len())
+        .filter(|n| killed.counts[*n] > 1)
+        .collect();
     println!(
-        "kill -9 x{} with deduplication: lost {}, duplicated {}, in flight at each kill {:?} (sum {bound})",
-        in_flight.len(),
-        result.lost,
-        result.duplicated,
-        in_flight
+        "kill -9 x{} with deduplication: lost {}, duplicated {} (jobs {repeated:?}); accepted but unrecorded at the kills: {:?}; in flight at each kill {:?}",
+        killed.in_flight.len(),
+        killed.tally.lost,
+        killed.tally.duplicated,
+        killed.unrecorded,
+        killed.in_flight
     );
-    assert_eq!(result.lost, 0, "nothing lost");
-    assert_eq!(result.foreign, 0);
+    assert_eq!(killed.tally.lost, 0, "nothing lost");
+    assert_eq!(killed.tally.foreign, 0);
     assert!(
-        result.duplicated as u64 <= bound,
-        "duplicates ({}) must be among the jobs in flight at a kill ({bound})",
-        result.duplicated
+        repeated.is_subset(&killed.unrecorded),
+        "deduplication must stop every repeat but those in the 250-to-record window: repeated {repeated:?}, window {:?}",
+        killed.unrecorded
+    );
+    assert!(
+        killed.counts.iter().all(|c| *c <= 2),
+        "a job in the window is sent at most once more: {:?}",
+        killed.counts
     );
 }
 
 #[tokio::test]
 async fn kill_9_without_deduplication_still_loses_nothing() {
-    let (result, in_flight) = run_with_kills("kill9plain", false, 2).await;
+    let killed = run_with_kills("kill9plain", false, 2).await;
     println!(
         "kill -9 x{} without deduplication: lost {}, duplicated {}, in flight at each kill {:?}",
-        in_flight.len(),
-        result.lost,
-        result.duplicated,
-        in_flight
+        killed.in_flight.len(),
+        killed.tally.lost,
+        killed.tally.duplicated,
+        killed.in_flight
     );
-    assert_eq!(result.lost, 0, "nothing lost");
-    assert!(result.duplicated as u64 <= in_flight.iter().sum::<u64>());
+    assert_eq!(killed.tally.lost, 0, "nothing lost");
+    assert!(killed.tally.duplicated as u64 <= killed.in_flight.iter().sum::<u64>());
+}
+
+/// The drain deadline holds however the SMTP server hangs: before its greeting for new
+/// connections (the dependency watcher's probe among them) and mid-transaction for the
+/// connections that were open. Scale-down and rollouts count on it.
+#[tokio::test]
+async fn the_drain_deadline_holds_against_a_server_that_hangs() {
+    const N: usize = 300;
+    let smtp = SmtpServer::start(SmtpOptions {
+        delay_ms: 50,
+        ..SmtpOptions::default()
+    })
+    .await;
+    let proxy = Proxy::start(smtp.port).await;
+    let names = Names::new("hang");
+    let spec = WorkerSpec::with_defaults(SHARED_URL, &names, proxy.port).args(&[
+        "--shutdown-timeout",
+        "5s",
+        "--concurrency",
+        "4",
+    ]);
+    let mut worker = spec.spawn();
+    worker.wait_ready(Duration::from_secs(30)).await;
+    let run = unique("run");
+    amqp::publish_numbered(SHARED_URL, &names.exchange, &run, 0..N).await;
+    smtp.wait_for_count(20, Duration::from_secs(30)).await;
+
+    // Cut everything: the worker marks the server down and its watcher starts probing.
+    proxy.set(Mode::Reset);
+    worker.wait_unready(Duration::from_secs(15)).await;
+    // Now every new connection hangs before the greeting: the next probe hangs (up to
+    // twice the 30 s command timeout).
+    proxy.set(Mode::Hang);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let stopped = std::time::Instant::now();
+    worker.signal(Signal::SIGTERM);
+    let status = worker.wait_exit(Duration::from_secs(60));
+    let took = stopped.elapsed();
+    assert!(status.success(), "{status:?}\n{}", worker.output());
+    assert!(
+        took < Duration::from_secs(8),
+        "the 5 s drain deadline was not kept: exited after {took:?}\n{}",
+        worker.output()
+    );
+
+    proxy.set(Mode::Pass);
+    let second = spec.spawn();
+    second.wait_ready(Duration::from_secs(30)).await;
+    let quiet = Quiet {
+        url: SHARED_URL,
+        plan: names.plan(&RetryPolicy::default()),
+        workers: vec![&second],
+    };
+    let result = smtp
+        .settled_tally(&run, N, Duration::from_secs(60), &quiet)
+        .await;
+    assert_eq!(result, Tally::EXACT);
+    amqp::delete_plan(SHARED_URL, &names.plan(&RetryPolicy::default())).await;
+}
+
+/// SIGTERM cancels the consumer: what the broker had pushed beyond the jobs being sent goes
+/// back to the queue at once, for the other replicas, instead of waiting out the drain.
+#[tokio::test]
+async fn sigterm_gives_prefetched_jobs_back_at_once() {
+    const N: usize = 60;
+    let smtp = SmtpServer::start(SmtpOptions {
+        delay_ms: 4000,
+        ..SmtpOptions::default()
+    })
+    .await;
+    let names = Names::new("cancel");
+    let mut worker = WorkerSpec::new(SHARED_URL, &names, smtp.port)
+        .args(&["--concurrency", "2", "--prefetch", "50"])
+        .spawn();
+    worker.wait_ready(Duration::from_secs(30)).await;
+    let run = unique("run");
+    amqp::publish_numbered(SHARED_URL, &names.exchange, &run, 0..N).await;
+    eventually(Duration::from_secs(20), "2 jobs sending", || async {
+        (worker.metric("mailpipe_jobs_in_flight").await == 2.0).then_some(())
+    })
+    .await;
+    assert_eq!(
+        amqp::unacked(None, &names.queue),
+        50,
+        "the broker pushed a full prefetch"
+    );
+    worker.signal(Signal::SIGTERM);
+    // The two sends take 4 s; well before they end, only they are still out.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let unacked = amqp::unacked(None, &names.queue);
+    assert!(worker.is_running(), "still draining");
+    assert_eq!(unacked, 2, "only the jobs being sent are still out");
+    assert_eq!(amqp::ready(SHARED_URL, &names.queue).await, (N - 2) as u32);
+    let status = worker.wait_exit(Duration::from_secs(30));
+    assert!(status.success());
+    smtp.wait_for_count(2, Duration::from_secs(10)).await;
+    amqp::delete_plan(SHARED_URL, &names.plan(&TEST_RETRY)).await;
 }

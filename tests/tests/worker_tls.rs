@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use base64::Engine;
+
 use mailpipe_contract::RetryPolicy;
 use mailpipe_tests::amqp::{self, Names, SHARED_URL};
 use mailpipe_tests::certs::{self, TestPki};
@@ -55,7 +57,7 @@ async fn starttls_with_auth_delivers_and_the_password_never_reaches_the_log() {
     let smtp = tls_server(&pki, SmtpTls::Starttls).await;
     let names = Names::new("starttls");
     let worker = tls_spec(&names, &smtp, "starttls", &pki.ca, "s3cret")
-        .args(&["--log", "debug"])
+        .args(&["--log", "trace"])
         .spawn();
     worker.wait_ready(Duration::from_secs(30)).await;
     let run = unique("run");
@@ -66,9 +68,25 @@ async fn starttls_with_auth_delivers_and_the_password_never_reaches_the_log() {
         || async { (smtp.count().await == 3).then_some(()) },
     )
     .await;
+    let output = worker.output();
     assert!(
-        !worker.output().contains("s3cret"),
+        !output.contains("s3cret"),
         "the password leaked into the log"
+    );
+    // AUTH PLAIN and LOGIN carry it in base64: decode every token that could be base64.
+    let leaks: Vec<&str> = output
+        .split(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '+' | '/' | '=')))
+        .filter(|token| token.len() >= 8)
+        .filter(|token| {
+            base64::engine::general_purpose::STANDARD
+                .decode(token)
+                .is_ok_and(|bytes| bytes.windows(6).any(|w| w == b"s3cret"))
+        })
+        .collect();
+    assert!(leaks.is_empty(), "the password leaked in base64: {leaks:?}");
+    assert!(
+        output.contains("TRACE") || output.contains("DEBUG"),
+        "the log ran at the most verbose level"
     );
     amqp::delete_plan(SHARED_URL, &names.plan(&RetryPolicy::default())).await;
 }
@@ -103,8 +121,38 @@ async fn an_untrusted_smtp_certificate_is_a_clear_start_up_error() {
     assert!(!status.success());
     let output = worker.output();
     assert!(output.contains("refused the worker"), "{output}");
+    // The other CA has the same name as the one that signed the certificate, so the
+    // verifier finds it and the signature does not match.
     assert!(
-        output.to_lowercase().contains("certificate") || output.contains("UnknownIssuer"),
+        output.contains("not signed by") && output.contains("--smtp-ca-file"),
+        "the error says what to change: {output}"
+    );
+    assert_eq!(
+        output.matches("invalid peer certificate").count(),
+        1,
+        "said once, not three times: {output}"
+    );
+}
+
+/// A self-signed CA certificate served as the server's own (a common mistake): the error
+/// says so and what to do, instead of `Other(OtherError(CaUsedAsEndEntity))`.
+#[tokio::test]
+async fn a_ca_certificate_served_as_the_server_certificate_is_explained() {
+    let (pki, _dir) = pki();
+    let smtp = SmtpServer::start(SmtpOptions {
+        tls: SmtpTls::Starttls,
+        cert: Some((pki.ca.clone(), pki.ca.with_file_name("ca.key"))),
+        auth: Some(("mailer".into(), "s3cret".into())),
+        ..SmtpOptions::default()
+    })
+    .await;
+    let names = Names::new("caleaf");
+    let mut worker = tls_spec(&names, &smtp, "starttls", &pki.ca, "s3cret").spawn();
+    let status = worker.wait_exit(Duration::from_secs(30));
+    assert!(!status.success());
+    let output = worker.output();
+    assert!(
+        output.contains("presents a CA certificate (CA:TRUE) as its own"),
         "{output}"
     );
 }

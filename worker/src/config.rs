@@ -121,7 +121,8 @@ pub struct Args {
     /// Jobs processed at once.
     #[arg(long, env = env::CONCURRENCY, default_value_t = 16)]
     pub concurrency: u16,
-    /// Unacknowledged deliveries the broker hands this worker (default: the concurrency).
+    /// Unacknowledged deliveries the broker hands this worker, at least the concurrency
+    /// (default: the concurrency).
     #[arg(long, env = env::PREFETCH)]
     pub prefetch: Option<u16>,
 
@@ -149,9 +150,15 @@ pub struct Args {
     /// Messages per second this worker sends at most (unlimited when unset).
     #[arg(long, env = env::SMTP_RATE_LIMIT)]
     pub smtp_rate_limit: Option<u32>,
-    /// Timeout of one SMTP command.
+    /// Timeout of each SMTP command: connect, TLS, greeting, EHLO, AUTH, MAIL, RCPT, DATA
+    /// (capped at RFC 5321's 5 minutes, 2 for DATA).
     #[arg(long, env = env::SMTP_TIMEOUT, default_value = "30s", value_parser = humantime::parse_duration)]
     pub smtp_timeout: Duration,
+    /// Timeout of the server's reply to the end of a message. A server may store the
+    /// message and reply late (RFC 5321 allows 10 minutes, the cap); giving up earlier
+    /// leaves the outcome unknown and the job is retried.
+    #[arg(long, env = env::SMTP_DATA_TIMEOUT, default_value = "10m", value_parser = humantime::parse_duration)]
+    pub smtp_data_timeout: Duration,
     /// Default From address, for jobs without one.
     #[arg(long, env = env::FROM_ADDRESS)]
     pub from_address: Option<String>,
@@ -220,6 +227,7 @@ pub struct SmtpConfig {
     pub pool_size: u32,
     pub rate_limit: Option<u32>,
     pub timeout: Duration,
+    pub data_timeout: Duration,
 }
 
 /// RabbitMQ settings, validated.
@@ -320,6 +328,17 @@ impl Config {
         if args.shutdown_timeout.is_zero() {
             return bad("shutdown timeout must be positive".into());
         }
+        if args.smtp_timeout.is_zero() || args.smtp_data_timeout.is_zero() {
+            return bad("SMTP timeouts must be positive".into());
+        }
+        if let Some(prefetch) = args.prefetch {
+            if prefetch < args.concurrency {
+                return bad(format!(
+                    "prefetch {prefetch} is below concurrency {}: the broker would hand over at most {prefetch} jobs at once; raise the prefetch or lower the concurrency",
+                    args.concurrency
+                ));
+            }
+        }
         let url = read_secret(get, env::AMQP_URL, env::AMQP_URL_FILE)?.ok_or_else(|| {
             ConfigError(format!(
                 "no broker URL: set {} or {}",
@@ -333,6 +352,15 @@ impl Config {
                 "{} must start with amqp:// or amqps://",
                 env::AMQP_URL
             ));
+        }
+        // The parser's message may quote the URL, password included: say only what is wrong.
+        if let Err(error) = url.expose().parse::<lapin::uri::AMQPUri>() {
+            let hint = if error.contains("port") || error.contains("invalid digit") {
+                "the port is not a number from 1 to 65535"
+            } else {
+                "it does not parse as amqp[s]://user:password@host:port/vhost"
+            };
+            return bad(format!("{} is not a usable URL: {hint}", env::AMQP_URL));
         }
         if args.amqp_ca_file.is_some() && !url.expose().starts_with("amqps://") {
             return bad("an AMQP CA file needs an amqps:// URL".into());
@@ -396,6 +424,7 @@ impl Config {
                 pool_size: args.smtp_pool_size,
                 rate_limit: args.smtp_rate_limit,
                 timeout: args.smtp_timeout,
+                data_timeout: args.smtp_data_timeout,
             },
             from_address: args.from_address,
             from_name: args.from_name,
@@ -503,10 +532,31 @@ mod tests {
                 &[URL, ("MAILPIPE_AMQP_URL_FILE", "/x")],
                 "not both",
             ),
+            (
+                &[
+                    "--from-address",
+                    "a@example.com",
+                    "--concurrency",
+                    "64",
+                    "--prefetch",
+                    "32",
+                ],
+                &[URL],
+                "prefetch 32 is below concurrency 64",
+            ),
+            (
+                &["--from-address", "a@example.com"],
+                &[(
+                    "MAILPIPE_AMQP_URL",
+                    "amqp://guest:s3cret@127.0.0.1:99999/%2f",
+                )],
+                "the port is not a number from 1 to 65535",
+            ),
         ];
         for (flags, env, expected) in cases {
             let err = config(flags, env).unwrap_err().to_string();
             assert!(err.contains(expected), "{flags:?}: {err}");
+            assert!(!err.contains("s3cret"), "no secret in the message: {err}");
         }
     }
 }

@@ -4,12 +4,14 @@
 //! - an invalid job (bad JSON, no recipient, header injection, unknown template, ...) and an
 //!   expired one are dead-lettered at once: retrying cannot make them valid;
 //! - a permanent SMTP failure (5xx to the message) is dead-lettered at once;
-//! - a transient failure (4xx, timeout, connection, TLS or authentication trouble) is retried
-//!   after the policy's delay, and dead-lettered as `max_attempts` after the last attempt.
-//!
-//! Authentication and TLS failures are transient on purpose: they say nothing about the job
-//! (a rotated password, a certificate being renewed), so the job waits instead of joining
-//! the dead-letter queue with every other job.
+//! - a transient failure caused by this job's delivery (a 4xx reply to the message, an
+//!   outcome left unknown by a connection lost after the final dot) is retried after the
+//!   policy's delay, and dead-lettered as `max_attempts` after the last attempt;
+//! - the server being unavailable (unreachable, hanging, refusing TLS or our credentials)
+//!   says nothing about the job: it costs no attempt. The pipeline holds the job and stops
+//!   consuming until the server answers again, so an outage of any length dead-letters
+//!   nothing; [`decide`] only sees it when the worker is stopping, and then the job goes back
+//!   to the queue unchanged.
 
 use std::time::Duration;
 
@@ -22,15 +24,17 @@ pub enum SendClass {
     Transient,
     /// Will fail the same way every time.
     Permanent,
+    /// The server (not the job) is unavailable: wait for it, spend no attempt.
+    Unavailable,
 }
 
 /// A failed send, classified.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SendError {
-    /// Transient or permanent.
+    /// Transient, permanent or unavailable.
     pub class: SendClass,
     /// A bounded label: `smtp_4xx`, `smtp_5xx`, `smtp_auth`, `smtp_tls`, `smtp_timeout`,
-    /// `smtp_connection`.
+    /// `smtp_connection`, `smtp_outcome_unknown`, `smtputf8_unsupported`.
     pub reason: &'static str,
     /// The SMTP reply code, when the server answered.
     pub code: Option<u16>,
@@ -42,11 +46,11 @@ pub struct SendError {
 const AUTH_CODES: &[u16] = &[530, 534, 535, 538];
 
 impl SendError {
-    /// Classifies an SMTP reply code: 4xx transient, 5xx permanent except the
-    /// authentication codes, which are transient (see the module docs).
+    /// Classifies an SMTP reply to a transaction command: 4xx transient, 5xx permanent,
+    /// except the authentication codes, which mean the server refuses the worker.
     pub fn from_reply(code: u16, detail: String) -> SendError {
         let (class, reason) = if AUTH_CODES.contains(&code) {
-            (SendClass::Transient, "smtp_auth")
+            (SendClass::Unavailable, "smtp_auth")
         } else if (400..500).contains(&code) {
             (SendClass::Transient, "smtp_4xx")
         } else {
@@ -60,10 +64,43 @@ impl SendError {
         }
     }
 
-    /// A failure before the server answered (connection, TLS, timeout): always transient.
-    pub fn without_reply(reason: &'static str, detail: String) -> SendError {
+    /// The server is unavailable (connection, TLS, timeout, a refusal of the worker before
+    /// any transaction): no attempt is spent.
+    pub fn unavailable(reason: &'static str, detail: String) -> SendError {
+        SendError {
+            class: SendClass::Unavailable,
+            reason,
+            code: None,
+            detail,
+        }
+    }
+
+    /// The server refused the worker (not a message) with `code`, e.g. 421 or 554 in its
+    /// greeting or a 535 to AUTH: unavailable, whatever the code's class.
+    pub fn refused(reason: &'static str, code: u16, detail: String) -> SendError {
+        SendError {
+            code: Some(code),
+            ..SendError::unavailable(reason, detail)
+        }
+    }
+
+    /// The connection was lost after the whole message was handed over and before the
+    /// server's reply (RFC 1047): the server may have stored it. Spends an attempt, so a
+    /// resend goes through the retry queue and deduplication, never at once.
+    pub fn outcome_unknown(detail: String) -> SendError {
         SendError {
             class: SendClass::Transient,
+            reason: "smtp_outcome_unknown",
+            code: None,
+            detail,
+        }
+    }
+
+    /// A job the server can never take as it is (e.g. a non-ASCII address to a server
+    /// without SMTPUTF8).
+    pub fn unsendable(reason: &'static str, detail: String) -> SendError {
+        SendError {
+            class: SendClass::Permanent,
             reason,
             code: None,
             detail,
@@ -72,10 +109,7 @@ impl SendError {
 
     /// Whether the failure says the server (not the job) is in trouble.
     pub fn is_server_trouble(&self) -> bool {
-        matches!(
-            self.reason,
-            "smtp_connection" | "smtp_timeout" | "smtp_tls" | "smtp_auth"
-        )
+        self.class == SendClass::Unavailable
     }
 }
 
@@ -140,6 +174,12 @@ pub fn decide(failure: &Failure, attempt: u32, policy: &RetryPolicy) -> Disposit
         Failure::Send(error) => match error.class {
             SendClass::Permanent => Disposition::DeadLetter {
                 reason: error.reason,
+            },
+            // Reached only while stopping (the pipeline otherwise waits for the server):
+            // the job keeps its attempt number.
+            SendClass::Unavailable => Disposition::Retry {
+                next_attempt: attempt,
+                after: policy.delay_after(1),
             },
             SendClass::Transient if policy.has_attempt_after(attempt) => Disposition::Retry {
                 next_attempt: attempt + 1,
@@ -224,24 +264,45 @@ mod tests {
     }
 
     #[test]
-    fn connection_failures_are_retried() {
-        let failure = Failure::Send(SendError::without_reply(
+    fn an_unavailable_server_never_spends_an_attempt_even_on_the_last_one() {
+        let failure = Failure::Send(SendError::unavailable(
             "smtp_connection",
             "connection refused".into(),
         ));
+        assert_eq!(
+            decide(&failure, 3, &policy()),
+            Disposition::Retry {
+                next_attempt: 3,
+                after: Duration::from_secs(1)
+            }
+        );
+    }
+
+    #[test]
+    fn authentication_failures_are_not_blamed_on_the_job() {
+        let failure = smtp(535);
+        assert_eq!(failure.reason(), "smtp_auth");
+        let Failure::Send(error) = &failure else {
+            unreachable!()
+        };
+        assert!(error.is_server_trouble());
         assert!(matches!(
-            decide(&failure, 1, &policy()),
-            Disposition::Retry { .. }
+            decide(&failure, 3, &policy()),
+            Disposition::Retry {
+                next_attempt: 3,
+                ..
+            }
         ));
     }
 
     #[test]
-    fn authentication_failures_are_retried_not_blamed_on_the_job() {
-        let failure = smtp(535);
-        assert_eq!(failure.reason(), "smtp_auth");
-        assert!(matches!(
-            decide(&failure, 1, &policy()),
-            Disposition::Retry { .. }
-        ));
+    fn an_unknown_outcome_spends_an_attempt() {
+        let failure = Failure::Send(SendError::outcome_unknown("lost after the dot".into()));
+        assert_eq!(
+            decide(&failure, 3, &policy()),
+            Disposition::DeadLetter {
+                reason: "max_attempts"
+            }
+        );
     }
 }

@@ -8,6 +8,8 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use tokio::sync::Notify;
+
 use crate::metrics::Metrics;
 
 /// One dependency whose state readiness depends on.
@@ -28,6 +30,9 @@ pub struct Health {
     store: AtomicBool,
     store_required: bool,
     draining: AtomicBool,
+    /// Whether the current down period of broker, SMTP, store was logged.
+    reported: [AtomicBool; 3],
+    changed: Notify,
     metrics: Metrics,
 }
 
@@ -40,6 +45,8 @@ impl Health {
             store: AtomicBool::new(!store_required),
             store_required,
             draining: AtomicBool::new(false),
+            reported: Default::default(),
+            changed: Notify::new(),
             metrics,
         })
     }
@@ -59,7 +66,43 @@ impl Health {
         }
         let changed = self.flag(component).swap(up, Ordering::SeqCst) != up;
         self.metrics.ready.set(i64::from(self.is_ready()));
+        if up {
+            self.reported[component as usize].store(false, Ordering::SeqCst);
+        }
+        if changed {
+            self.changed.notify_waiters();
+        }
         changed
+    }
+
+    /// Marks `component` unreachable; `true` the first time in this down period, so that the
+    /// caller logs the outage once (also when it began before the first check, at start-up).
+    pub fn report_down(&self, component: Component) -> bool {
+        self.set(component, false);
+        !self.reported[component as usize].swap(true, Ordering::SeqCst)
+    }
+
+    /// Waits until the SMTP server and, when it counts, the store are reachable.
+    pub async fn wait_sendable(&self) {
+        loop {
+            let changed = self.changed.notified();
+            if self.is_up(Component::Smtp) && self.is_up(Component::Store) {
+                return;
+            }
+            changed.await;
+        }
+    }
+
+    /// Waits until `component` is marked reachable.
+    pub async fn wait_up(&self, component: Component) {
+        loop {
+            // Created before the check, so a change in between is not missed.
+            let changed = self.changed.notified();
+            if self.is_up(component) {
+                return;
+            }
+            changed.await;
+        }
     }
 
     /// Whether `component` was reachable last time.
@@ -114,6 +157,22 @@ mod tests {
         health.set_draining();
         assert!(!health.is_ready());
         assert!(health.report().contains("shutting down"));
+    }
+
+    #[tokio::test]
+    async fn waiting_for_a_component_ends_when_it_comes_up() {
+        let health = Health::new(false, Metrics::new());
+        let waiter = {
+            let health = health.clone();
+            tokio::spawn(async move { health.wait_up(Component::Smtp).await })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!waiter.is_finished());
+        health.set(Component::Smtp, true);
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("woken")
+            .unwrap();
     }
 
     #[test]

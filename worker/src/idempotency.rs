@@ -1,20 +1,108 @@
-//! Deduplication of sends in Redis: a job id whose send was recorded is not sent again
-//! within the TTL, across redeliveries, restarts and several workers.
+//! Deduplication: a job id is never sent twice at the same moment, and with Redis, a job id
+//! whose send was recorded is not sent again within the TTL, across redeliveries, restarts
+//! and several workers.
 //!
-//! Order of events for one job: `was_sent(id)` -> SMTP send (250) -> `record_sent(id)` ->
-//! ack. The record is written only after the server accepted the message, never before
-//! (claiming first would turn a crash before the send into a lost email). So the one window
-//! left is a worker killed between the 250 and the record: that job is sent again on
-//! redelivery; the window is one Redis round trip long.
+//! Two layers, both taken before a send and given back after it:
+//! - [`InFlight`], in the process: while one delivery of a job id is being sent, another
+//!   delivery of the same id (the producer published it twice, the broker redelivered it
+//!   after a reconnect, two retry copies came back together) waits; if the first was sent,
+//!   the second is a duplicate and is acked without sending.
+//! - [`Dedup`], in Redis: one script checks `PREFIX:sent:ID` and, when absent, takes a short
+//!   claim `PREFIX:claim:ID` (a lease of [`LEASE`], renewed while the send runs). Another
+//!   worker that finds the claim waits until the send is recorded (a duplicate) or the claim
+//!   is gone (the send failed, or its worker died: the lease expires, so a crash delays a job
+//!   by at most one lease, never loses it). After the server's 250 one script records
+//!   `PREFIX:sent:ID` with the TTL and drops the claim.
 //!
-//! Keys are `PREFIX:sent:ID` with the TTL as expiry; the value is the Unix time of the send.
+//! The one window left is a worker killed between the server's 250 and the record: that job
+//! is sent again when redelivered (at-least-once wins over at-most-once). It is one Redis
+//! round trip long.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::AsyncCommands;
+use redis::Script;
+use tokio::sync::watch;
 
 use crate::config::IdempotencyConfig;
+
+/// How long a claim lives without renewal: the longest a copy waits after its sender died.
+pub const LEASE: Duration = Duration::from_secs(15);
+/// How often a held claim is renewed.
+pub const RENEW_EVERY: Duration = Duration::from_secs(5);
+
+/// Job ids being processed in this worker.
+#[derive(Default)]
+pub struct InFlight {
+    ids: Mutex<HashMap<String, watch::Receiver<bool>>>,
+}
+
+/// The outcome of [`InFlight::enter`].
+pub enum Entry<'a> {
+    /// This delivery owns the id until the guard is dropped.
+    Own(Guard<'a>),
+    /// Another delivery of the id is under way; [`wait_for`] tells how it ended.
+    Busy(watch::Receiver<bool>),
+}
+
+/// Ownership of a job id in this worker; dropping it lets waiting copies go on.
+pub struct Guard<'a> {
+    registry: &'a InFlight,
+    id: String,
+    sent: watch::Sender<bool>,
+}
+
+impl InFlight {
+    /// Takes `id`, or says who holds it.
+    pub fn enter(&self, id: &str) -> Entry<'_> {
+        let mut ids = self.ids.lock().expect("in-flight lock");
+        if let Some(busy) = ids.get(id) {
+            return Entry::Busy(busy.clone());
+        }
+        let (sent, receiver) = watch::channel(false);
+        ids.insert(id.to_string(), receiver);
+        Entry::Own(Guard {
+            registry: self,
+            id: id.to_string(),
+            sent,
+        })
+    }
+
+    /// How many ids are held now.
+    pub fn len(&self) -> usize {
+        self.ids.lock().expect("in-flight lock").len()
+    }
+
+    /// Whether no id is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Guard<'_> {
+    /// Marks the job as sent: waiting copies are duplicates.
+    pub fn sent(&self) {
+        self.sent.send_replace(true);
+    }
+}
+
+impl Drop for Guard<'_> {
+    fn drop(&mut self) {
+        self.registry
+            .ids
+            .lock()
+            .expect("in-flight lock")
+            .remove(&self.id);
+    }
+}
+
+/// Waits until the holder of an id is done: `true` when it sent the job.
+pub async fn wait_for(mut holder: watch::Receiver<bool>) -> bool {
+    holder.wait_for(|sent| *sent).await.is_ok()
+}
 
 /// The deduplication store.
 #[derive(Clone)]
@@ -22,12 +110,79 @@ pub struct Dedup {
     connection: ConnectionManager,
     prefix: String,
     ttl_secs: u64,
+    owner: Arc<str>,
+    scripts: Arc<Scripts>,
+}
+
+struct Scripts {
+    claim: Script,
+    renew: Script,
+    finish: Script,
 }
 
 /// Redis could not answer.
 #[derive(Debug, thiserror::Error)]
 #[error("deduplication store: {0}")]
 pub struct StoreError(#[from] redis::RedisError);
+
+impl StoreError {
+    /// What an operator should check, without the URL (it may hold a password).
+    pub fn advice(&self) -> &'static str {
+        let e = &self.0;
+        if e.kind() == redis::ErrorKind::AuthenticationFailed
+            || e.code().is_some_and(|c| c == "WRONGPASS" || c == "NOAUTH")
+        {
+            "Redis refused the credentials in MAILPIPE_REDIS_URL"
+        } else if e.is_connection_refusal() || e.is_timeout() || e.is_io_error() {
+            "Redis is unreachable at the host and port of MAILPIPE_REDIS_URL"
+        } else {
+            "Redis answered with an error"
+        }
+    }
+}
+
+/// What [`Dedup::claim`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Claimed {
+    /// The send was recorded: a duplicate.
+    Sent,
+    /// This worker holds the claim now.
+    Own(Lease),
+    /// Another worker is sending it now.
+    Busy,
+}
+
+/// A claim held by this worker, identified by its token.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Lease {
+    token: String,
+}
+
+const CLAIM: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 1 then return 2 end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+return 0
+"#;
+
+const RENEW: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"#;
+
+const FINISH: &str = r#"
+if ARGV[2] == '1' then redis.call('SET', KEYS[1], ARGV[3], 'EX', ARGV[4]) end
+if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
+return 1
+"#;
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
 
 impl Dedup {
     /// Prepares a lazy connection (the first command connects), so a worker starts even
@@ -39,21 +194,81 @@ impl Dedup {
             .set_response_timeout(Some(Duration::from_secs(2)))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
         Ok(Dedup {
             connection: ConnectionManager::new_lazy_with_config(client, manager_config)?,
             prefix: config.prefix.clone(),
             ttl_secs: config.ttl.as_secs().max(1),
+            owner: format!("{}-{nanos}", std::process::id()).into(),
+            scripts: Arc::new(Scripts {
+                claim: Script::new(CLAIM),
+                renew: Script::new(RENEW),
+                finish: Script::new(FINISH),
+            }),
         })
     }
 
-    fn key(&self, job_id: &str) -> String {
+    fn sent_key(&self, job_id: &str) -> String {
         format!("{}:sent:{job_id}", self.prefix)
     }
 
-    /// Whether a send of `job_id` was recorded within the TTL.
-    pub async fn was_sent(&self, job_id: &str) -> Result<bool, StoreError> {
+    fn claim_key(&self, job_id: &str) -> String {
+        format!("{}:claim:{job_id}", self.prefix)
+    }
+
+    /// Checks whether `job_id` was sent and, if not and nobody else is sending it, claims it.
+    pub async fn claim(&self, job_id: &str) -> Result<Claimed, StoreError> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let token = format!("{}-{}", self.owner, NEXT.fetch_add(1, Ordering::Relaxed));
         let mut connection = self.connection.clone();
-        Ok(connection.exists(self.key(job_id)).await?)
+        let found: i64 = self
+            .scripts
+            .claim
+            .key(self.sent_key(job_id))
+            .key(self.claim_key(job_id))
+            .arg(&token)
+            .arg(LEASE.as_millis() as u64)
+            .invoke_async(&mut connection)
+            .await?;
+        Ok(match found {
+            2 => Claimed::Sent,
+            1 => Claimed::Own(Lease { token }),
+            _ => Claimed::Busy,
+        })
+    }
+
+    /// Extends a held claim by another lease; `false` when it was lost (expired, or taken).
+    pub async fn renew(&self, job_id: &str, lease: &Lease) -> Result<bool, StoreError> {
+        let mut connection = self.connection.clone();
+        let renewed: i64 = self
+            .scripts
+            .renew
+            .key(self.claim_key(job_id))
+            .arg(&lease.token)
+            .arg(LEASE.as_millis() as u64)
+            .invoke_async(&mut connection)
+            .await?;
+        Ok(renewed == 1)
+    }
+
+    /// Drops the claim, first recording the send when `sent`.
+    pub async fn finish(&self, job_id: &str, lease: &Lease, sent: bool) -> Result<(), StoreError> {
+        let mut connection = self.connection.clone();
+        let _: i64 = self
+            .scripts
+            .finish
+            .key(self.sent_key(job_id))
+            .key(self.claim_key(job_id))
+            .arg(&lease.token)
+            .arg(if sent { "1" } else { "0" })
+            .arg(unix_now())
+            .arg(self.ttl_secs)
+            .invoke_async(&mut connection)
+            .await?;
+        Ok(())
     }
 
     /// Checks that the store answers.
@@ -62,17 +277,42 @@ impl Dedup {
         let _: String = redis::cmd("PING").query_async(&mut connection).await?;
         Ok(())
     }
+}
 
-    /// Records that `job_id` was accepted by the SMTP server.
-    pub async fn record_sent(&self, job_id: &str) -> Result<(), StoreError> {
-        let mut connection = self.connection.clone();
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or_default();
-        let _: () = connection
-            .set_ex(self.key(job_id), now, self.ttl_secs)
-            .await?;
-        Ok(())
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_second_delivery_of_an_id_waits_and_is_a_duplicate_once_the_first_is_sent() {
+        let in_flight = InFlight::default();
+        let Entry::Own(first) = in_flight.enter("job-1") else {
+            panic!("the first delivery owns the id");
+        };
+        let Entry::Busy(holder) = in_flight.enter("job-1") else {
+            panic!("the second delivery must wait");
+        };
+        assert!(matches!(in_flight.enter("job-2"), Entry::Own(_)));
+        let waiter = tokio::spawn(wait_for(holder));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiter.is_finished());
+        first.sent();
+        drop(first);
+        assert!(waiter.await.unwrap(), "the first was sent: a duplicate");
+        assert!(in_flight.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_copy_waiting_behind_a_failed_send_goes_on_to_send_itself() {
+        let in_flight = InFlight::default();
+        let Entry::Own(first) = in_flight.enter("job") else {
+            panic!()
+        };
+        let Entry::Busy(holder) = in_flight.enter("job") else {
+            panic!()
+        };
+        drop(first);
+        assert!(!wait_for(holder).await, "not sent: the copy goes on");
+        assert!(matches!(in_flight.enter("job"), Entry::Own(_)));
     }
 }

@@ -95,7 +95,12 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), StartErr
             }
             let mailer = SmtpMailer::new(&config.smtp, metrics.clone())?;
             let server = format!("{}:{}", config.smtp.host, config.smtp.port);
-            match mailer.probe().await {
+            let probed = tokio::select! {
+                biased;
+                _ = stop.cancelled() => return Ok(()),
+                probed = mailer.probe() => probed,
+            };
+            match probed {
                 Ok(()) => {
                     health.set(Component::Smtp, true);
                     tracing::info!(%server, tls = ?config.smtp.tls, "SMTP server reachable");
@@ -107,7 +112,8 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), StartErr
                     });
                 }
                 Err(error) => {
-                    tracing::warn!(%server, reason = error.reason, detail = %error.detail, "SMTP server not reachable yet; jobs will be retried");
+                    health.report_down(Component::Smtp);
+                    tracing::warn!(%server, reason = error.reason, detail = %error.detail, "SMTP server not reachable yet; consuming starts once it answers");
                 }
             }
             serve(config, mailer, renderer, metrics, health, stop).await
@@ -152,6 +158,7 @@ async fn serve<M: Mailer>(
         mailer,
         renderer,
         dedup,
+        in_flight: idempotency::InFlight::default(),
         on_store_unavailable: config
             .idempotency
             .as_ref()

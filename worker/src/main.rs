@@ -11,7 +11,14 @@ use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let filter = EnvFilter::try_new(&args.log).unwrap_or_else(|e| {
+    // lapin logs each failed connection attempt twice at ERROR; the worker logs it once,
+    // with the delay before the next try. Ask for `lapin=...` to see lapin's own lines.
+    let directives = if args.log.contains("lapin") {
+        args.log.clone()
+    } else {
+        format!("{},lapin=off", args.log)
+    };
+    let filter = EnvFilter::try_new(&directives).unwrap_or_else(|e| {
         eprintln!(
             "mailpipe-worker: bad log filter {:?} ({e}); using info",
             args.log

@@ -34,6 +34,20 @@ pub struct Metrics {
     /// SMTP connections: `max` is the pool cap, `busy` those carrying a send now, `idle`
     /// those open and waiting in the pool.
     pub smtp_pool_connections: IntGaugeVec,
+    /// SMTP transactions whose connection was lost after the message was handed over and
+    /// before the reply (RFC 1047): the server may have stored the message.
+    pub smtp_outcome_unknown: IntCounter,
+    /// Sends that found the SMTP server unavailable (the job waited; no attempt spent), by
+    /// reason.
+    pub smtp_unavailable: IntCounterVec,
+    /// Recipients the server refused while it accepted the message for others, by class
+    /// (`transient`: retried alone; `permanent`: dead-lettered alone).
+    pub recipients_refused: IntCounterVec,
+    /// Jobs not started because another delivery of the same job id was being sent.
+    pub concurrent_copies: IntCounter,
+    /// Retry or dead-letter copies the broker refused (nack); the job went back to the
+    /// queue unchanged.
+    pub broker_nacks: IntCounter,
     /// Reconnections to the broker.
     pub broker_reconnects: IntCounter,
     /// Errors talking to the deduplication store, by operation.
@@ -144,6 +158,28 @@ impl Metrics {
                 "Time of one SMTP transaction.",
             ),
             smtp_pool_connections,
+            smtp_outcome_unknown: counter(
+                "mailpipe_smtp_outcome_unknown_total",
+                "SMTP transactions lost after the message was handed over, before the reply.",
+            ),
+            smtp_unavailable: counter_vec(
+                "mailpipe_smtp_unavailable_total",
+                "Sends that found the SMTP server unavailable (no attempt spent), by reason.",
+                "reason",
+            ),
+            recipients_refused: counter_vec(
+                "mailpipe_recipients_refused_total",
+                "Recipients refused while others were accepted, by class.",
+                "class",
+            ),
+            concurrent_copies: counter(
+                "mailpipe_jobs_concurrent_copies_total",
+                "Deliveries that waited for another delivery of the same job id.",
+            ),
+            broker_nacks: counter(
+                "mailpipe_broker_nacks_total",
+                "Retry or dead-letter copies the broker refused; the job was requeued.",
+            ),
             broker_reconnects: counter(
                 "mailpipe_broker_reconnects_total",
                 "Connections to the broker re-established.",

@@ -175,7 +175,10 @@ impl Renderer {
         };
         let mut builder = Message::builder()
             .from(from.clone())
-            .subject(subject)
+            .raw_header(header_value(
+                HeaderName::new_from_ascii_str("Subject"),
+                subject,
+            ))
             .message_id(Some(message_id(job_id, &from)));
         for to in &job.to {
             builder = builder.to(mailbox(to, "to")?);
@@ -192,7 +195,7 @@ impl Renderer {
         for (name, value) in &job.headers {
             let name = HeaderName::new_from_ascii(name.clone())
                 .map_err(|_| invalid("forbidden_header", format!("bad header name {name:?}")))?;
-            builder = builder.raw_header(HeaderValue::new(name, value.clone()));
+            builder = builder.raw_header(header_value(name, value.clone()));
         }
 
         let body = match (text, html) {
@@ -245,6 +248,40 @@ impl Renderer {
     }
 }
 
+/// A word longer than this cannot be folded by lettre (it folds only at spaces), and with
+/// the header name it could pass RFC 5322's hard limit of 998 characters per line.
+const LONGEST_FOLDABLE_WORD: usize = 900;
+/// Raw bytes per RFC 2047 encoded-word: 45 bytes are 60 base64 characters, and with
+/// `=?utf-8?b?` and `?=` the word stays within RFC 2047's 75 characters.
+const ENCODED_WORD_BYTES: usize = 45;
+
+/// A header value that fits RFC 5322's line limit. lettre folds at spaces and encodes
+/// non-ASCII words; a single long word (a long URL, a token) it leaves on one line, which a
+/// server refuses with `500 Line too long`. Such a value is written as RFC 2047 encoded-words
+/// on folded lines instead: readers join adjacent encoded-words without the whitespace
+/// between them (RFC 2047 section 6.2), so the value reads exactly as it was.
+fn header_value(name: HeaderName, value: String) -> HeaderValue {
+    if value.split(' ').all(|w| w.len() <= LONGEST_FOLDABLE_WORD) {
+        return HeaderValue::new(name, value);
+    }
+    let engine = base64::engine::general_purpose::STANDARD;
+    let mut words = Vec::new();
+    let mut rest = value.as_str();
+    while !rest.is_empty() {
+        let mut end = rest.len().min(ENCODED_WORD_BYTES);
+        while !rest.is_char_boundary(end) {
+            end -= 1;
+        }
+        words.push(format!(
+            "=?utf-8?b?{}?=",
+            engine.encode(&rest.as_bytes()[..end])
+        ));
+        rest = &rest[end..];
+    }
+    let encoded = words.join("\r\n ");
+    HeaderValue::dangerous_new_pre_encoded(name, value, encoded)
+}
+
 enum Body {
     Single(SinglePart),
     Multi(MultiPart),
@@ -257,6 +294,36 @@ fn mailbox(text: &str, field: &str) -> Result<Mailbox, Failure> {
             format!("{field} has an address that does not parse"),
         )
     })
+}
+
+/// Narrows the envelope to `recipients`, those of the job's own recipients a partial
+/// delivery left to serve (a header naming anyone else adds no one).
+pub fn restrict(message: &mut Outgoing, recipients: &[String]) -> Result<(), Failure> {
+    let to: Vec<lettre::Address> = message
+        .envelope
+        .to()
+        .iter()
+        .filter(|a| recipients.iter().any(|r| r == &a.to_string()))
+        .cloned()
+        .collect();
+    if to.is_empty() {
+        return Err(invalid(
+            "bad_field",
+            "the recipients header names none of the job's recipients",
+        ));
+    }
+    message.envelope = lettre::address::Envelope::new(message.envelope.from().cloned(), to)
+        .map_err(|e| invalid("bad_message", e.to_string()))?;
+    Ok(())
+}
+
+/// The deduplication key of a copy for some of the job's recipients.
+pub fn recipients_key(job_id: &str, recipients: &[String]) -> String {
+    let mut sorted: Vec<&str> = recipients.iter().map(String::as_str).collect();
+    sorted.sort_unstable();
+    let digest = Sha256::digest(sorted.join("\n").as_bytes());
+    let hex: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    format!("{job_id}#rcpt-{hex}")
 }
 
 /// `<first 32 hex digits of sha256(job id)@domain of From>`.
@@ -430,6 +497,56 @@ mod tests {
         assert_eq!(job_id(None, invalid), "kept");
         let bad_id = b"{\"id\":\"a\\nb\"}";
         assert!(job_id(None, bad_id).starts_with("sha256:"));
+    }
+
+    #[test]
+    fn long_words_in_headers_are_encoded_on_lines_within_the_limit() {
+        let (renderer, _dir) = renderer_with(&[]);
+        let url = format!("https://example.com/{}", "a".repeat(1200));
+        let subject = format!("Your link: {url} é");
+        let job = job(&serde_json::json!({
+            "to": ["a@example.com"], "subject": subject, "text": "t",
+            "headers": {"X-Long": "x".repeat(1500)},
+        })
+        .to_string());
+        let text = text_of(&renderer.build(&job, "j").unwrap());
+        let longest = text.split("\r\n").map(str::len).max().unwrap();
+        assert!(longest <= 998, "a line of {longest} characters");
+        // Unfold, then decode the encoded-words: the values read as they were.
+        let decoded = |name: &str| -> String {
+            let start = text.find(&format!("\r\n{name}: ")).unwrap() + name.len() + 4;
+            let mut value = String::new();
+            for (i, line) in text[start..].split("\r\n").enumerate() {
+                if i > 0 && !line.starts_with(' ') {
+                    break;
+                }
+                value.push_str(line.trim());
+            }
+            value
+                .split("?=")
+                .filter(|w| !w.is_empty())
+                .map(|w| w.trim_start_matches("=?utf-8?b?"))
+                .map(|b| base64::engine::general_purpose::STANDARD.decode(b).unwrap())
+                .map(|bytes| String::from_utf8(bytes).unwrap())
+                .collect::<Vec<_>>()
+                .concat()
+        };
+        assert_eq!(decoded("Subject"), subject);
+        assert_eq!(decoded("X-Long"), "x".repeat(1500));
+    }
+
+    #[test]
+    fn short_headers_are_left_to_lettre() {
+        let (renderer, _dir) = renderer_with(&[]);
+        let text = text_of(
+            &renderer
+                .build(
+                    &job(r#"{"to":["a@example.com"],"subject":"Hello there","text":"t"}"#),
+                    "j",
+                )
+                .unwrap(),
+        );
+        assert!(text.contains("Subject: Hello there\r\n"), "{text}");
     }
 
     #[test]

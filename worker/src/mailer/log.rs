@@ -2,14 +2,14 @@
 //! pipeline out. Job id and size at info; the whole message (recipients, content) only at
 //! debug, because both are personal data.
 
-use super::{Mailer, Outgoing, SendError};
+use super::{Delivered, Mailer, Outgoing, SendError};
 
 /// Logs messages instead of sending them.
 #[derive(Debug, Default)]
 pub struct LogMailer;
 
 impl Mailer for LogMailer {
-    async fn send(&self, message: &Outgoing) -> Result<(), SendError> {
+    async fn send(&self, message: &Outgoing) -> Result<Delivered, SendError> {
         tracing::info!(
             recipients = message.envelope.to().len(),
             bytes = message.bytes.len(),
@@ -19,7 +19,7 @@ impl Mailer for LogMailer {
             message = %String::from_utf8_lossy(&message.bytes),
             "log mode: rendered message"
         );
-        Ok(())
+        Ok(Delivered::default())
     }
 
     async fn probe(&self) -> Result<(), SendError> {

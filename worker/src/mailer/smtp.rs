@@ -11,11 +11,16 @@
 //! STARTTLS is required by default (lettre upgrades the connection); implicit TLS (the
 //! handshake done in `tls.rs`) and plain are explicit choices.
 //! Certificates are verified against the system roots, or only against a given CA bundle;
-//! skipping verification is an opt-in that `run` logs loudly. A connection that failed is
-//! dropped, never returned to the pool; one idle for a while is checked with NOOP before
-//! reuse, and one idle too long is closed; a reused one that fails without any reply is
-//! replaced and the transaction sent again at once. lettre's errors are mapped to a classified
-//! [`SendError`] here and nowhere else.
+//! skipping verification is an opt-in that `run` logs loudly.
+//!
+//! Every step has its own timeout (see `transaction.rs`). Anything that goes wrong while
+//! opening a connection (connect, TLS, greeting, EHLO, STARTTLS, AUTH) means the server is
+//! unavailable, never that the job is bad. A connection that failed is dropped, never
+//! returned to the pool; one idle for a while is checked with NOOP before reuse, and one
+//! idle too long is closed. A reused connection that fails without any reply before the
+//! message was handed over (the server closed it while it sat in the pool) is replaced and
+//! the transaction sent again at once; after the message was handed over it never is.
+//! lettre's errors are mapped to a classified [`SendError`] here and in `transaction.rs`.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -29,7 +34,8 @@ use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 
 use super::tls::ImplicitTls;
-use super::{Mailer, Outgoing, SendError};
+use super::transaction::{self, reply_code, Timeouts};
+use super::{Delivered, Mailer, Outgoing, SendError};
 use crate::config::{SmtpConfig, TlsMode};
 use crate::metrics::Metrics;
 
@@ -47,7 +53,7 @@ pub struct SmtpMailer {
     implicit_tls: Option<ImplicitTls>,
     credentials: Option<Credentials>,
     hello: ClientId,
-    timeout: Duration,
+    timeouts: Timeouts,
     idle: Mutex<Vec<(AsyncSmtpConnection, Instant)>>,
     permits: Arc<Semaphore>,
     metrics: Metrics,
@@ -99,62 +105,74 @@ impl SmtpMailer {
             implicit_tls,
             credentials,
             hello: ClientId::default(),
-            timeout: config.timeout,
+            timeouts: Timeouts::new(config.timeout, config.data_timeout),
             idle: Mutex::new(Vec::new()),
             permits: Arc::new(Semaphore::new(config.pool_size as usize)),
             metrics,
         })
     }
 
-    /// Opens, secures and authenticates a new connection.
+    /// Opens, secures and authenticates a new connection. Every failure here means the
+    /// server is unavailable to us, whatever it is.
     async fn open(&self) -> Result<AsyncSmtpConnection, SendError> {
-        let stream = connect_tcp(&self.host, self.port, self.timeout).await?;
-        let mut connection = match &self.implicit_tls {
-            Some(tls) => {
-                let stream = tokio::time::timeout(self.timeout, tls.wrap(stream))
-                    .await
-                    .map_err(|_| {
-                        SendError::without_reply("smtp_timeout", "TLS handshake timed out".into())
-                    })?
-                    .map_err(|e| {
-                        let reason = if has_tls_failure(&e) {
-                            "smtp_tls"
-                        } else {
-                            "smtp_connection"
-                        };
-                        SendError::without_reply(
-                            reason,
-                            format!("TLS handshake: {}", error_chain(&e)),
-                        )
-                    })?;
-                AsyncSmtpConnection::connect_with_transport(Box::new(stream), &self.hello)
-                    .await
-                    .map_err(|e| classify(&e))?
-            }
-            None => {
-                let mut connection =
-                    AsyncSmtpConnection::connect_with_transport(Box::new(stream), &self.hello)
-                        .await
-                        .map_err(|e| classify(&e))?;
-                if let Some(parameters) = &self.tls_parameters {
-                    connection
-                        .starttls(parameters.clone(), &self.hello)
-                        .await
-                        .map_err(|e| classify(&e))?;
-                }
-                connection
-            }
+        let limit = self.timeouts.command;
+        let timed_out = |what: &str| {
+            SendError::unavailable(
+                "smtp_timeout",
+                format!("{what}: no answer within {limit:?}"),
+            )
         };
+        let stream = connect_tcp(&self.host, self.port, limit).await?;
+        let stream: Box<dyn lettre::transport::smtp::client::AsyncTokioStream> =
+            match &self.implicit_tls {
+                Some(tls) => Box::new(
+                    tokio::time::timeout(limit, tls.wrap(stream))
+                        .await
+                        .map_err(|_| timed_out("TLS handshake"))?
+                        .map_err(|e| tls_failure("TLS handshake", &e))?,
+                ),
+                None => Box::new(stream),
+            };
+        // The greeting and EHLO: two replies.
+        let mut connection = tokio::time::timeout(
+            limit * 2,
+            AsyncSmtpConnection::connect_with_transport(stream, &self.hello),
+        )
+        .await
+        .map_err(|_| timed_out("greeting and EHLO"))?
+        .map_err(|e| refusal("smtp_connection", "greeting and EHLO", &e))?;
+        if let Some(parameters) = &self.tls_parameters {
+            if !connection.can_starttls() {
+                return Err(SendError::unavailable(
+                    "smtp_tls",
+                    "the server does not offer STARTTLS, which is required (tls mode starttls)"
+                        .into(),
+                ));
+            }
+            tokio::time::timeout(
+                limit * 2,
+                connection.starttls(parameters.clone(), &self.hello),
+            )
+            .await
+            .map_err(|_| timed_out("STARTTLS"))?
+            .map_err(|e| match reply_code(&e) {
+                Some(_) => refusal("smtp_tls", "STARTTLS", &e),
+                None => tls_failure("STARTTLS", &e),
+            })?;
+        }
         if let Some(credentials) = &self.credentials {
-            connection
-                .auth(MECHANISMS, credentials)
+            tokio::time::timeout(limit, connection.auth(MECHANISMS, credentials))
                 .await
-                .map_err(|e| match classify(&e) {
-                    error if error.code.is_none() && e.is_client() => SendError::without_reply(
+                .map_err(|_| timed_out("AUTH"))?
+                .map_err(|e| match reply_code(&e) {
+                    Some(_) => refusal("smtp_auth", "AUTH", &e),
+                    None if e.is_client() => SendError::unavailable(
                         "smtp_auth",
-                        format!("no usable AUTH mechanism: {e}"),
+                        format!(
+                            "no AUTH mechanism in common (the worker offers PLAIN and LOGIN): {e}"
+                        ),
                     ),
-                    error => error,
+                    None => refusal("smtp_connection", "AUTH", &e),
                 })?;
         }
         Ok(connection)
@@ -181,7 +199,7 @@ impl SmtpMailer {
                 connection.abort().await;
                 continue;
             }
-            if idle_for > CHECK_AFTER_IDLE && !connection.test_connected().await {
+            if idle_for > CHECK_AFTER_IDLE && !self.answers_noop(&mut connection).await {
                 continue;
             }
             return Ok((connection, true));
@@ -202,44 +220,46 @@ impl SmtpMailer {
             .inc();
     }
 
-    /// Runs `work` on a pooled connection (a new one with `fresh`) within the timeout; the
-    /// connection goes back to the pool only when the work succeeded. A failure says
-    /// whether the connection was a reused one.
-    async fn with_connection<T>(
-        &self,
-        fresh: bool,
-        work: impl AsyncFnOnce(&mut AsyncSmtpConnection) -> Result<T, SendError>,
-    ) -> Result<T, (SendError, bool)> {
-        let _permit = self
-            .permits
-            .acquire()
+    async fn answers_noop(&self, connection: &mut AsyncSmtpConnection) -> bool {
+        tokio::time::timeout(self.timeouts.command, connection.test_connected())
             .await
-            .expect("the pool semaphore is never closed");
-        let busy = self
-            .metrics
-            .smtp_pool_connections
-            .with_label_values(&["busy"]);
-        busy.inc();
-        let outcome = tokio::time::timeout(self.timeout, async {
-            let (mut connection, reused) = self.checkout(fresh).await.map_err(|e| (e, false))?;
-            let result = work(&mut connection).await;
-            if result.is_ok() {
+            .unwrap_or(false)
+    }
+
+    /// One transaction on a pooled connection (a new one with `fresh`); the connection goes
+    /// back to the pool only when it succeeded. A failure says whether the connection was a
+    /// reused one.
+    async fn transact(
+        &self,
+        message: &Outgoing,
+        fresh: bool,
+    ) -> Result<Delivered, (SendError, bool)> {
+        let (mut connection, reused) = self.checkout(fresh).await.map_err(|e| (e, false))?;
+        match transaction::send(&mut connection, message, &self.timeouts).await {
+            Ok(delivered) => {
                 self.checkin(connection);
+                Ok(delivered)
             }
-            result.map_err(|e| (e, reused))
-        })
-        .await
-        .unwrap_or_else(|_| {
-            Err((
-                SendError::without_reply(
-                    "smtp_timeout",
-                    format!("no answer within {:?}", self.timeout),
-                ),
-                false,
-            ))
-        });
-        busy.dec();
-        outcome
+            Err(error) => Err((error, reused)),
+        }
+    }
+}
+
+/// A failure of the TLS layer, named so that a person can act on it.
+fn tls_failure(what: &str, error: &(dyn std::error::Error + 'static)) -> SendError {
+    if has_tls_failure(error) {
+        SendError::unavailable("smtp_tls", format!("{what}: {}", tls_advice(error)))
+    } else {
+        SendError::unavailable("smtp_connection", format!("{what}: {}", error_chain(error)))
+    }
+}
+
+/// The server answered, but refused the worker (not a message).
+fn refusal(reason: &'static str, what: &str, error: &lettre::transport::smtp::Error) -> SendError {
+    match reply_code(error) {
+        Some(code) => SendError::refused(reason, code, format!("{what}: {error}")),
+        None if error.is_tls() || has_tls_failure(error) => tls_failure(what, error),
+        None => SendError::unavailable(reason, format!("{what}: {}", error_chain(error))),
     }
 }
 
@@ -247,11 +267,11 @@ impl SmtpMailer {
 async fn connect_tcp(host: &str, port: u16, timeout: Duration) -> Result<TcpStream, SendError> {
     let stream = tokio::time::timeout(timeout, TcpStream::connect((host, port)))
         .await
-        .map_err(|_| SendError::without_reply("smtp_timeout", "connect timed out".into()))?
-        .map_err(|e| SendError::without_reply("smtp_connection", format!("connect: {e}")))?;
+        .map_err(|_| SendError::unavailable("smtp_timeout", "connect timed out".into()))?
+        .map_err(|e| SendError::unavailable("smtp_connection", format!("connect: {e}")))?;
     stream
         .set_nodelay(true)
-        .map_err(|e| SendError::without_reply("smtp_connection", format!("TCP_NODELAY: {e}")))?;
+        .map_err(|e| SendError::unavailable("smtp_connection", format!("TCP_NODELAY: {e}")))?;
     Ok(stream)
 }
 
@@ -273,84 +293,119 @@ fn tls_parameters(config: &SmtpConfig) -> Result<TlsParameters, BuildError> {
     builder.build_rustls().map_err(BuildError::Tls)
 }
 
-/// Maps a lettre error to a classified failure. The detail keeps the server's reply text
-/// (it goes into the dead-letter header, beside the job that holds the same data) but logs
-/// only print the reason and code.
-fn classify(error: &lettre::transport::smtp::Error) -> SendError {
-    if let Some(code) = error.status() {
-        let numeric: u16 = code.to_string().parse().unwrap_or(500);
-        return SendError::from_reply(numeric, error.to_string());
-    }
-    let reason = if error.is_tls() || has_tls_failure(error) {
-        "smtp_tls"
-    } else if error.is_timeout() {
-        "smtp_timeout"
-    } else {
-        "smtp_connection"
-    };
-    SendError::without_reply(reason, error_chain(error))
-}
-
-/// Whether a TLS failure (an untrusted or invalid certificate, a failed handshake) sits in
-/// the error's chain. lettre reports rustls errors met during the handshake as connection
-/// errors wrapping an `io::Error`, whose `source()` skips the rustls error itself, so
-/// `io::Error::get_ref` is looked into as well.
-fn has_tls_failure(error: &(dyn std::error::Error + 'static)) -> bool {
+/// The rustls error in the error's chain, if the failure is one of TLS (an untrusted or
+/// invalid certificate, a failed handshake). lettre reports rustls errors met during the
+/// handshake as connection errors wrapping an `io::Error`, whose `source()` skips the rustls
+/// error itself, so `io::Error::get_ref` is looked into as well.
+fn rustls_error<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
     let mut next: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(current) = next {
-        if current.downcast_ref::<rustls::Error>().is_some() {
-            return true;
+        if let Some(found) = current.downcast_ref::<rustls::Error>() {
+            return Some(found);
         }
-        if let Some(inner) = current
+        if let Some(found) = current
             .downcast_ref::<std::io::Error>()
             .and_then(|io| io.get_ref())
+            .and_then(|inner| rustls_error(inner))
         {
-            if has_tls_failure(inner) {
-                return true;
-            }
+            return Some(found);
         }
         next = current.source();
     }
-    false
+    None
+}
+
+fn has_tls_failure(error: &(dyn std::error::Error + 'static)) -> bool {
+    rustls_error(error).is_some()
+}
+
+/// What went wrong in a TLS handshake, said so that a person knows what to change.
+fn tls_advice(error: &(dyn std::error::Error + 'static)) -> String {
+    use rustls::CertificateError as C;
+    let Some(tls) = rustls_error(error) else {
+        return error_chain(error);
+    };
+    let advice = match tls {
+        rustls::Error::InvalidCertificate(C::UnknownIssuer) => {
+            "the server's certificate is not signed by a trusted CA; give the CA that issued it as the SMTP CA file (spec.smtp.caSecret, --smtp-ca-file)"
+        }
+        rustls::Error::InvalidCertificate(C::BadSignature) => {
+            "the server's certificate was not signed by the CA in the SMTP CA file; give the CA that issued it (spec.smtp.caSecret, --smtp-ca-file)"
+        }
+        rustls::Error::InvalidCertificate(C::NotValidForName)
+        | rustls::Error::InvalidCertificate(C::NotValidForNameContext { .. }) => {
+            "the server's certificate does not name the SMTP host the worker connects to; connect by a name the certificate lists"
+        }
+        rustls::Error::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => {
+            "the server's certificate has expired"
+        }
+        rustls::Error::InvalidCertificate(C::Other(other))
+            if other.to_string().contains("CaUsedAsEndEntity") =>
+        {
+            "the server presents a CA certificate (CA:TRUE) as its own; give it a server certificate signed by that CA, and that CA as the SMTP CA file"
+        }
+        _ => "",
+    };
+    if advice.is_empty() {
+        format!("TLS failure: {tls}")
+    } else {
+        format!("{advice} ({tls})")
+    }
 }
 
 /// The error and its sources on one line (lettre's top-level text is often just "Connection
-/// error", and the useful part, such as "UnknownIssuer", sits in the source).
+/// error", and the useful part, such as "UnknownIssuer", sits in the source). A source
+/// whose text the line already holds is not repeated.
 fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(inner) = source {
-        text.push_str(": ");
-        text.push_str(&inner.to_string());
+        let more = inner.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
         source = inner.source();
     }
     text
 }
 
 impl Mailer for SmtpMailer {
-    async fn send(&self, message: &Outgoing) -> Result<(), SendError> {
+    async fn send(&self, message: &Outgoing) -> Result<Delivered, SendError> {
         let started = Instant::now();
-        let transaction = async |connection: &mut AsyncSmtpConnection| {
-            connection
-                .send(&message.envelope, &message.bytes)
-                .await
-                .map(drop)
-                .map_err(|e| classify(&e))
-        };
-        // A reused connection that fails without any reply was closed by the server while it
-        // sat in the pool (a restart, an idle timeout shorter than ours): the transaction
-        // goes once more on a new connection, and the job loses no attempt. A reply, even
-        // an error, is final.
-        let result = match self.with_connection(false, transaction).await {
-            Err((error, true)) if error.reason == "smtp_connection" => {
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .expect("the pool semaphore is never closed");
+        let busy = self
+            .metrics
+            .smtp_pool_connections
+            .with_label_values(&["busy"]);
+        busy.inc();
+        // A reused connection that fails without any reply before the message was handed
+        // over was closed by the server while it sat in the pool (a restart, an idle timeout
+        // shorter than ours): the server stored nothing, so the transaction goes once more
+        // on a new connection at once. A reply, even an error, is final, and so is anything
+        // after the message was handed over.
+        let result = match self.transact(message, false).await {
+            Err((error, true)) if error.is_server_trouble() && error.code.is_none() => {
                 tracing::debug!(
-                    "a pooled SMTP connection was closed by the server; using a new one"
+                    reason = error.reason,
+                    "a pooled SMTP connection failed before the message; using a new one"
                 );
-                self.with_connection(true, transaction).await
+                self.transact(message, true).await
             }
             other => other,
         }
         .map_err(|(error, _)| error);
+        busy.dec();
+        if result
+            .as_ref()
+            .is_err_and(|e| e.reason == "smtp_outcome_unknown")
+        {
+            self.metrics.smtp_outcome_unknown.inc();
+        }
         self.metrics
             .smtp_send_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -358,18 +413,21 @@ impl Mailer for SmtpMailer {
     }
 
     async fn probe(&self) -> Result<(), SendError> {
-        self.with_connection(false, async |connection| {
-            if connection.test_connected().await {
-                Ok(())
-            } else {
-                Err(SendError::without_reply(
-                    "smtp_connection",
-                    "the server did not answer NOOP".into(),
-                ))
-            }
-        })
-        .await
-        .map_err(|(error, _)| error)
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .expect("the pool semaphore is never closed");
+        let (mut connection, _) = self.checkout(false).await?;
+        if self.answers_noop(&mut connection).await {
+            self.checkin(connection);
+            Ok(())
+        } else {
+            Err(SendError::unavailable(
+                "smtp_connection",
+                "the server did not answer NOOP".into(),
+            ))
+        }
     }
 }
 

@@ -1,14 +1,19 @@
 //! The consume -> send -> settle loop.
 //!
 //! [`run`] takes deliveries from a [`MessageSource`] while a concurrency permit is free and
-//! hands each to [`Pipeline::handle`]:
-//! parse -> expiry -> render -> already sent? -> rate limit -> send -> record -> settle.
+//! the SMTP server is available, and hands each to [`Pipeline::handle`]:
+//! parse -> expiry -> render -> one delivery of an id at a time -> already sent or claimed?
+//! -> rate limit -> send -> record -> settle.
 //! A job is acked only after the SMTP server accepted it, after it was found already sent,
 //! or after a retry or dead-letter copy was confirmed by the broker.
 //!
-//! Shutdown: when `stop` is cancelled no new delivery is taken; a job that has not started
-//! its send is given back (requeued); sends under way finish and are settled, within the
-//! drain deadline; then the source closes.
+//! An unavailable SMTP server (unreachable, hanging, refusing TLS or our credentials) is not
+//! the job's fault: the job keeps its attempt and waits, consuming stops, the dependency
+//! watcher probes with capped backoff, and every waiting job is sent once the server answers.
+//!
+//! Shutdown: when `stop` is cancelled no new delivery is taken and the source stops
+//! consuming; a job that has not started its send is given back (requeued); sends under way
+//! finish and are settled, within the drain deadline; then the source closes.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,13 +28,15 @@ use tracing::Instrument;
 
 use crate::backoff::Backoff;
 use crate::config::OnRedisUnavailable;
-use crate::disposition::{decide, Disposition, Failure};
+use crate::disposition::Failure;
 use crate::health::{Component, Health};
-use crate::idempotency::Dedup;
-use crate::mailer::Mailer;
+use crate::idempotency::{self, Claimed, Dedup, Entry, InFlight, Lease};
+use crate::mailer::{Delivered, Mailer};
 use crate::metrics::Metrics;
 use crate::render::{self, Renderer};
-use crate::source::{Delivery, MessageSource, Settlement};
+use crate::source::{Delivery, MessageSource};
+
+mod settlement;
 
 /// Everything a job needs on its way.
 pub struct Pipeline<M> {
@@ -39,6 +46,8 @@ pub struct Pipeline<M> {
     pub renderer: Renderer,
     /// The deduplication store, when configured.
     pub dedup: Option<Dedup>,
+    /// Job ids being processed in this worker.
+    pub in_flight: InFlight,
     /// What to do while the store is unreachable.
     pub on_store_unavailable: OnRedisUnavailable,
     /// Attempts and delays.
@@ -56,7 +65,8 @@ pub struct Pipeline<M> {
 /// What an attempt came to.
 #[derive(Debug)]
 enum Outcome {
-    Sent,
+    /// Accepted by the server, for every recipient but those refused.
+    Sent(Delivered),
     Duplicate,
     Failed(Failure),
     /// Shutting down before the send began.
@@ -65,7 +75,8 @@ enum Outcome {
 
 enum Seen {
     Sent,
-    NotSent,
+    /// Not sent; this worker holds the claim.
+    Claimed(Lease),
     /// The store is down and the policy says send anyway.
     Unknown,
     Stopped,
@@ -85,13 +96,16 @@ impl<M: Mailer> Pipeline<M> {
         let Delivery {
             body,
             attempt,
+            recipients,
             settle,
         } = delivery;
         let parsed = EmailJob::parse(&body, &self.limits);
         let job_id = render::job_id(parsed.as_ref().ok(), &body);
         let span = tracing::info_span!("job", job_id = %job_id, attempt);
         async {
-            let outcome = self.process(parsed, &job_id, stop).await;
+            let outcome = self
+                .process(parsed, &job_id, recipients.as_deref(), stop)
+                .await;
             let settlement = self.settlement(outcome, attempt, job_id);
             if let Err(error) = settle.settle(settlement).await {
                 tracing::warn!(%error, "settlement did not reach the broker; the job will be redelivered");
@@ -109,6 +123,7 @@ impl<M: Mailer> Pipeline<M> {
         &self,
         parsed: Result<EmailJob, mailpipe_contract::InvalidJob>,
         job_id: &str,
+        recipients: Option<&[String]>,
         stop: &CancellationToken,
     ) -> Outcome {
         let job = match parsed {
@@ -123,165 +138,189 @@ impl<M: Mailer> Pipeline<M> {
         if job.is_expired(Utc::now()) {
             return Outcome::Failed(Failure::Expired);
         }
-        let message = match self.renderer.build(&job, job_id) {
+        let mut message = match self.renderer.build(&job, job_id) {
             Ok(message) => message,
             Err(failure) => return Outcome::Failed(failure),
         };
+        // A copy for the recipients a partial delivery left has a deduplication key of its
+        // own: the job id itself was recorded when the others were served.
+        let key = match recipients {
+            None => job_id.to_string(),
+            Some(list) => match render::restrict(&mut message, list) {
+                Ok(()) => render::recipients_key(job_id, list),
+                Err(failure) => return Outcome::Failed(failure),
+            },
+        };
+        let job_id = key.as_str();
         tracing::debug!(to = ?job.to, cc = ?job.cc, bcc_count = job.bcc.len(), subject = ?job.subject, "rendered");
-        let dedup = match &self.dedup {
+        // One delivery of a job id at a time in this worker: a copy waits for the first.
+        let local = loop {
+            match self.in_flight.enter(job_id) {
+                Entry::Own(guard) => break guard,
+                Entry::Busy(holder) => {
+                    self.metrics.concurrent_copies.inc();
+                    tracing::info!("another delivery of this job id is being sent; waiting for it");
+                    tokio::select! {
+                        biased;
+                        _ = stop.cancelled() => return Outcome::NotStarted,
+                        sent = idempotency::wait_for(holder) => if sent {
+                            return Outcome::Duplicate;
+                        },
+                    }
+                }
+            }
+        };
+        let claim = match &self.dedup {
             None => None,
             Some(dedup) => match self.seen(dedup, job_id, stop).await {
-                Seen::Sent => return Outcome::Duplicate,
-                Seen::NotSent => Some(dedup),
+                Seen::Sent => {
+                    local.sent();
+                    return Outcome::Duplicate;
+                }
+                Seen::Claimed(lease) => Some((dedup, lease)),
                 Seen::Unknown => None,
                 Seen::Stopped => return Outcome::NotStarted,
             },
         };
-        if let Some(rate) = &self.rate {
-            tokio::select! {
-                biased;
-                _ = stop.cancelled() => return Outcome::NotStarted,
-                _ = rate.until_ready() => {}
-            }
-        }
-        if stop.is_cancelled() {
-            return Outcome::NotStarted;
-        }
-        // From here on the send is not interrupted: shutdown waits for it.
-        match self.mailer.send(&message).await {
-            Ok(()) => {
-                self.health.set(Component::Smtp, true);
-                if let Some(dedup) = dedup {
-                    self.record(dedup, job_id).await;
+        let outcome = match &claim {
+            Some((dedup, lease)) => {
+                // The claim is renewed while the send runs, so a slow send keeps it.
+                tokio::select! {
+                    outcome = self.send(&message, stop) => outcome,
+                    () = renew(dedup, job_id, lease) => unreachable!("renewing never ends"),
                 }
-                Outcome::Sent
             }
-            Err(error) => {
-                if error.is_server_trouble() && self.health.set(Component::Smtp, false) {
-                    tracing::warn!(reason = error.reason, code = ?error.code, "SMTP server unavailable");
+            None => self.send(&message, stop).await,
+        };
+        let sent = matches!(outcome, Outcome::Sent(_));
+        if let Some((dedup, lease)) = claim {
+            self.finish(dedup, job_id, &lease, sent).await;
+        }
+        if sent {
+            local.sent();
+        }
+        outcome
+    }
+
+    /// Sends, waiting out an unavailable server without spending the job's attempt.
+    async fn send(&self, message: &crate::mailer::Outgoing, stop: &CancellationToken) -> Outcome {
+        // The probe may find the server answering while it still refuses this transaction
+        // (say a 530 to MAIL while NOOP passes): each try of the same job waits longer, so
+        // that never becomes a loop.
+        let mut again = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+        let mut tried = false;
+        loop {
+            if tried {
+                tokio::select! {
+                    biased;
+                    _ = stop.cancelled() => return Outcome::NotStarted,
+                    _ = tokio::time::sleep(again.next_delay()) => {}
                 }
-                Outcome::Failed(Failure::Send(error))
+            }
+            tried = true;
+            if let Some(rate) = &self.rate {
+                tokio::select! {
+                    biased;
+                    _ = stop.cancelled() => return Outcome::NotStarted,
+                    _ = rate.until_ready() => {}
+                }
+            }
+            if stop.is_cancelled() {
+                return Outcome::NotStarted;
+            }
+            // From here on the send is not interrupted: shutdown waits for it.
+            match self.mailer.send(message).await {
+                Ok(delivered) => {
+                    self.health.set(Component::Smtp, true);
+                    return Outcome::Sent(delivered);
+                }
+                Err(error) if error.is_server_trouble() => {
+                    self.metrics
+                        .smtp_unavailable
+                        .with_label_values(&[error.reason])
+                        .inc();
+                    if self.health.report_down(Component::Smtp) {
+                        tracing::warn!(reason = error.reason, code = ?error.code, "SMTP server unavailable; consuming paused, jobs wait without spending attempts");
+                    }
+                    tokio::select! {
+                        biased;
+                        _ = stop.cancelled() => return Outcome::NotStarted,
+                        () = self.health.wait_up(Component::Smtp) => {}
+                    }
+                }
+                Err(error) => return Outcome::Failed(Failure::Send(error)),
             }
         }
     }
 
-    /// Asks the store whether `job_id` was sent, waiting while it is down if the policy
-    /// says pause (readiness is false meanwhile, and since every permit ends up waiting here,
-    /// consuming pauses too).
+    /// Asks the store whether `job_id` was sent and claims it, waiting while another worker
+    /// sends it, and while the store is down if the policy says pause (readiness is false
+    /// meanwhile, and consuming pauses too).
     async fn seen(&self, dedup: &Dedup, job_id: &str, stop: &CancellationToken) -> Seen {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+        let mut waited = false;
         loop {
-            match dedup.was_sent(job_id).await {
-                Ok(sent) => {
+            let delay = match dedup.claim(job_id).await {
+                Ok(claimed) => {
                     if self.health.set(Component::Store, true) {
                         tracing::info!("deduplication store reachable again");
                     }
-                    return if sent { Seen::Sent } else { Seen::NotSent };
+                    match claimed {
+                        Claimed::Sent => return Seen::Sent,
+                        Claimed::Own(lease) => return Seen::Claimed(lease),
+                        Claimed::Busy => {
+                            if !waited {
+                                waited = true;
+                                self.metrics.concurrent_copies.inc();
+                                tracing::info!(
+                                    "another worker is sending this job id; waiting for it"
+                                );
+                            }
+                            Duration::from_millis(250)
+                        }
+                    }
                 }
                 Err(error) => {
                     self.metrics
                         .idempotency_errors
                         .with_label_values(&["check"])
                         .inc();
-                    if self.health.set(Component::Store, false) {
-                        tracing::warn!(%error, policy = ?self.on_store_unavailable, "deduplication store unreachable");
+                    if self.health.report_down(Component::Store) {
+                        tracing::warn!(%error, advice = error.advice(), policy = ?self.on_store_unavailable, "deduplication store unreachable");
                     }
                     if self.on_store_unavailable == OnRedisUnavailable::Send {
                         return Seen::Unknown;
                     }
-                    tokio::select! {
-                        _ = stop.cancelled() => return Seen::Stopped,
-                        _ = tokio::time::sleep(backoff.next_delay()) => {}
-                    }
+                    backoff.next_delay()
                 }
+            };
+            tokio::select! {
+                _ = stop.cancelled() => return Seen::Stopped,
+                _ = tokio::time::sleep(delay) => {}
             }
         }
     }
 
-    /// Records a send, retrying briefly; if the store stays down the job is acked anyway
-    /// (it was delivered) and only a redelivery of it could send it again.
-    async fn record(&self, dedup: &Dedup, job_id: &str) {
+    /// Records a send (when `sent`) and drops the claim, retrying briefly; if the store stays
+    /// down the job is acked anyway (it was delivered) and only a redelivery of it could send
+    /// it again. An unrecorded failure leaves the claim to expire.
+    async fn finish(&self, dedup: &Dedup, job_id: &str, lease: &Lease, sent: bool) {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
         for _ in 0..6 {
-            match dedup.record_sent(job_id).await {
+            match dedup.finish(job_id, lease, sent).await {
                 Ok(()) => return,
                 Err(error) => {
                     self.metrics
                         .idempotency_errors
                         .with_label_values(&["record"])
                         .inc();
-                    tracing::warn!(%error, "could not record the send yet");
+                    tracing::warn!(%error, advice = error.advice(), "could not record the send yet");
                     tokio::time::sleep(backoff.next_delay()).await;
                 }
             }
         }
-        tracing::error!("send not recorded: the store stayed unreachable; a redelivery of this job would send it again");
-    }
-
-    /// Turns an outcome into a settlement, with the metrics and the log line that go with it.
-    fn settlement(&self, outcome: Outcome, attempt: u32, job_id: String) -> Settlement {
-        match outcome {
-            Outcome::Sent => {
-                self.metrics.sent.inc();
-                tracing::info!("sent");
-                Settlement::Ack
-            }
-            Outcome::Duplicate => {
-                self.metrics.duplicates_skipped.inc();
-                tracing::info!("already sent; skipped");
-                Settlement::Ack
-            }
-            Outcome::NotStarted => Settlement::Requeue,
-            Outcome::Failed(failure) => {
-                let reason = failure.reason();
-                self.metrics.failed.with_label_values(&[reason]).inc();
-                if failure == Failure::Expired {
-                    self.metrics.expired.inc();
-                }
-                let code = match &failure {
-                    Failure::Send(e) => e.code,
-                    _ => None,
-                };
-                tracing::debug!(detail = %failure.detail(), "failure detail");
-                match decide(&failure, attempt, &self.retry) {
-                    Disposition::Retry {
-                        next_attempt,
-                        after,
-                    } => {
-                        self.metrics.retried.with_label_values(&[reason]).inc();
-                        tracing::warn!(reason, ?code, next_attempt, retry_in = ?after, "attempt failed; will retry");
-                        Settlement::Retry {
-                            next_attempt,
-                            after,
-                        }
-                    }
-                    Disposition::DeadLetter {
-                        reason: final_reason,
-                    } => {
-                        self.metrics
-                            .dead_lettered
-                            .with_label_values(&[final_reason])
-                            .inc();
-                        tracing::warn!(
-                            reason = final_reason,
-                            cause = reason,
-                            ?code,
-                            "dead-lettered"
-                        );
-                        let detail = if final_reason == reason {
-                            failure.detail()
-                        } else {
-                            format!("{reason}: {}", failure.detail())
-                        };
-                        Settlement::DeadLetter {
-                            reason: final_reason,
-                            detail,
-                            attempts: attempt,
-                            job_id,
-                        }
-                    }
-                }
-            }
+        if sent {
+            tracing::error!("send not recorded: the store stayed unreachable; a redelivery of this job would send it again");
         }
     }
 
@@ -289,7 +328,9 @@ impl<M: Mailer> Pipeline<M> {
     /// capped backoff, so readiness comes back (and is right at start-up) without waiting
     /// for the next job.
     pub async fn watch_dependencies(&self, stop: CancellationToken) {
-        let mut smtp_backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+        // Capped at 10 s: after an outage the backlog moves again within seconds, and one
+        // probe every 10 s costs a down server nothing.
+        let mut smtp_backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
         let mut store_backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
         loop {
             // The next look: in a second while all is well, else after the shortest backoff.
@@ -297,13 +338,22 @@ impl<M: Mailer> Pipeline<M> {
             if self.health.is_up(Component::Smtp) {
                 smtp_backoff.reset();
             } else {
-                match self.mailer.probe().await {
+                // A hanging server must not hold up shutdown.
+                let probed = tokio::select! {
+                    biased;
+                    _ = stop.cancelled() => return,
+                    probed = self.mailer.probe() => probed,
+                };
+                match probed {
                     Ok(()) => {
                         if self.health.set(Component::Smtp, true) {
-                            tracing::info!("SMTP server reachable");
+                            tracing::info!("SMTP server reachable; consuming again");
                         }
                     }
                     Err(error) => {
+                        if self.health.report_down(Component::Smtp) {
+                            tracing::warn!(reason = error.reason, code = ?error.code, detail = %error.detail, "SMTP server unavailable; waiting for it before consuming");
+                        }
                         tracing::debug!(reason = error.reason, "SMTP probe failed");
                         retry_in = Some(smtp_backoff.next_delay());
                     }
@@ -313,13 +363,21 @@ impl<M: Mailer> Pipeline<M> {
                 if self.health.is_up(Component::Store) {
                     store_backoff.reset();
                 } else {
-                    match dedup.ping().await {
+                    let pinged = tokio::select! {
+                        biased;
+                        _ = stop.cancelled() => return,
+                        pinged = dedup.ping() => pinged,
+                    };
+                    match pinged {
                         Ok(()) => {
                             if self.health.set(Component::Store, true) {
                                 tracing::info!("deduplication store reachable");
                             }
                         }
                         Err(error) => {
+                            if self.health.report_down(Component::Store) {
+                                tracing::warn!(%error, advice = error.advice(), "deduplication store unreachable");
+                            }
                             tracing::debug!(%error, "deduplication store probe failed");
                             let delay = store_backoff.next_delay();
                             retry_in = Some(retry_in.map_or(delay, |d| d.min(delay)));
@@ -331,6 +389,18 @@ impl<M: Mailer> Pipeline<M> {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(retry_in.unwrap_or(Duration::from_secs(1))) => {}
             }
+        }
+    }
+}
+
+/// Renews a claim every [`idempotency::RENEW_EVERY`] until dropped.
+async fn renew(dedup: &Dedup, job_id: &str, lease: &Lease) {
+    loop {
+        tokio::time::sleep(idempotency::RENEW_EVERY).await;
+        match dedup.renew(job_id, lease).await {
+            Ok(true) => {}
+            Ok(false) => tracing::warn!("the deduplication claim expired during a long send; another worker may send this job too"),
+            Err(error) => tracing::warn!(%error, "could not renew the deduplication claim"),
         }
     }
 }
@@ -358,6 +428,13 @@ pub async fn run<S: MessageSource, M: Mailer>(
             _ = stop.cancelled() => break,
             permit = permits.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
         };
+        // Nothing new is taken while the server cannot be sent to (or the store is down and
+        // the policy says pause): the jobs stay in the queue, their attempts untouched.
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            () = pipeline.health.wait_sendable() => {}
+        }
         let Some(delivery) = source.next(&stop).await else {
             break;
         };
@@ -369,6 +446,7 @@ pub async fn run<S: MessageSource, M: Mailer>(
         });
     }
     pipeline.health.set_draining();
+    source.stop_consuming().await;
     tasks.close();
     let in_flight = tasks.len();
     tracing::info!(

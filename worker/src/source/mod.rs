@@ -25,6 +25,8 @@ pub enum Settlement {
         next_attempt: u32,
         /// The delay before it.
         after: Duration,
+        /// Only to these envelope recipients (the others were served).
+        recipients: Option<Vec<String>>,
     },
     /// Never deliver again; keep it in the dead-letter queue with the reason.
     DeadLetter {
@@ -36,6 +38,8 @@ pub enum Settlement {
         attempts: u32,
         /// The (given or derived) job id.
         job_id: String,
+        /// The envelope recipients not served (the others were).
+        recipients: Option<Vec<String>>,
     },
     /// Not processed (shutting down before the send started): give it back as it was.
     Requeue,
@@ -61,6 +65,9 @@ pub struct Delivery {
     pub body: Arc<[u8]>,
     /// Which attempt this is, counting from 1.
     pub attempt: u32,
+    /// When set, send only to these of the job's envelope recipients (a copy made after
+    /// the others were served).
+    pub recipients: Option<Vec<String>>,
     /// The way to settle it.
     pub settle: Box<dyn Settle>,
 }
@@ -69,6 +76,10 @@ pub struct Delivery {
 pub trait MessageSource: Send {
     /// The next delivery, or `None` once `stop` is cancelled.
     fn next(&mut self, stop: &CancellationToken) -> impl Future<Output = Option<Delivery>> + Send;
+
+    /// Stops the broker from handing over more deliveries (shutdown), and gives back what it
+    /// already handed over that `next` never returned.
+    fn stop_consuming(&mut self) -> impl Future<Output = ()> + Send;
 
     /// Closes the connection after every in-flight delivery was settled; what was fetched
     /// but never handed out goes back to the queue.

@@ -6,7 +6,14 @@
 //! published and confirmed *before* the original is acked, so a crash in between leaves a
 //! duplicate, never a loss. When the connection drops, unacked deliveries return to the queue
 //! on the broker's side; `next` reconnects with capped exponential backoff and readiness is
-//! false meanwhile.
+//! false meanwhile. At shutdown the consumer is cancelled first, and what the broker had
+//! already pushed but the pipeline never took goes back to the queue at once, for the other
+//! replicas.
+//!
+//! Retry and dead-letter copies drop the producer's per-message `expiration`: a job waiting
+//! for its next attempt, or kept for a person to look at, must not silently vanish. When the
+//! broker refuses a copy (a nack: a full queue with `reject-publish`, a resource alarm), the
+//! original is not acked: it goes back to the queue after a pause, unchanged, and is counted.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,8 +21,8 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use futures::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-    BasicRejectOptions, ConfirmSelectOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
+    BasicPublishOptions, BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions,
 };
 use lapin::tcp::OwnedTLSConfig;
 use lapin::types::{AMQPValue, FieldTable};
@@ -46,9 +53,14 @@ pub struct RabbitSource {
 
 struct Live {
     connection: Connection,
+    channel: Channel,
     consumer: Consumer,
     publisher: Channel,
 }
+
+/// How long a refused (nacked) copy's original waits before it goes back to the queue, so a
+/// broker that keeps refusing does not turn into a hot loop.
+const AFTER_NACK: Duration = Duration::from_secs(1);
 
 /// Setting up the source failed before any connection was tried.
 #[derive(Debug, thiserror::Error)]
@@ -126,6 +138,7 @@ impl RabbitSource {
             .await?;
         Ok(Live {
             connection,
+            channel,
             consumer,
             publisher,
         })
@@ -158,11 +171,14 @@ impl RabbitSource {
             .unwrap_or_else(|| delivery.exchange.to_string());
         let routing_key = header_text(headers::ORIGINAL_ROUTING_KEY)
             .unwrap_or_else(|| delivery.routing_key.to_string());
+        let recipients = header_text(headers::RECIPIENTS)
+            .and_then(|list| serde_json::from_str::<Vec<String>>(&list).ok());
         let body: Arc<[u8]> = delivery.data.into();
         let settings = &self.config.settings;
         Delivery {
             body: body.clone(),
             attempt,
+            recipients,
             settle: Box::new(RabbitSettle {
                 acker: delivery.acker,
                 publisher: publisher.clone(),
@@ -172,6 +188,7 @@ impl RabbitSource {
                 routing_key,
                 work_queue: settings.queue.clone(),
                 dead_letter: settings.dead_letter,
+                metrics: self.metrics.clone(),
             }),
         }
     }
@@ -244,6 +261,37 @@ impl MessageSource for RabbitSource {
         }
     }
 
+    async fn stop_consuming(&mut self) {
+        let Some(live) = self.live.as_mut() else {
+            return;
+        };
+        if let Err(error) = live
+            .channel
+            .basic_cancel(live.consumer.tag(), BasicCancelOptions::default())
+            .await
+        {
+            tracing::debug!(%error, "cancelling the consumer");
+            return;
+        }
+        // What the broker pushed before the cancel and the pipeline never took.
+        let mut returned = 0u32;
+        while let Ok(Some(Ok(delivery))) =
+            tokio::time::timeout(Duration::from_millis(200), live.consumer.next()).await
+        {
+            let requeue = BasicNackOptions {
+                requeue: true,
+                ..BasicNackOptions::default()
+            };
+            if delivery.acker.nack(requeue).await.is_ok() {
+                returned += 1;
+            }
+        }
+        tracing::info!(
+            returned,
+            "stopped consuming; prefetched jobs went back to the queue"
+        );
+    }
+
     async fn close(self) {
         if let Some(live) = self.live {
             if let Err(error) = live
@@ -267,26 +315,67 @@ struct RabbitSettle {
     routing_key: String,
     work_queue: String,
     dead_letter: bool,
+    metrics: Metrics,
+}
+
+/// What the broker said to a copy.
+enum Copied {
+    /// Stored.
+    Stored,
+    /// Not routed: the target queue is missing.
+    Unroutable,
+    /// Refused (nack).
+    Refused,
+}
+
+/// The producer's properties without its per-message `expiration`, made persistent.
+fn copy_properties(from: &BasicProperties, headers: FieldTable) -> BasicProperties {
+    let mut to = BasicProperties::default()
+        .with_headers(headers)
+        .with_delivery_mode(2);
+    if let Some(v) = from.content_type() {
+        to = to.with_content_type(v.clone());
+    }
+    if let Some(v) = from.content_encoding() {
+        to = to.with_content_encoding(v.clone());
+    }
+    if let Some(v) = from.priority() {
+        to = to.with_priority(*v);
+    }
+    if let Some(v) = from.correlation_id() {
+        to = to.with_correlation_id(v.clone());
+    }
+    if let Some(v) = from.reply_to() {
+        to = to.with_reply_to(v.clone());
+    }
+    if let Some(v) = from.message_id() {
+        to = to.with_message_id(v.clone());
+    }
+    if let Some(v) = from.timestamp() {
+        to = to.with_timestamp(*v);
+    }
+    if let Some(v) = from.kind() {
+        to = to.with_type(v.clone());
+    }
+    if let Some(v) = from.app_id() {
+        to = to.with_app_id(v.clone());
+    }
+    to
 }
 
 impl RabbitSettle {
     /// Publishes a copy with extra headers and waits for the broker's confirm.
-    /// `Ok(false)` means the broker could not route it (the target queue is missing).
     async fn publish_copy(
         &self,
         exchange: &str,
         routing_key: &str,
         extra: Vec<(&'static str, AMQPValue)>,
-    ) -> Result<bool, lapin::Error> {
+    ) -> Result<Copied, lapin::Error> {
         let mut table = self.properties.headers().clone().unwrap_or_default();
         for (key, value) in extra {
             table.insert(key.into(), value);
         }
-        let properties = self
-            .properties
-            .clone()
-            .with_headers(table)
-            .with_delivery_mode(2);
+        let properties = copy_properties(&self.properties, table);
         let confirm = self
             .publisher
             .basic_publish(
@@ -301,7 +390,34 @@ impl RabbitSettle {
             )
             .await?
             .await?;
-        Ok(matches!(confirm, Confirmation::Ack(None)))
+        Ok(match confirm {
+            Confirmation::Ack(None) => Copied::Stored,
+            Confirmation::Ack(Some(_)) => Copied::Unroutable,
+            Confirmation::Nack(_) | Confirmation::NotRequested => Copied::Refused,
+        })
+    }
+
+    /// The broker refused the copy: the original goes back to the queue after a pause,
+    /// with its attempt unchanged.
+    async fn requeue_after_refusal(&self, what: &str) -> Result<(), SettleError> {
+        self.metrics.broker_nacks.inc();
+        tracing::warn!(
+            copy = what,
+            "the broker refused the copy (nack); the job goes back to the queue unchanged"
+        );
+        tokio::time::sleep(AFTER_NACK).await;
+        self.requeue().await
+    }
+
+    async fn requeue(&self) -> Result<(), SettleError> {
+        self.acker
+            .nack(BasicNackOptions {
+                requeue: true,
+                ..BasicNackOptions::default()
+            })
+            .await
+            .map(drop)
+            .map_err(|e| SettleError(e.to_string()))
     }
 
     async fn ack(&self) -> Result<(), SettleError> {
@@ -324,40 +440,36 @@ impl RabbitSettle {
         let lapin_error = |e: lapin::Error| SettleError(e.to_string());
         match settlement {
             Settlement::Ack => self.ack().await,
-            Settlement::Requeue => self
-                .acker
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..BasicNackOptions::default()
-                })
-                .await
-                .map(drop)
-                .map_err(lapin_error),
+            Settlement::Requeue => self.requeue().await,
             Settlement::Retry {
                 next_attempt,
                 after,
+                recipients,
             } => {
                 let queue = naming::delay_queue(&self.work_queue, after);
-                let extra = vec![
+                let mut extra = recipients_header(recipients);
+                extra.extend([
                     (
                         headers::ATTEMPT,
                         AMQPValue::LongLongInt(next_attempt.into()),
                     ),
                     (headers::ORIGINAL_EXCHANGE, long(&self.exchange)),
                     (headers::ORIGINAL_ROUTING_KEY, long(&self.routing_key)),
-                ];
-                if self
+                ]);
+                match self
                     .publish_copy("", &queue, extra)
                     .await
                     .map_err(lapin_error)?
                 {
-                    self.ack().await
-                } else {
-                    // The delay queue is missing (deleted, or a policy the topology was not
-                    // declared for): hand the job to the broker's dead-lettering instead of
-                    // losing it or looping on it.
-                    tracing::error!(%queue, "retry delay queue is missing; dead-lettering through the broker");
-                    self.reject_without_requeue().await
+                    Copied::Stored => self.ack().await,
+                    Copied::Refused => self.requeue_after_refusal("retry").await,
+                    Copied::Unroutable => {
+                        // The delay queue is missing (deleted, or a policy the topology was
+                        // not declared for): hand the job to the broker's dead-lettering
+                        // instead of losing it or looping on it.
+                        tracing::error!(%queue, "retry delay queue is missing; dead-lettering through the broker");
+                        self.reject_without_requeue().await
+                    }
                 }
             }
             Settlement::DeadLetter {
@@ -365,11 +477,13 @@ impl RabbitSettle {
                 detail,
                 attempts,
                 job_id,
+                recipients,
             } => {
                 if !self.dead_letter {
                     return self.reject_without_requeue().await;
                 }
-                let extra = vec![
+                let mut extra = recipients_header(recipients);
+                extra.extend([
                     (headers::REASON, long(reason)),
                     (headers::DETAIL, long(&truncate(&detail, 500))),
                     (headers::ATTEMPT, AMQPValue::LongLongInt(attempts.into())),
@@ -380,21 +494,34 @@ impl RabbitSettle {
                     ),
                     (headers::ORIGINAL_EXCHANGE, long(&self.exchange)),
                     (headers::ORIGINAL_ROUTING_KEY, long(&self.routing_key)),
-                ];
+                ]);
                 let dlx = naming::dead_letter_exchange(&self.work_queue);
-                if self
+                match self
                     .publish_copy(&dlx, "", extra)
                     .await
                     .map_err(lapin_error)?
                 {
-                    self.ack().await
-                } else {
-                    tracing::error!(exchange = %dlx, "dead-letter exchange has no queue; rejecting to the broker");
-                    self.reject_without_requeue().await
+                    Copied::Stored => self.ack().await,
+                    Copied::Refused => self.requeue_after_refusal("dead-letter").await,
+                    Copied::Unroutable => {
+                        tracing::error!(exchange = %dlx, "dead-letter exchange has no queue; rejecting to the broker");
+                        self.reject_without_requeue().await
+                    }
                 }
             }
         }
     }
+}
+
+/// The recipients header of a copy for some of the job's recipients (none: keep what the
+/// delivery had).
+fn recipients_header(recipients: Option<Vec<String>>) -> Vec<(&'static str, AMQPValue)> {
+    recipients
+        .map(|list| {
+            let json = serde_json::to_string(&list).expect("a list of strings serializes");
+            vec![(headers::RECIPIENTS, long(&json))]
+        })
+        .unwrap_or_default()
 }
 
 /// A header value: an AMQP long string.
