@@ -235,6 +235,13 @@ impl SmtpServer {
         }
     }
 
+    /// Starts it again on the same ports with other options (a rotated password, TLS
+    /// turned off), keeping what it received.
+    pub async fn restart_with(&mut self, options: SmtpOptions) {
+        self.options = options;
+        self.restart().await;
+    }
+
     /// Starts it again on the same ports.
     pub async fn restart(&mut self) {
         assert!(self.proc.is_none(), "stop the server first");

@@ -36,21 +36,9 @@ pub struct WorkerSpec {
 
 impl WorkerSpec {
     /// A worker for `names` on broker `amqp_url`, sending plain SMTP to 127.0.0.1:`smtp_port`,
-    /// with short retry delays (200 ms doubling up to 2 s).
+    /// with short retry delays ([`TEST_RETRY`]) and a 20 s drain deadline.
     pub fn new(amqp_url: &str, names: &Names, smtp_port: u16) -> WorkerSpec {
-        let args = [
-            "--exchange",
-            &names.exchange,
-            "--queue",
-            &names.queue,
-            "--smtp-host",
-            "127.0.0.1",
-            "--smtp-port",
-            &smtp_port.to_string(),
-            "--smtp-tls",
-            "none",
-            "--from-address",
-            "noreply@mailpipe.test",
+        WorkerSpec::with_defaults(amqp_url, names, smtp_port).args(&[
             "--from-name",
             "mailpipe tests",
             "--backoff-initial",
@@ -59,13 +47,7 @@ impl WorkerSpec {
             "2s",
             "--shutdown-timeout",
             "20s",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        let mut env = BTreeMap::new();
-        env.insert("MAILPIPE_AMQP_URL".to_string(), amqp_url.to_string());
-        WorkerSpec { args, env }
+        ])
     }
 
     /// A worker for `names` on broker `amqp_url` sending plain SMTP to 127.0.0.1:`smtp_port`

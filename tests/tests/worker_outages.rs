@@ -68,9 +68,18 @@ async fn redis_outage_pauses_sending_with_readiness_false_and_loses_nothing() {
     amqp::delete_plan(SHARED_URL, &names.plan(&TEST_RETRY)).await;
 }
 
-/// A private node restarted mid-run with `delay_ms` per send: every job arrives once.
-async fn broker_restart_mid_run(delay_ms: u32) {
-    const N: usize = 300;
+/// A run on a private RabbitMQ node: a worker with Redis deduplication, `n` numbered jobs
+/// published, each send taking `delay_ms`.
+struct PrivateRun {
+    node: RabbitNode,
+    url: String,
+    smtp: SmtpServer,
+    names: Names,
+    worker: mailpipe_tests::worker::Worker,
+    run: String,
+}
+
+async fn private_run(label: &str, delay_ms: u32, n: usize) -> PrivateRun {
     let node = tokio::task::spawn_blocking(|| RabbitNode::start(None))
         .await
         .unwrap();
@@ -80,14 +89,35 @@ async fn broker_restart_mid_run(delay_ms: u32) {
         ..SmtpOptions::default()
     })
     .await;
-    let names = Names::new("brokerrestart");
+    let names = Names::new(label);
     let worker = WorkerSpec::new(&url, &names, smtp.port)
         .env("MAILPIPE_REDIS_URL", SHARED_REDIS)
         .args(&["--idempotency-prefix", &unique("mailpipe-test")])
         .spawn();
     worker.wait_ready(Duration::from_secs(30)).await;
     let run = unique("run");
-    amqp::publish_numbered(&url, &names.exchange, &run, 0..N).await;
+    amqp::publish_numbered(&url, &names.exchange, &run, 0..n).await;
+    PrivateRun {
+        node,
+        url,
+        smtp,
+        names,
+        worker,
+        run,
+    }
+}
+
+/// A private node restarted mid-run with `delay_ms` per send: every job arrives once.
+async fn broker_restart_mid_run(delay_ms: u32) {
+    const N: usize = 300;
+    let PrivateRun {
+        node,
+        url,
+        smtp,
+        names,
+        worker,
+        run,
+    } = private_run("brokerrestart", delay_ms, N).await;
     smtp.wait_for_count(50, Duration::from_secs(60)).await;
 
     let node = tokio::task::spawn_blocking(move || {
@@ -144,23 +174,14 @@ async fn private_broker_restart_while_sends_are_slow_sends_nothing_twice() {
 #[tokio::test]
 async fn private_broker_connection_drop_during_a_busy_run_sends_nothing_twice() {
     const N: usize = 200;
-    let node = tokio::task::spawn_blocking(|| RabbitNode::start(None))
-        .await
-        .unwrap();
-    let url = node.url();
-    let smtp = SmtpServer::start(SmtpOptions {
-        delay_ms: 300,
-        ..SmtpOptions::default()
-    })
-    .await;
-    let names = Names::new("conndrop");
-    let worker = WorkerSpec::new(&url, &names, smtp.port)
-        .env("MAILPIPE_REDIS_URL", SHARED_REDIS)
-        .args(&["--idempotency-prefix", &unique("mailpipe-test")])
-        .spawn();
-    worker.wait_ready(Duration::from_secs(30)).await;
-    let run = unique("run");
-    amqp::publish_numbered(&url, &names.exchange, &run, 0..N).await;
+    let PrivateRun {
+        node,
+        url,
+        smtp,
+        names,
+        worker,
+        run,
+    } = private_run("conndrop", 300, N).await;
     for target in [40, 100] {
         smtp.wait_for_count(target, Duration::from_secs(60)).await;
         // rabbitmqctl blocks this thread for a second; the worker is another process.

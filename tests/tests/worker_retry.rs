@@ -266,12 +266,13 @@ async fn quorum_queues_retry_and_dead_letter_at_least_once() {
     amqp::delete_plan(SHARED_URL, &settings.plan(&retry(2))).await;
 }
 
-#[tokio::test]
-async fn an_smtp_restart_between_sends_costs_no_attempt() {
-    // One attempt only: a send lost to a connection the server closed while it sat in the
-    // pool would dead-letter the job.
-    let mut smtp = SmtpServer::start(SmtpOptions::default()).await;
-    let names = Names::new("stalepool");
+/// A worker with one attempt per job, one job at a time and one pooled SMTP connection,
+/// which job 0 of the returned run has just opened.
+async fn one_pooled_connection_after_a_first_job(
+    label: &str,
+) -> (SmtpServer, Names, mailpipe_tests::worker::Worker, String) {
+    let smtp = SmtpServer::start(SmtpOptions::default()).await;
+    let names = Names::new(label);
     let worker = WorkerSpec::new(SHARED_URL, &names, smtp.port)
         .args(&[
             "--max-attempts",
@@ -286,6 +287,14 @@ async fn an_smtp_restart_between_sends_costs_no_attempt() {
     let run = unique("run");
     amqp::publish_numbered(SHARED_URL, &names.exchange, &run, 0..1).await;
     smtp.wait_for_count(1, Duration::from_secs(15)).await;
+    (smtp, names, worker, run)
+}
+
+#[tokio::test]
+async fn an_smtp_restart_between_sends_costs_no_attempt() {
+    // One attempt only: a send lost to a connection the server closed while it sat in the
+    // pool would dead-letter the job.
+    let (mut smtp, names, worker, run) = one_pooled_connection_after_a_first_job("stalepool").await;
 
     // The pooled connection is now dead, and too fresh to be checked with NOOP.
     smtp.stop().await;
@@ -313,22 +322,7 @@ async fn an_smtp_restart_between_sends_costs_no_attempt() {
 async fn a_connection_lost_after_the_final_dot_is_never_resent_at_once() {
     // One attempt only: before, a reused connection cut after the dot was resent at once on a
     // new one (two copies, no failure counted).
-    let smtp = SmtpServer::start(SmtpOptions::default()).await;
-    let names = Names::new("afterdot");
-    let worker = WorkerSpec::new(SHARED_URL, &names, smtp.port)
-        .args(&[
-            "--max-attempts",
-            "1",
-            "--concurrency",
-            "1",
-            "--smtp-pool-size",
-            "1",
-        ])
-        .spawn();
-    worker.wait_ready(Duration::from_secs(30)).await;
-    let run = unique("run");
-    amqp::publish_numbered(SHARED_URL, &names.exchange, &run, 0..1).await;
-    smtp.wait_for_count(1, Duration::from_secs(15)).await;
+    let (smtp, names, worker, run) = one_pooled_connection_after_a_first_job("afterdot").await;
 
     // The pooled connection is reused for job 1; the server stores it and cuts the line.
     smtp.set_drop_after_data().await;

@@ -246,3 +246,78 @@ async fn private_broker_amqps_with_a_ca_file_delivers_and_a_wrong_ca_is_refused(
     drop(worker);
     drop(node);
 }
+
+/// Mid-run the server starts refusing the worker: first it stops offering STARTTLS, then it
+/// takes a rotated password the worker does not have yet. Neither is the jobs' fault: the
+/// worker pauses (not ready), spends no attempt and dead-letters nothing, and once the
+/// server accepts it again every job goes out once.
+#[tokio::test]
+async fn a_server_that_refuses_the_worker_mid_run_costs_the_jobs_nothing() {
+    const N: usize = 60;
+    let (pki, _dir) = pki();
+    let options = |tls, password: &str| SmtpOptions {
+        tls,
+        cert: Some((pki.cert.clone(), pki.key.clone())),
+        auth: Some(("mailer".into(), password.into())),
+        delay_ms: 200,
+    };
+    let mut smtp = SmtpServer::start(options(SmtpTls::Starttls, "s3cret")).await;
+    let names = Names::new("refused");
+    let worker = tls_spec(&names, &smtp, "starttls", &pki.ca, "s3cret")
+        .args(&["--concurrency", "4"])
+        .spawn();
+    worker.wait_ready(Duration::from_secs(30)).await;
+    let run = unique("run");
+    amqp::publish_numbered(SHARED_URL, &names.exchange, &run, 0..N).await;
+    smtp.wait_for_count(10, Duration::from_secs(30)).await;
+
+    let dlq = mailpipe_contract::naming::dead_letter_queue(&names.queue);
+    for (tls, password) in [(SmtpTls::None, "s3cret"), (SmtpTls::Starttls, "rotated")] {
+        smtp.stop().await;
+        // AUTH over plain text is refused by the test server itself; STARTTLS is what is
+        // missing here.
+        let mut next = options(tls, password);
+        if tls == SmtpTls::None {
+            next.cert = None;
+            next.auth = None;
+        }
+        smtp.restart_with(next).await;
+        worker.wait_unready(Duration::from_secs(20)).await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(!worker.is_ready().await);
+        assert_eq!(amqp::ready(SHARED_URL, &dlq).await, 0);
+    }
+    let metrics = worker.metrics().await;
+    for reason in ["smtp_tls", "smtp_auth"] {
+        assert!(
+            metrics
+                .get(&format!(
+                    "mailpipe_smtp_unavailable_total{{reason=\"{reason}\"}}"
+                ))
+                .is_some_and(|v| *v > 0.0),
+            "{reason} counted: {metrics:?}"
+        );
+    }
+    smtp.stop().await;
+    smtp.restart_with(options(SmtpTls::Starttls, "s3cret"))
+        .await;
+    worker.wait_ready(Duration::from_secs(30)).await;
+    let quiet = mailpipe_tests::quiet::Quiet {
+        url: SHARED_URL,
+        plan: names.plan(&mailpipe_tests::worker::TEST_RETRY),
+        workers: vec![&worker],
+    };
+    let tally = smtp
+        .settled_tally(&run, N, Duration::from_secs(60), &quiet)
+        .await;
+    assert_eq!(tally, jobs::Tally::EXACT);
+    let metrics = worker.metrics().await;
+    assert!(
+        !metrics.keys().any(
+            |k| k.starts_with("mailpipe_jobs_failed_total{reason=\"smtp_tls")
+                || k.starts_with("mailpipe_jobs_failed_total{reason=\"smtp_auth")
+        ),
+        "no attempt spent on the refusals: {metrics:?}"
+    );
+    amqp::delete_plan(SHARED_URL, &names.plan(&mailpipe_tests::worker::TEST_RETRY)).await;
+}

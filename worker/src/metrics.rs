@@ -37,8 +37,8 @@ pub struct Metrics {
     /// SMTP transactions whose connection was lost after the message was handed over and
     /// before the reply (RFC 1047): the server may have stored the message.
     pub smtp_outcome_unknown: IntCounter,
-    /// Sends that found the SMTP server unavailable (the job waited; no attempt spent), by
-    /// reason.
+    /// Sends and probes that found the SMTP server unavailable (jobs waited; no attempt
+    /// spent), by reason.
     pub smtp_unavailable: IntCounterVec,
     /// Recipients the server refused while it accepted the message for others, by class
     /// (`transient`: retried alone; `permanent`: dead-lettered alone).
@@ -164,7 +164,7 @@ impl Metrics {
             ),
             smtp_unavailable: counter_vec(
                 "mailpipe_smtp_unavailable_total",
-                "Sends that found the SMTP server unavailable (no attempt spent), by reason.",
+                "Sends and probes that found the SMTP server unavailable (no attempt spent), by reason.",
                 "reason",
             ),
             recipients_refused: counter_vec(

@@ -351,6 +351,10 @@ impl<M: Mailer> Pipeline<M> {
                         }
                     }
                     Err(error) => {
+                        self.metrics
+                            .smtp_unavailable
+                            .with_label_values(&[error.reason])
+                            .inc();
                         if self.health.report_down(Component::Smtp) {
                             tracing::warn!(reason = error.reason, code = ?error.code, detail = %error.detail, "SMTP server unavailable; waiting for it before consuming");
                         }
