@@ -34,7 +34,9 @@ const OBJECT_NAME: &str = "^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$";
     kind = "EmailPipeline",
     namespaced,
     doc = "An email delivery pipeline: jobs from a RabbitMQ queue or Kafka topic, sent over SMTP by a worker Deployment scaled on the backlog.",
-    shortname = "ep",
+    // `ep` is Endpoints', and kubectl resolves a short name to the built-in kind first.
+    shortname = "emp",
+    shortname = "mailpipeline",
     category = "mailpipe",
     status = "EmailPipelineStatus",
     derive = "PartialEq",

@@ -3,12 +3,10 @@
 //! for int-or-string, no unknown fields kept unless meant), defaults that fit their schema,
 //! and CEL rules that compile and stay cheap (no iteration over unbounded lists).
 
-use kube::CustomResourceExt;
-use mailpipe_operator::crd::EmailPipeline;
 use serde_json::Value;
 
 fn schema() -> Value {
-    let crd = serde_json::to_value(EmailPipeline::crd()).unwrap();
+    let crd = serde_json::to_value(mailpipe_operator::crd()).unwrap();
     crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"].clone()
 }
 
@@ -159,13 +157,13 @@ fn cel_rules_compile_and_never_iterate() {
 
 #[test]
 fn the_crd_matches_what_the_recorded_real_server_accepted_in_shape() {
-    let crd = serde_json::to_value(EmailPipeline::crd()).unwrap();
+    let crd = serde_json::to_value(mailpipe_operator::crd()).unwrap();
     assert_eq!(crd["apiVersion"], "apiextensions.k8s.io/v1");
     assert_eq!(crd["metadata"]["name"], "emailpipelines.mailpipe.dev");
     assert_eq!(crd["spec"]["scope"], "Namespaced");
     assert_eq!(
         crd["spec"]["names"]["shortNames"],
-        serde_json::json!(["ep"])
+        serde_json::json!(["emp", "mailpipeline"])
     );
     assert_eq!(
         crd["spec"]["names"]["categories"],
@@ -186,4 +184,23 @@ fn the_crd_matches_what_the_recorded_real_server_accepted_in_shape() {
         .collect();
     assert_eq!(columns, ["Source", "Backlog", "Replicas", "Ready", "Age"]);
     assert_eq!(schema()["required"], serde_json::json!(["spec"]));
+}
+
+/// The real API server answered the first CRD with `unrecognized format "uint16"` and three
+/// more warnings (recording 148): only formats it knows, and each integer's bounds kept.
+#[test]
+fn every_format_is_one_the_api_server_knows_and_integers_keep_their_bounds() {
+    const KNOWN: &[&str] = &["int32", "int64", "double", "float", "date-time", "byte"];
+    for (path, node) in all_nodes() {
+        if let Some(format) = node["format"].as_str() {
+            assert!(KNOWN.contains(&format), "{path}: format {format}");
+        }
+        if node["type"] == "integer" && node["format"] == "int32" && path.starts_with(".spec") {
+            let has = |k: &str| node[k].is_number();
+            assert!(
+                has("minimum") && has("maximum"),
+                "{path}: a narrowed integer keeps its bounds"
+            );
+        }
+    }
 }

@@ -65,9 +65,19 @@ impl Cluster {
             dir,
         };
         let crd = repo_root().join("crds/emailpipelines.mailpipe.dev.yaml");
-        cluster
-            .kubectl_ok(&["apply", "-f", crd.to_str().expect("UTF-8 path")])
+        let applied = cluster
+            .kubectl(&["apply", "-f", crd.to_str().expect("UTF-8 path")])
             .await;
+        let stderr = String::from_utf8_lossy(&applied.stderr);
+        assert!(
+            applied.status.success(),
+            "kubectl apply of the CRD: {stderr}"
+        );
+        // A real API server warns about every schema format it does not know.
+        assert!(
+            !stderr.contains("Warning"),
+            "installing the CRD printed warnings: {stderr}"
+        );
         cluster
     }
 

@@ -3,7 +3,6 @@
 
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams};
 use kube::core::GroupVersionKind;
-use kube::CustomResourceExt;
 use mailpipe_kube_api::KubeApiServer;
 use mailpipe_operator::crd::EmailPipeline;
 use serde_json::{json, Value};
@@ -43,7 +42,7 @@ async fn the_crd_is_accepted_defaults_apply_and_bad_specs_are_refused_clearly() 
     let client = server.client();
     let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
         Api::all(client.clone());
-    crds.create(&PostParams::default(), &EmailPipeline::crd())
+    crds.create(&PostParams::default(), &mailpipe_operator::crd())
         .await
         .expect("the generated CRD is accepted");
     let resource = ApiResource::from_gvk_with_plural(

@@ -70,7 +70,9 @@ const SECRET: &str =
 
 async fn condition(cluster: &Cluster, pipeline: &str, type_: &str, field: &str) -> String {
     let path = format!("jsonpath={{.status.conditions[?(@.type==\"{type_}\")].{field}}}");
-    let out = cluster.kubectl(&["get", "ep", pipeline, "-o", &path]).await;
+    let out = cluster
+        .kubectl(&["get", "emp", pipeline, "-o", &path])
+        .await;
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -173,7 +175,12 @@ async fn an_applied_pipeline_gets_its_topology_workers_and_status_and_delivers_m
 
     // Ready once a worker is ready; kubectl prints the columns.
     wait_condition(&cluster, "welcome", "Ready", "True", "Ready").await;
-    let table = cluster.kubectl_ok(&["get", "ep"]).await;
+    let table = cluster.kubectl_ok(&["get", "emp"]).await;
+    // `ep` is Endpoints' short name, and kubectl resolves it to the built-in kind.
+    let endpoints = cluster.kubectl(&["get", "ep"]).await;
+    let said = String::from_utf8_lossy(&endpoints.stdout).into_owned()
+        + &String::from_utf8_lossy(&endpoints.stderr);
+    assert!(!said.contains("welcome"), "ep is not ours: {said}");
     let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
     assert_eq!(
         header,
@@ -197,7 +204,7 @@ async fn an_applied_pipeline_gets_its_topology_workers_and_status_and_delivers_m
     cluster
         .kubectl_ok(&[
             "patch",
-            "ep",
+            "emp",
             "welcome",
             "--type",
             "merge",
@@ -248,7 +255,7 @@ async fn an_applied_pipeline_gets_its_topology_workers_and_status_and_delivers_m
 
     // Deleting it (policy Delete, queues empty) removes the topology and the workers.
     cluster
-        .kubectl_ok(&["delete", "ep", "welcome", "--timeout=60s"])
+        .kubectl_ok(&["delete", "emp", "welcome", "--timeout=60s"])
         .await;
     eventually(Cluster::SETTLE, "the queues deleted", || async {
         (!amqp::queue_exists(SHARED_URL, &names.queue).await
@@ -311,7 +318,7 @@ async fn bad_specs_are_refused_or_reported_and_deletion_waits_for_a_non_empty_qu
     wait_condition(&cluster, "held", "TopologyReady", "True", "Declared").await;
     amqp::publish_numbered(SHARED_URL, &held.exchange, "held", 0..3).await;
     cluster
-        .kubectl_ok(&["delete", "ep", "held", "--wait=false"])
+        .kubectl_ok(&["delete", "emp", "held", "--wait=false"])
         .await;
     wait_condition(&cluster, "held", "TopologyReady", "False", "QueueNotEmpty").await;
     let message = condition(&cluster, "held", "TopologyReady", "message").await;
@@ -330,7 +337,7 @@ async fn bad_specs_are_refused_or_reported_and_deletion_waits_for_a_non_empty_qu
         "the pipeline and its queue gone",
         || async {
             let gone = !cluster
-                .kubectl(&["get", "ep", "held"])
+                .kubectl(&["get", "emp", "held"])
                 .await
                 .status
                 .success();
@@ -361,7 +368,7 @@ async fn bad_specs_are_refused_or_reported_and_deletion_waits_for_a_non_empty_qu
     )
     .await;
     cluster
-        .kubectl_ok(&["delete", "ep", "gone", "--wait=false"])
+        .kubectl_ok(&["delete", "emp", "gone", "--wait=false"])
         .await;
     eventually(
         Cluster::SETTLE,
@@ -376,7 +383,7 @@ async fn bad_specs_are_refused_or_reported_and_deletion_waits_for_a_non_empty_qu
     .await;
     assert!(
         cluster
-            .kubectl(&["get", "ep", "gone"])
+            .kubectl(&["get", "emp", "gone"])
             .await
             .status
             .success(),
@@ -385,14 +392,14 @@ async fn bad_specs_are_refused_or_reported_and_deletion_waits_for_a_non_empty_qu
     cluster
         .kubectl_ok(&[
             "annotate",
-            "ep",
+            "emp",
             "gone",
             "mailpipe.dev/release-finalizer=true",
         ])
         .await;
     eventually(Cluster::SETTLE, "the pipeline released", || async {
         (!cluster
-            .kubectl(&["get", "ep", "gone"])
+            .kubectl(&["get", "emp", "gone"])
             .await
             .status
             .success())

@@ -235,6 +235,17 @@ pub fn builtins() -> Vec<Kind> {
             false,
             false,
         ),
+        // Served so that `ep` resolves as on a real server (recording 156): to Endpoints.
+        builtin(
+            "",
+            "Endpoints",
+            "endpoints",
+            true,
+            &["ep"],
+            false,
+            false,
+            false,
+        ),
         builtin("", "Event", "events", true, &["ev"], false, false, false),
         builtin(
             "",

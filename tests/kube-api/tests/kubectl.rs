@@ -147,7 +147,11 @@ async fn kubectl_applies_a_crd_and_its_resources_and_prints_their_columns() {
         ok(run(args(&["apply", "-f", &pipeline_path])).await.unwrap())
             .contains("emailpipeline.mailpipe.dev/demo created")
     );
-    let table = ok(run(args(&["get", "ep"])).await.unwrap());
+    // The recorded CRD's short name `ep` is Endpoints' too, and kubectl resolves it to the
+    // built-in kind, as it did against the real server (recording 156).
+    let endpoints = ok(run(args(&["get", "ep", "-o", "name"])).await.unwrap());
+    assert!(!endpoints.contains("demo"), "{endpoints}");
+    let table = ok(run(args(&["get", "emailpipelines"])).await.unwrap());
     let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
     assert_eq!(header, ["NAME", "FORMAT", "REPLICAS", "PHASE"], "{table}");
     assert!(table.lines().nth(1).unwrap().starts_with("demo"), "{table}");
@@ -160,13 +164,15 @@ async fn kubectl_applies_a_crd_and_its_resources_and_prints_their_columns() {
             .unwrap())
         .contains("serverside-applied")
     );
-    assert!(ok(run(args(&["scale", "ep", "demo", "--replicas=3"]))
-        .await
-        .unwrap())
+    assert!(ok(
+        run(args(&["scale", "emailpipelines", "demo", "--replicas=3"]))
+            .await
+            .unwrap()
+    )
     .contains("scaled"));
     let replicas = ok(run(args(&[
         "get",
-        "ep",
+        "emailpipelines",
         "demo",
         "-o",
         "jsonpath={.spec.replicas} {.spec.source.rabbitmq.queue}",
@@ -174,7 +180,9 @@ async fn kubectl_applies_a_crd_and_its_resources_and_prints_their_columns() {
     .await
     .unwrap());
     assert_eq!(replicas, "3 outbox");
-    let explained = ok(run(args(&["explain", "ep.spec.source"])).await.unwrap());
+    let explained = ok(run(args(&["explain", "emailpipelines.spec.source"]))
+        .await
+        .unwrap());
     assert!(explained.contains("rabbitmq"), "{explained}");
     assert!(ok(run(args(&["delete", "-f", &pipeline_path])).await.unwrap()).contains("deleted"));
 }

@@ -338,6 +338,10 @@ impl Store {
         old: Option<&Value>,
     ) -> Result<(), ApiError> {
         let Some(schema) = kind.schema.clone() else {
+            if kind.plural == "customresourcedefinitions" && old.is_some() {
+                let warnings = crate::validation::crd_format_warnings(object, old);
+                self.warnings.extend(warnings);
+            }
             crate::builtin::default(kind, object, old.is_none(), &mut self.cluster_ips);
             let violations = crate::builtin::validate(kind, object, old);
             if violations.is_empty() {

@@ -74,6 +74,10 @@ impl Store {
             )]));
         }
         self.check_namespace(kind, namespace, &name)?;
+        if kind.plural == "customresourcedefinitions" {
+            let warnings = crate::validation::crd_format_warnings(&object, None);
+            self.warnings.extend(warnings);
+        }
         let key = Store::key(kind, namespace, &name);
         if self.objects.contains_key(&key) {
             return Err(ApiError::already_exists(kind, &name));
