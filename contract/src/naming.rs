@@ -6,6 +6,13 @@
 
 use std::time::Duration;
 
+/// The exchange of `work_queue` when none is named: `<work_queue>_exc`, so the usual
+/// `smtp_send_email` queue gets the usual `smtp_send_email_exc`, and two pipelines that keep
+/// the default never share a fanout exchange (each would get every job of the other).
+pub fn default_exchange(work_queue: &str) -> String {
+    format!("{work_queue}_exc")
+}
+
 /// The delay queue a job waits in for `delay` before going back to `work_queue`.
 pub fn delay_queue(work_queue: &str, delay: Duration) -> String {
     format!("{work_queue}.retry.{}ms", delay.as_millis())

@@ -128,10 +128,12 @@ pub struct RabbitSource {
     /// URL's virtual host and gives its user access; unset, the virtual host must exist.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub management_secret: Option<SecretKeyRef>,
-    /// The exchange producers publish to.
-    #[serde(default = "default_exchange")]
+    /// The exchange producers publish to. Unset: the queue's name and `_exc` (for the
+    /// queue `smtp_send_email`, `smtp_send_email_exc`), so two pipelines never share a
+    /// fanout exchange by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 200), regex(pattern = BROKER_NAME))]
-    pub exchange: String,
+    pub exchange: Option<String>,
     /// The exchange type.
     #[serde(default)]
     pub exchange_type: ExchangeType,
@@ -537,9 +539,6 @@ pub struct EmailPipelineStatus {
     pub last_scale_time: Option<Time>,
 }
 
-fn default_exchange() -> String {
-    "smtp_send_email_exc".into()
-}
 fn default_prefetch() -> u16 {
     32
 }

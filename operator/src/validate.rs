@@ -114,7 +114,10 @@ pub fn validate(
     let source = match (&spec.source.rabbitmq, &spec.source.kafka) {
         (Some(rabbit), None) => {
             let settings = RabbitSettings {
-                exchange: rabbit.exchange.clone(),
+                exchange: rabbit
+                    .exchange
+                    .clone()
+                    .unwrap_or_else(|| mailpipe_contract::naming::default_exchange(&rabbit.queue)),
                 exchange_kind: match rabbit.exchange_type {
                     crd::ExchangeType::Fanout => ExchangeKind::Fanout,
                     crd::ExchangeType::Direct => ExchangeKind::Direct,
@@ -270,7 +273,7 @@ mod tests {
         assert_eq!(
             *settings,
             RabbitSettings {
-                exchange: "smtp_send_email_exc".into(),
+                exchange: "welcome_exc".into(),
                 queue: "welcome".into(),
                 ..RabbitSettings::default()
             }
@@ -322,6 +325,25 @@ mod tests {
                 "initial backoff must be at least 1ms and at most the maximum backoff"
             )
         );
+    }
+
+    #[test]
+    fn pipelines_that_keep_the_default_exchange_never_share_one() {
+        let exchange = |queue: &str| {
+            let valid = validate(
+                queue,
+                "mail",
+                &spec(json!({"source": {"rabbitmq": {"queue": queue}}})),
+            )
+            .unwrap();
+            let ValidatedSource::Rabbit { settings, .. } = valid.source else {
+                panic!("a RabbitMQ source")
+            };
+            settings.exchange
+        };
+        assert_eq!(exchange("welcome"), "welcome_exc");
+        assert_eq!(exchange("smtp_send_email"), "smtp_send_email_exc");
+        assert_ne!(exchange("invoices"), exchange("welcome"));
     }
 
     #[test]

@@ -56,9 +56,9 @@ async fn the_crd_is_accepted_defaults_apply_and_bad_specs_are_refused_clearly() 
         .await
         .unwrap();
     let spec = &created.data["spec"];
-    assert_eq!(
-        spec["source"]["rabbitmq"]["exchange"],
-        "smtp_send_email_exc"
+    assert!(
+        spec["source"]["rabbitmq"]["exchange"].is_null(),
+        "no shared default exchange: the operator derives one per queue"
     );
     assert_eq!(spec["source"]["rabbitmq"]["queueType"], "classic");
     assert_eq!(spec["smtp"]["port"], 587);

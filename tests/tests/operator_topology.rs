@@ -173,3 +173,42 @@ async fn with_a_management_secret_the_virtual_host_is_created_first() {
         .unwrap();
     assert!(deleted.status().is_success());
 }
+
+/// Three pipelines in one vhost that keep the default exchange used to bind their queues to
+/// the one fanout `smtp_send_email_exc`, so every job would be sent by every pipeline. Each
+/// now gets its own: a job published for one reaches only its queue.
+#[tokio::test]
+async fn pipelines_that_keep_the_default_exchange_do_not_get_each_others_jobs() {
+    use mailpipe_operator::validate::{validate, ValidatedSource};
+    let queues: Vec<String> = (0..3)
+        .map(|_| mailpipe_tests::unique("defaultexc"))
+        .collect();
+    let mut topologies = Vec::new();
+    for queue in &queues {
+        let spec: mailpipe_operator::crd::EmailPipelineSpec = serde_json::from_value(serde_json::json!({
+            "source": {"rabbitmq": {"connectionSecret": {"name": "amqp", "key": "url"}, "queue": queue}},
+            "smtp": {"host": "smtp.example.com", "from": {"address": "noreply@example.com"}},
+        }))
+        .unwrap();
+        let valid = validate(queue, "default", &spec).unwrap();
+        let ValidatedSource::Rabbit { settings, plan, .. } = valid.source else {
+            panic!("a RabbitMQ source")
+        };
+        let topology =
+            RabbitTopology::new(SHARED_URL.to_string(), None, settings.clone(), plan.clone());
+        topology.ensure().await.expect("declared");
+        topologies.push((settings, plan, topology));
+    }
+    let first = &topologies[0].0;
+    amqp::publish_numbered(SHARED_URL, &first.exchange, "defaultexc", 0..1).await;
+    let counts: Vec<u32> =
+        futures::future::join_all(queues.iter().map(|q| amqp::ready(SHARED_URL, q))).await;
+    assert_eq!(
+        counts,
+        [1, 0, 0],
+        "only the first pipeline's queue got the job"
+    );
+    for (_, plan, _) in &topologies {
+        amqp::delete_plan(SHARED_URL, plan).await;
+    }
+}

@@ -97,9 +97,9 @@ pub struct Args {
     /// PEM CA bundle used to verify an amqps server.
     #[arg(long, env = env::AMQP_CA_FILE)]
     pub amqp_ca_file: Option<PathBuf>,
-    /// Exchange producers publish to.
-    #[arg(long, env = env::EXCHANGE, default_value = "smtp_send_email_exc")]
-    pub exchange: String,
+    /// Exchange producers publish to (default: the queue's name and `_exc`).
+    #[arg(long, env = env::EXCHANGE)]
+    pub exchange: Option<String>,
     /// Exchange type: fanout, direct or topic.
     #[arg(long, env = env::EXCHANGE_TYPE, default_value = "fanout")]
     pub exchange_type: ExchangeKind,
@@ -298,7 +298,9 @@ impl Config {
     ) -> Result<Config, ConfigError> {
         let bad = |m: String| Err(ConfigError(m));
         let settings = RabbitSettings {
-            exchange: args.exchange,
+            exchange: args
+                .exchange
+                .unwrap_or_else(|| mailpipe_contract::naming::default_exchange(&args.queue)),
             exchange_kind: args.exchange_type,
             queue: args.queue,
             queue_type: args.queue_type,
@@ -465,6 +467,15 @@ mod tests {
     fn defaults_follow_the_usual_hand_written_consumer() {
         let cfg = config(&["--from-address", "noreply@example.com"], &[URL]).unwrap();
         assert_eq!(cfg.amqp.settings.exchange, "smtp_send_email_exc");
+        let own = config(
+            &["--from-address", "a@example.com", "--queue", "welcome"],
+            &[URL],
+        )
+        .unwrap();
+        assert_eq!(
+            own.amqp.settings.exchange, "welcome_exc",
+            "another queue never shares the default exchange"
+        );
         assert_eq!(cfg.amqp.settings.queue, "smtp_send_email");
         assert_eq!(cfg.smtp.tls, TlsMode::Starttls);
         assert_eq!(cfg.smtp.port, 587);
