@@ -444,12 +444,16 @@ pub fn metrics_service(pipeline: &ValidatedPipeline, inputs: &Inputs) -> Service
 }
 
 /// At most one worker away at a time during voluntary disruptions (node drains): the rest
-/// keep sending while the leaving one finishes its in-flight jobs.
+/// keep sending while the leaving one finishes its in-flight jobs. Workers go unready while
+/// the SMTP server or Redis is unreachable (they pause); such pods may always be evicted
+/// (`AlwaysAllow`), or an outage outside the cluster would block every node drain. An
+/// evicted worker drains like any other: nothing it holds is lost.
 pub fn disruption_budget(pipeline: &ValidatedPipeline, inputs: &Inputs) -> PodDisruptionBudget {
     PodDisruptionBudget {
         metadata: metadata(pipeline, inputs),
         spec: Some(PodDisruptionBudgetSpec {
             max_unavailable: Some(IntOrString::Int(1)),
+            unhealthy_pod_eviction_policy: Some("AlwaysAllow".into()),
             selector: Some(LabelSelector {
                 match_labels: Some(selector_labels(pipeline)),
                 match_expressions: None,

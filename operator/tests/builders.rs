@@ -270,7 +270,8 @@ fn the_metrics_service_and_the_disruption_budget_select_the_workers() {
         json!({
             "apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
             "metadata": {"name": "welcome-worker", "namespace": "mail", "labels": labels(), "ownerReferences": owner()},
-            "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector()}},
+            "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector()},
+                     "unhealthyPodEvictionPolicy": "AlwaysAllow"},
         })
     );
     let monitor = build::service_monitor(&p, &inputs("r1"));
