@@ -38,6 +38,10 @@ const OBJECT_NAME: &str = "^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$";
     shortname = "emp",
     shortname = "mailpipeline",
     category = "mailpipe",
+    // The name becomes the worker Service `<name>-worker` (a DNS label: no dots, at most
+    // 63 characters) and the value of the instance label (at most 63 bytes).
+    validation = Rule::new("!self.metadata.name.contains('.') && size(self.metadata.name) <= 56")
+        .message("metadata.name must have no dots and at most 56 characters: it names the worker Service <name>-worker (a DNS label) and a label value"),
     status = "EmailPipelineStatus",
     derive = "PartialEq",
     printcolumn(

@@ -100,6 +100,14 @@ pub fn validate(
     namespace: &str,
     spec: &EmailPipelineSpec,
 ) -> Result<ValidatedPipeline, InvalidSpec> {
+    // The schema's CEL rule refuses these at admission; checked again for a server that
+    // did not run it.
+    if name.contains('.') || name.len() > 56 {
+        return Err(invalid(
+            "metadata.name",
+            "must have no dots and at most 56 characters: it names the worker Service <name>-worker (a DNS label) and a label value",
+        ));
+    }
     let delivery = &spec.delivery;
     let retry = RetryPolicy {
         max_attempts: delivery.max_attempts,
@@ -325,6 +333,17 @@ mod tests {
                 "initial backoff must be at least 1ms and at most the maximum backoff"
             )
         );
+    }
+
+    #[test]
+    fn names_that_would_make_invalid_children_are_refused() {
+        for name in ["mail.v2", &"a".repeat(57)] {
+            assert_eq!(
+                validate(name, "m", &spec(json!({}))).unwrap_err().field,
+                "metadata.name"
+            );
+        }
+        validate(&"a".repeat(56), "m", &spec(json!({}))).unwrap();
     }
 
     #[test]

@@ -137,6 +137,7 @@ fn cel_rules_compile_and_never_iterate() {
     assert_eq!(
         texts,
         [
+            "!self.metadata.name.contains('.') && size(self.metadata.name) <= 56",
             "self.minReplicas <= self.maxReplicas",
             "has(self.rabbitmq) != has(self.kafka)",
             "has(self.rabbitmq) == has(oldSelf.rabbitmq)",

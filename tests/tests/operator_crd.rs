@@ -73,6 +73,22 @@ async fn the_crd_is_accepted_defaults_apply_and_bad_specs_are_refused_clearly() 
     let read = typed.get("welcome").await.unwrap();
     assert_eq!(read.spec.delivery.max_attempts, 5);
 
+    // Names that would make invalid children are refused at admission (a real server
+    // refused the Service `mail.v2-worker` and a 64-byte label value).
+    for name in ["mail.v2", &"a".repeat(57)] {
+        let message = refused(&api, name, minimal()).await;
+        assert!(
+            message.contains("metadata.name must have no dots and at most 56 characters"),
+            "{name}: {message}"
+        );
+    }
+    api.create(
+        &PostParams::default(),
+        &pipeline(&"a".repeat(56), minimal()),
+    )
+    .await
+    .expect("a 56-character name is fine");
+
     let mut both = minimal();
     both["source"]["kafka"] = json!({"bootstrapServers": ["kafka:9092"], "topic": "welcome"});
     assert!(refused(&api, "both", both)

@@ -85,8 +85,56 @@ pub fn validate(
     old: Option<&Value>,
 ) -> Vec<(String, &'static str, String)> {
     let mut errors = Vec::new();
+    // Label values are at most 63 bytes on every object (recording 176).
+    let long_values = |labels: &Value| -> Vec<String> {
+        labels
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter_map(|(_, v)| v.as_str())
+            .filter(|v| v.len() > 63)
+            .map(str::to_string)
+            .collect()
+    };
+    for value in long_values(&object["metadata"]["labels"]) {
+        errors.push((
+            "metadata.labels".into(),
+            "FieldValueInvalid",
+            format!("Invalid value: \"{value}\": must be no more than 63 bytes"),
+        ));
+    }
     match (kind.group.as_str(), kind.plural.as_str()) {
+        ("", "services") => {
+            // Service names are DNS labels: the real server says so for a dot (173, 175).
+            let name = object["metadata"]["name"].as_str().unwrap_or("");
+            if name.contains('.') {
+                errors.push((
+                    "metadata.name".into(),
+                    "FieldValueInvalid",
+                    format!("Invalid value: \"{name}\": must not contain dots"),
+                ));
+            }
+        }
         ("apps", "deployments") => {
+            let selector = &object["spec"]["selector"];
+            let long = long_values(&selector["matchLabels"]);
+            for value in &long {
+                errors.push((
+                    "spec.selector.matchLabels".into(),
+                    "FieldValueInvalid",
+                    format!("Invalid value: \"{value}\": must be no more than 63 bytes"),
+                ));
+            }
+            if !long.is_empty() {
+                errors.push((
+                    "spec.selector".into(),
+                    "FieldValueInvalid",
+                    format!(
+                        "Invalid value: {}: invalid label selector",
+                        go_json(selector)
+                    ),
+                ));
+            }
             if let Some(old) = old {
                 let (before, after) = (&old["spec"]["selector"], &object["spec"]["selector"]);
                 if before != after {

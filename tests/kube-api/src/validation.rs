@@ -340,7 +340,15 @@ pub fn validate(object: &Value, old: Option<&Value>, schema: &Value) -> Vec<Viol
 /// A map without the top-level fields validation leaves alone.
 pub fn strip_envelope(object: &Value) -> Value {
     let mut copy: Map<String, Value> = object.as_object().cloned().unwrap_or_default();
-    copy.remove("metadata");
+    // Rules at the root may read `metadata.name` and `metadata.generateName`, nothing else.
+    let metadata = &object["metadata"];
+    let mut visible = Map::new();
+    for field in ["name", "generateName"] {
+        if let Some(value) = metadata.get(field) {
+            visible.insert(field.to_string(), value.clone());
+        }
+    }
+    copy.insert("metadata".into(), Value::Object(visible));
     Value::Object(copy)
 }
 

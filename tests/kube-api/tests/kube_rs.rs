@@ -326,3 +326,56 @@ async fn status_is_applied_through_the_status_subresource_only() {
         .unwrap();
     assert_eq!(main.status.unwrap().ready_replicas, Some(1));
 }
+
+/// Children a pipeline name could make invalid are refused as the real server refused them:
+/// a Service name with a dot (recording 173) and a label value over 63 bytes on a
+/// Deployment (recording 176), with the same messages.
+#[tokio::test]
+async fn invalid_child_names_and_label_values_are_refused_like_the_real_server() {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use k8s_openapi::api::core::v1::Service;
+    let server = KubeApiServer::start().await.unwrap();
+    let client = server.client();
+    let services: Api<Service> = Api::namespaced(client.clone(), "default");
+    let service: Service = serde_json::from_value(json!({
+        "metadata": {"name": "mail.v2-worker"},
+        "spec": {"ports": [{"port": 9090}]},
+    }))
+    .unwrap();
+    match services.create(&PostParams::default(), &service).await {
+        Err(kube::Error::Api(e)) => {
+            assert_eq!(e.code, 422);
+            assert_eq!(
+                e.message,
+                "Service \"mail.v2-worker\" is invalid: metadata.name: Invalid value: \"mail.v2-worker\": must not contain dots"
+            );
+        }
+        other => panic!("a dotted Service name was accepted: {other:?}"),
+    }
+    let long = "transactional-mail-for-customer-accounts-in-the-eu-west-region-1";
+    let labels =
+        json!({"app.kubernetes.io/instance": long, "app.kubernetes.io/name": "mailpipe-worker"});
+    let deployments: Api<Deployment> = Api::namespaced(client, "default");
+    let deployment: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": format!("{long}-worker"), "labels": labels},
+        "spec": {"selector": {"matchLabels": labels},
+                 "template": {"metadata": {"labels": labels},
+                              "spec": {"containers": [{"name": "worker", "image": "w"}]}}},
+    }))
+    .unwrap();
+    match deployments
+        .create(&PostParams::default(), &deployment)
+        .await
+    {
+        Err(kube::Error::Api(e)) => {
+            assert_eq!(e.code, 422);
+            assert_eq!(
+                e.message,
+                format!(
+                    "Deployment.apps \"{long}-worker\" is invalid: [metadata.labels: Invalid value: \"{long}\": must be no more than 63 bytes, spec.selector.matchLabels: Invalid value: \"{long}\": must be no more than 63 bytes, spec.selector: Invalid value: {{\"matchLabels\":{{\"app.kubernetes.io/instance\":\"{long}\",\"app.kubernetes.io/name\":\"mailpipe-worker\"}}}}: invalid label selector]"
+                )
+            );
+        }
+        other => panic!("a label value over 63 bytes was accepted: {other:?}"),
+    }
+}
