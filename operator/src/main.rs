@@ -78,7 +78,23 @@ enum LogFormat {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
+    // Errors end as one log line (or one stderr line before logging is set up), never as
+    // a Debug dump with a backtrace.
+    match start().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            if tracing::dispatcher::has_been_set() {
+                tracing::error!("{error:#}");
+            } else {
+                eprintln!("mailpipe-operator: {error:#}");
+            }
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn start() -> anyhow::Result<()> {
     match Args::parse().command {
         Command::Crd => {
             print!("{}", mailpipe_operator::crd_yaml());
@@ -90,7 +106,9 @@ async fn main() -> anyhow::Result<()> {
 
 async fn serve(run: Run) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_env("MAILPIPE_OPERATOR_LOG")
-        .unwrap_or_else(|_| "info,kube=warn".into());
+        // lapin logs an ERROR for every failed passive declare (an emptiness check of a
+        // queue that is gone); the operator reports those outcomes itself.
+        .unwrap_or_else(|_| "info,kube=warn,lapin=off".into());
     match run.log_format {
         LogFormat::Json => tracing_subscriber::fmt()
             .json()
@@ -187,7 +205,7 @@ async fn serve(run: Run) -> anyhow::Result<()> {
     if lost.is_cancelled() && !stop.is_cancelled() {
         // Another replica may be reconciling now: stop at once, the pod restarts as a
         // candidate.
-        anyhow::bail!("lost the leader lease");
+        anyhow::bail!("lost the leader lease (the API server was unreachable for longer than the lease, or another replica took over); exiting so that this pod restarts as a candidate");
     }
     elector.release().await;
     stop.cancel();
