@@ -8,7 +8,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::Channel;
 
-use crate::topology::{ArgValue, ExchangeKind, TopologyPlan};
+use crate::topology::{ArgValue, BindingDecl, ExchangeKind, TopologyPlan};
 
 /// An AMQP long string (header values, string arguments).
 pub fn long(text: &str) -> AMQPValue {
@@ -117,6 +117,27 @@ pub async fn delete_queue_if_empty(channel: &Channel, queue: &str) -> Result<(),
                 ..QueueDeleteOptions::default()
             },
         )
+        .await
+        .map(drop)
+}
+
+/// Removes a binding (nothing happens when it does not exist).
+pub async fn unbind(channel: &Channel, binding: &BindingDecl) -> Result<(), lapin::Error> {
+    channel
+        .queue_unbind(
+            binding.queue.as_str().into(),
+            binding.exchange.as_str().into(),
+            binding.routing_key.as_str().into(),
+            FieldTable::default(),
+        )
+        .await
+}
+
+/// Deletes a queue whatever it holds: only for a queue known to be empty, with no consumer
+/// and nothing routed to it (quorum queues refuse `if-empty` with 540 NOT_IMPLEMENTED).
+pub async fn delete_queue(channel: &Channel, queue: &str) -> Result<(), lapin::Error> {
+    channel
+        .queue_delete(queue.into(), QueueDeleteOptions::default())
         .await
         .map(drop)
 }

@@ -541,6 +541,10 @@ pub struct EmailPipelineStatus {
     /// When the scaler last changed the replica count.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_scale_time: Option<Time>,
+    /// While a `Delete` deletion waits: when the operator stopped the workers, so the
+    /// queues go only once no stopping worker can still hold a job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workers_stopped_at: Option<Time>,
 }
 
 fn default_prefetch() -> u16 {

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder};
@@ -24,7 +25,7 @@ use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::status::{self, is_true, set_conditions, ConditionUpdate};
 use crate::topology::rabbitmq::RabbitTopology;
-use crate::topology::{Backlog, BrokerTopology, Removal, TopologyError};
+use crate::topology::{Backlog, BrokerTopology, TopologyError};
 use crate::validate::{validate, ValidatedPipeline, ValidatedSource};
 use crate::MANAGER;
 
@@ -166,6 +167,19 @@ async fn fail(
     message: String,
 ) -> Result<(), Error> {
     let current = pipeline.status.clone().unwrap_or_default();
+    fail_from(api, pipeline, current, ctx, condition, reason, message).await
+}
+
+/// [`fail`] starting from `current` (the pipeline's status with other changes made).
+async fn fail_from(
+    api: &Api<EmailPipeline>,
+    pipeline: &EmailPipeline,
+    current: EmailPipelineStatus,
+    ctx: &Context,
+    condition: &str,
+    reason: &str,
+    message: String,
+) -> Result<(), Error> {
     let was_reported = current
         .conditions
         .iter()
@@ -473,14 +487,17 @@ async fn cleanup(
         ctx.metrics.forget(&namespace, &name);
         return Ok(Action::await_change());
     }
-    let waiting = |reason: &str, message: String| {
+    let waiting = |reason: &str, message: String, stopped_at: Option<Time>| {
         let api = api.clone();
         let reason = reason.to_string();
         async move {
             let message = format!("{message}; deleting the pipeline waits (set the annotation {RELEASE_ANNOTATION}=true to keep the topology and finish)");
-            fail(
+            let mut current = pipeline.status.clone().unwrap_or_default();
+            current.workers_stopped_at = stopped_at;
+            fail_from(
                 &api,
                 pipeline,
+                current,
                 ctx,
                 "TopologyReady",
                 &reason,
@@ -490,25 +507,89 @@ async fn cleanup(
             Err::<Action, Error>(Error::Waiting(message))
         }
     };
+    let stopped_at = pipeline
+        .status
+        .as_ref()
+        .and_then(|s| s.workers_stopped_at.clone());
+    // A pipeline whose spec or references are broken never got a topology from this
+    // generation's spec; the release annotation is the way out when it did earlier.
     let valid = match validate(&name, &namespace, &pipeline.spec) {
         Ok(valid) => valid,
-        Err(invalid) => return waiting("InvalidSpec", invalid.to_string()).await,
+        Err(invalid) => return waiting("InvalidSpec", invalid.to_string(), stopped_at).await,
     };
     let referenced = match dereference(&ctx.client, &namespace, &pipeline.spec).await {
         Ok(referenced) => referenced,
-        Err(Error::MissingReference(message)) => return waiting("MissingReference", message).await,
+        Err(Error::MissingReference(message)) => {
+            return waiting("MissingReference", message, stopped_at).await
+        }
         Err(other) => return Err(other),
     };
     let topology = match topology_of(&valid, &referenced) {
         Ok(topology) => topology,
-        Err(error) => return waiting(error.category(), error.to_string()).await,
+        Err(error) => return waiting(error.category(), error.to_string(), stopped_at).await,
     };
     let Some(topology) = topology else {
         ctx.metrics.forget(&namespace, &name);
         return Ok(Action::await_change());
     };
-    match topology.delete().await {
-        Ok(Removal::Removed) => {
+    // The deletion protocol: no job may be dropped, waiting in the work queue, in flight at
+    // a worker, or waiting out a retry delay.
+    let census = match topology.census().await {
+        Ok(census) => census,
+        Err(error) => return waiting(error.category(), error.to_string(), stopped_at).await,
+    };
+    // 1. Dead letters wait for a person: nothing changes until they are dealt with.
+    if let Some((queue, jobs)) = census.dead_letters() {
+        return waiting(
+            "QueueNotEmpty",
+            format!("dead-letter queue {queue} holds {jobs} jobs; redrive or purge them"),
+            stopped_at,
+        )
+        .await;
+    }
+    // 2. No new jobs from the producers' exchange.
+    if let Err(error) = topology.stop_intake().await {
+        return waiting(error.category(), error.to_string(), stopped_at).await;
+    }
+    let workers = build::worker_name(&valid);
+    // 3. Jobs left: the workers (back, if they were stopped) drain them.
+    if let Some((queue, jobs)) = census.first_non_empty() {
+        if stopped_at.is_some() {
+            scale_workers(ctx, &namespace, &workers, 1).await?;
+        }
+        return waiting(
+            "QueueNotEmpty",
+            format!("queue {queue} still holds {jobs} jobs"),
+            None,
+        )
+        .await;
+    }
+    // 4. Every queue empty: stop the workers, and wait until none can still hold a job
+    //    (no consumer, and the grace period of the last one to stop has passed).
+    let now = status::now();
+    let stopped_at = match stopped_at {
+        Some(at) => at,
+        None => {
+            scale_workers(ctx, &namespace, &workers, 0).await?;
+            now.clone()
+        }
+    };
+    let grace = valid.shutdown_timeout + Duration::from_secs(10);
+    let stopped_for = now.0.as_second() - stopped_at.0.as_second();
+    if census.consumers > 0 || stopped_for < grace.as_secs() as i64 {
+        return waiting(
+            "WorkersStopping",
+            format!(
+                "every queue is empty; waiting for the workers to stop ({} still consuming) before deleting the queues",
+                census.consumers
+            ),
+            Some(stopped_at),
+        )
+        .await;
+    }
+    // 5. Nothing anywhere and no one to hold it: remove.
+    match topology.remove().await {
+        Ok(()) => {
             publish(
                 ctx,
                 pipeline,
@@ -520,15 +601,28 @@ async fn cleanup(
             ctx.metrics.forget(&namespace, &name);
             Ok(Action::await_change())
         }
-        Ok(Removal::Waiting { queue, messages }) => {
-            waiting(
-                "QueueNotEmpty",
-                format!("queue {queue} still holds {messages} jobs"),
-            )
-            .await
-        }
         // The broker may be gone for good: say how to let go.
-        Err(error) => waiting(error.category(), error.to_string()).await,
+        Err(error) => waiting(error.category(), error.to_string(), Some(stopped_at)).await,
+    }
+}
+
+/// Sets the worker Deployment's replicas through `/scale` (a missing Deployment is fine:
+/// there is nothing to stop).
+async fn scale_workers(
+    ctx: &Context,
+    namespace: &str,
+    name: &str,
+    replicas: i32,
+) -> Result<(), Error> {
+    let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), namespace);
+    let patch = serde_json::json!({"spec": {"replicas": replicas}});
+    match api
+        .patch_scale(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(response)) if response.code == 404 => Ok(()),
+        Err(other) => Err(other.into()),
     }
 }
 

@@ -20,13 +20,34 @@ pub struct Backlog {
     pub dead_letter: Option<u64>,
 }
 
-/// The outcome of a deletion.
+/// Every queue of a topology with what it holds, for a deletion to decide on.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Removal {
-    /// Everything is gone.
-    Removed,
-    /// `queue` still holds `messages` jobs: nothing was deleted.
-    Waiting { queue: String, messages: u64 },
+pub struct Census {
+    /// Each existing queue (work, retry delay queues, dead-letter queue) and its ready jobs.
+    pub queues: Vec<(String, u64)>,
+    /// Consumers attached to the work queue.
+    pub consumers: u32,
+    /// The dead-letter queue's name, when there is one.
+    pub dead_letter: Option<String>,
+}
+
+impl Census {
+    /// The dead-letter queue, when it holds jobs (a person must redrive or purge them).
+    pub fn dead_letters(&self) -> Option<(&str, u64)> {
+        let name = self.dead_letter.as_deref()?;
+        self.queues
+            .iter()
+            .find(|(q, n)| q == name && *n > 0)
+            .map(|(q, n)| (q.as_str(), *n))
+    }
+
+    /// The first queue that still holds jobs.
+    pub fn first_non_empty(&self) -> Option<(&str, u64)> {
+        self.queues
+            .iter()
+            .find(|(_, n)| *n > 0)
+            .map(|(q, n)| (q.as_str(), *n))
+    }
 }
 
 /// Why the broker did not do what was asked.
@@ -67,11 +88,20 @@ impl TopologyError {
 }
 
 /// A pipeline's broker topology.
+///
+/// Deleting one is a protocol the reconciler drives (see `reconcile::cleanup`): stop the
+/// intake, let the workers drain, stop them, and remove only what a census found empty with
+/// no consumer left, so no job is dropped, in flight or waiting for a retry.
 pub trait BrokerTopology {
     /// Declares what is missing; what exists with the same arguments is left alone.
     fn ensure(&self) -> impl Future<Output = Result<(), TopologyError>> + Send;
     /// The backlog now.
     fn backlog(&self) -> impl Future<Output = Result<Backlog, TopologyError>> + Send;
-    /// Deletes the topology if every queue or topic of it is empty.
-    fn delete(&self) -> impl Future<Output = Result<Removal, TopologyError>> + Send;
+    /// Every queue with its ready jobs, and the work queue's consumers.
+    fn census(&self) -> impl Future<Output = Result<Census, TopologyError>> + Send;
+    /// Stops new jobs reaching the work queue (unbinds it from the producers' exchange).
+    fn stop_intake(&self) -> impl Future<Output = Result<(), TopologyError>> + Send;
+    /// Deletes the queues, then the exchanges nothing else uses. Only after a census found
+    /// every queue empty, no consumer, and the intake stopped.
+    fn remove(&self) -> impl Future<Output = Result<(), TopologyError>> + Send;
 }

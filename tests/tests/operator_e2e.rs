@@ -32,6 +32,12 @@ fn manifest(name: &str, names: &Names, smtp_port: u16, policy: &str) -> String {
         ("tls: starttls", "tls: none".to_string()),
         ("initial: 5s", "initial: 200ms".to_string()),
         ("max: 5m", "max: 2s".to_string()),
+        // A Delete deletion waits out the workers' grace period after the last job: keep it
+        // at the shortest the schema allows.
+        (
+            "  scaling:\n",
+            "  worker:\n    terminationGracePeriodSeconds: 10\n  scaling:\n".to_string(),
+        ),
         (
             "deletionPolicy: Retain",
             format!("deletionPolicy: {policy}"),
@@ -311,8 +317,8 @@ async fn bad_specs_are_refused_or_reported_and_deletion_waits_for_a_non_empty_qu
     // deleting it with policy Delete waits and says why, then finishes once drained.
     let held = Names::new("e2eheld");
     let held_manifest = manifest("held", &held, smtp.port, "Delete").replace(
-        "  scaling:\n",
-        "  worker:\n    image: example.com/not-runnable:1\n  scaling:\n",
+        "  worker:\n",
+        "  worker:\n    image: example.com/not-runnable:1\n",
     );
     assert!(cluster.apply(&held_manifest).await.status.success());
     wait_condition(&cluster, "held", "TopologyReady", "True", "Declared").await;
@@ -484,4 +490,87 @@ async fn a_second_operator_replica_waits_and_takes_over_when_the_leader_dies() {
     for n in [&names, &second] {
         amqp::delete_plan(SHARED_URL, &n.plan(&Default::default())).await;
     }
+}
+
+/// `deletionPolicy: Delete` used to count only ready jobs and delete with `if-empty` while
+/// the workers still ran: jobs in flight, and retry copies waiting in a delay queue, could
+/// be dropped, and quorum queues (which refuse `if-empty`) were never deleted. Now the
+/// intake stops, the workers drain what is left, then stop, and the queues go only when
+/// every one is empty and no worker can still hold a job.
+#[tokio::test]
+async fn a_delete_deletion_loses_no_job_in_flight_and_finishes_on_quorum_queues() {
+    const N: usize = 40;
+    let cluster = Cluster::start().await;
+    let smtp = SmtpServer::start(SmtpOptions {
+        delay_ms: 200,
+        ..SmtpOptions::default()
+    })
+    .await;
+    let _operator = cluster.operator("op-a");
+    assert!(cluster
+        .apply(&SECRET.replace("URL", SHARED_URL))
+        .await
+        .status
+        .success());
+    let busy = Names::new("e2ebusy");
+    assert!(cluster
+        .apply(&manifest("busy", &busy, smtp.port, "Delete"))
+        .await
+        .status
+        .success());
+    wait_condition(&cluster, "busy", "Ready", "True", "Ready").await;
+    // Every job fails once (a retry copy waits in a delay queue), then goes out.
+    smtp.set_fault(451, "4.3.0 try again").await;
+    let run = mailpipe_tests::unique("busy");
+    amqp::publish_numbered(SHARED_URL, &busy.exchange, &run, 0..N).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cluster
+        .kubectl_ok(&["delete", "emp", "busy", "--wait=false"])
+        .await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    smtp.clear_fault().await;
+    eventually(
+        Duration::from_secs(120),
+        "the pipeline and its queues gone",
+        || async {
+            let gone = !cluster
+                .kubectl(&["get", "emp", "busy"])
+                .await
+                .status
+                .success();
+            (gone && !amqp::queue_exists(SHARED_URL, &busy.queue).await).then_some(())
+        },
+    )
+    .await;
+    let tally = smtp.tally(&run, N).await;
+    assert_eq!(
+        tally,
+        mailpipe_tests::jobs::Tally::EXACT,
+        "every job delivered once"
+    );
+
+    // A quorum-queue pipeline is deleted too (quorum queues refuse `if-empty`).
+    let quorum = Names::new("e2equorum");
+    let quorum_manifest = manifest("quorum", &quorum, smtp.port, "Delete").replace(
+        &format!("queue: {}", quorum.queue),
+        &format!("queue: {}\n      queueType: quorum", quorum.queue),
+    );
+    assert!(cluster.apply(&quorum_manifest).await.status.success());
+    wait_condition(&cluster, "quorum", "Ready", "True", "Ready").await;
+    cluster
+        .kubectl_ok(&["delete", "emp", "quorum", "--wait=false"])
+        .await;
+    eventually(
+        Duration::from_secs(90),
+        "the quorum pipeline and its queues gone",
+        || async {
+            let gone = !cluster
+                .kubectl(&["get", "emp", "quorum"])
+                .await
+                .status
+                .success();
+            (gone && !amqp::queue_exists(SHARED_URL, &quorum.queue).await).then_some(())
+        },
+    )
+    .await;
 }

@@ -4,7 +4,7 @@
 use mailpipe_contract::topology::{QueueType, RabbitSettings};
 use mailpipe_contract::RetryPolicy;
 use mailpipe_operator::topology::rabbitmq::RabbitTopology;
-use mailpipe_operator::topology::{Backlog, BrokerTopology, Removal, TopologyError};
+use mailpipe_operator::topology::{Backlog, BrokerTopology, TopologyError};
 use mailpipe_tests::amqp::{self, Names, SHARED_URL};
 
 fn topology(names: &Names, queue_type: QueueType) -> (RabbitTopology, RabbitSettings) {
@@ -49,26 +49,54 @@ async fn topology_is_ensured_measured_and_deleted_only_when_empty() {
         }
     );
 
-    // Jobs waiting: nothing is deleted, and the answer names the queue.
-    assert_eq!(
-        topology.delete().await.unwrap(),
-        Removal::Waiting {
-            queue: names.queue.clone(),
-            messages: 7
-        }
-    );
-    assert_eq!(
-        amqp::ready(SHARED_URL, &names.queue).await,
-        7,
-        "the jobs are still there"
-    );
+    // The census names the queue that still holds jobs; nothing is deleted.
+    let census = topology.census().await.unwrap();
+    assert_eq!(census.first_non_empty(), Some((names.queue.as_str(), 7)));
+    assert_eq!(census.dead_letters(), None);
+    assert_eq!(census.consumers, 0);
+
+    // Intake stopped: a job published now reaches no queue of the pipeline.
+    topology.stop_intake().await.unwrap();
+    topology
+        .stop_intake()
+        .await
+        .expect("stopping again changes nothing");
+    amqp::publish_numbered(SHARED_URL, &names.exchange, "optopo", 7..8).await;
+    assert_eq!(amqp::ready(SHARED_URL, &names.queue).await, 7);
 
     // Drained (as workers would), it goes entirely.
     assert_eq!(amqp::take_all(SHARED_URL, &names.queue).await.len(), 7);
-    assert_eq!(topology.delete().await.unwrap(), Removal::Removed);
+    assert_eq!(topology.census().await.unwrap().first_non_empty(), None);
+    topology.remove().await.unwrap();
     match topology.backlog().await {
         Err(TopologyError::Missing(what)) => assert!(what.contains(&names.queue), "{what}"),
         other => panic!("the queue should be gone: {other:?}"),
+    }
+    for queue in settings.plan(&RetryPolicy::default()).queues {
+        assert!(
+            !amqp::queue_exists(SHARED_URL, &queue.name).await,
+            "{}",
+            queue.name
+        );
+    }
+}
+
+/// Quorum queues refuse `if-empty` deletes (540 NOT_IMPLEMENTED): the old deletion waited
+/// forever on them.
+#[tokio::test]
+async fn a_quorum_topology_is_removed() {
+    let names = Names::new("opquorumrm");
+    let (topology, settings) = topology(&names, QueueType::Quorum);
+    topology.ensure().await.unwrap();
+    topology.stop_intake().await.unwrap();
+    assert_eq!(topology.census().await.unwrap().first_non_empty(), None);
+    topology.remove().await.expect("removed");
+    for queue in settings.plan(&RetryPolicy::default()).queues {
+        assert!(
+            !amqp::queue_exists(SHARED_URL, &queue.name).await,
+            "{}",
+            queue.name
+        );
     }
 }
 

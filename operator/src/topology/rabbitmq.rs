@@ -7,7 +7,7 @@ use lapin::{Channel, Connection, ConnectionProperties};
 use mailpipe_contract::amqp;
 use mailpipe_contract::topology::{RabbitSettings, TopologyPlan};
 
-use super::{Backlog, BrokerTopology, Removal, TopologyError};
+use super::{Backlog, BrokerTopology, Census, TopologyError};
 
 /// A pipeline's RabbitMQ topology, reached with the URL from its connection Secret.
 pub struct RabbitTopology {
@@ -150,29 +150,85 @@ impl BrokerTopology for RabbitTopology {
         })
     }
 
-    async fn delete(&self) -> Result<Removal, TopologyError> {
+    async fn census(&self) -> Result<Census, TopologyError> {
+        let connection = self.connect().await?;
+        let depths = self.depths(&connection).await;
+        let _ = connection.close(200, "counted".into()).await;
+        let depths = depths?;
+        let consumers = depths
+            .iter()
+            .find(|(q, _, _)| *q == self.settings.queue)
+            .map_or(0, |(_, _, c)| *c);
+        Ok(Census {
+            queues: depths.into_iter().map(|(q, n, _)| (q, n)).collect(),
+            consumers,
+            dead_letter: self
+                .settings
+                .dead_letter
+                .then(|| mailpipe_contract::naming::dead_letter_queue(&self.settings.queue)),
+        })
+    }
+
+    async fn stop_intake(&self) -> Result<(), TopologyError> {
         let connection = self.connect().await?;
         let result = async {
-            // Retry queues hold jobs waiting for their next attempt: they count too.
-            for (queue, messages, _) in self.depths(&connection).await? {
-                if messages > 0 {
-                    return Ok(Removal::Waiting { queue, messages });
+            for binding in self
+                .plan
+                .bindings
+                .iter()
+                .filter(|b| b.queue == self.settings.queue)
+            {
+                let channel = Self::channel(&connection).await?;
+                match amqp::unbind(&channel, binding).await.map_err(classify) {
+                    Ok(()) | Err(TopologyError::Missing(_)) => {}
+                    Err(other) => return Err(other),
                 }
             }
-            for queue in &self.plan.queues {
+            Ok(())
+        }
+        .await;
+        let _ = connection.close(200, "intake stopped".into()).await;
+        result
+    }
+
+    async fn remove(&self) -> Result<(), TopologyError> {
+        let connection = self.connect().await?;
+        let result = async {
+            // Delay queues first (they dead-letter into the work queue), then the work queue
+            // (it dead-letters into the dead-letter exchange), then the dead-letter queue.
+            let work = &self.settings.queue;
+            let dead_letter = mailpipe_contract::naming::dead_letter_queue(work);
+            let mut order: Vec<&mailpipe_contract::topology::QueueDecl> = self
+                .plan
+                .queues
+                .iter()
+                .filter(|q| q.name != *work && q.name != dead_letter)
+                .collect();
+            order.extend(self.plan.queues.iter().filter(|q| q.name == *work));
+            order.extend(self.plan.queues.iter().filter(|q| q.name == dead_letter));
+            for queue in order {
+                // `if-empty` guards against a job published straight to the queue since the
+                // census. Quorum queues refuse it with 540 NOT_IMPLEMENTED, a connection
+                // error, so they get a plain delete: the census found them empty with no
+                // consumer and the intake stopped.
+                let quorum = matches!(
+                    queue.args.get("x-queue-type"),
+                    Some(mailpipe_contract::topology::ArgValue::Str(t)) if t == "quorum"
+                );
                 let channel = Self::channel(&connection).await?;
-                match amqp::delete_queue_if_empty(&channel, &queue.name)
-                    .await
-                    .map_err(classify)
-                {
-                    // A job that arrived since the count: keep everything that is left.
+                let result = if quorum {
+                    amqp::delete_queue(&channel, &queue.name).await
+                } else {
+                    amqp::delete_queue_if_empty(&channel, &queue.name).await
+                };
+                match result.map_err(classify) {
+                    Ok(()) | Err(TopologyError::Missing(_)) => {}
                     Err(TopologyError::Conflict(_)) => {
-                        return Ok(Removal::Waiting {
-                            queue: queue.name.clone(),
-                            messages: 1,
-                        })
+                        return Err(TopologyError::Conflict(format!(
+                            "queue {} received a job while it was being deleted",
+                            queue.name
+                        )))
                     }
-                    Err(TopologyError::Missing(_)) | Ok(()) => {}
                     Err(other) => return Err(other),
                 }
             }
@@ -187,7 +243,7 @@ impl BrokerTopology for RabbitTopology {
                     Err(other) => return Err(other),
                 }
             }
-            Ok(Removal::Removed)
+            Ok(())
         }
         .await;
         let _ = connection.close(200, "topology deleted".into()).await;
