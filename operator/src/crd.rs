@@ -541,6 +541,11 @@ pub struct EmailPipelineStatus {
     /// When the scaler last changed the replica count.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_scale_time: Option<Time>,
+    /// Whether the operator ever declared this pipeline's topology: a deletion of a
+    /// pipeline that never got one (a typo in its spec, a missing Secret) has nothing to
+    /// delete on the broker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topology_declared: Option<bool>,
     /// While a `Delete` deletion waits: when the operator stopped the workers, so the
     /// queues go only once no stopping worker can still hold a job.
     #[serde(default, skip_serializing_if = "Option::is_none")]

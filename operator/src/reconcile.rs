@@ -320,6 +320,26 @@ async fn apply(
     if let Err(error) = topology.ensure().await {
         return topology_failed(api, pipeline, ctx, error).await;
     }
+    let declared_before = pipeline
+        .status
+        .as_ref()
+        .is_some_and(|s| s.topology_declared == Some(true));
+    let remembered;
+    let pipeline = if declared_before {
+        pipeline
+    } else {
+        // Remembered at once (not with the rest of the status, which a failing child
+        // could hold back): a later deletion must know there is something to delete. The
+        // rest of this reconcile starts from that status, so no later write drops it.
+        let mut current = pipeline.status.clone().unwrap_or_default();
+        current.topology_declared = Some(true);
+        status::write(api, pipeline, &current).await?;
+        remembered = EmailPipeline {
+            status: Some(current),
+            ..pipeline.clone()
+        };
+        &remembered
+    };
     ctx.metrics
         .topology_ready
         .with_label_values(&[&namespace, &name])
@@ -511,6 +531,26 @@ async fn cleanup(
         .status
         .as_ref()
         .and_then(|s| s.workers_stopped_at.clone());
+    // Never declared (an invalid spec, a missing Secret from the start): nothing on the
+    // broker is this pipeline's, and nothing holds the deletion.
+    let declared = pipeline.status.as_ref().is_some_and(|s| {
+        s.topology_declared == Some(true)
+            || s.conditions
+                .iter()
+                .any(|c| c.type_ == "TopologyReady" && c.status == "True")
+    });
+    if !declared {
+        publish(
+            ctx,
+            pipeline,
+            EventType::Normal,
+            "NothingToDelete",
+            "the pipeline never had a topology on the broker; nothing to delete".into(),
+        )
+        .await;
+        ctx.metrics.forget(&namespace, &name);
+        return Ok(Action::await_change());
+    }
     // A pipeline whose spec or references are broken never got a topology from this
     // generation's spec; the release annotation is the way out when it did earlier.
     let valid = match validate(&name, &namespace, &pipeline.spec) {

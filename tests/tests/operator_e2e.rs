@@ -312,6 +312,14 @@ async fn bad_specs_are_refused_or_reported_and_deletion_waits_for_a_non_empty_qu
     wait_condition(&cluster, "missing", "Ready", "False", "MissingReference").await;
     let message = condition(&cluster, "missing", "Ready", "message").await;
     assert!(message.contains("Secret \"nope\" not found"), "{message}");
+    // The same with policy Delete: it never had a topology, so deleting it is not held up
+    // (it used to wait for the Secret, or for an admin's release annotation).
+    let typo = manifest("typo", &names, smtp.port, "Delete").replace("name: amqp", "name: nope");
+    assert!(cluster.apply(&typo).await.status.success());
+    wait_condition(&cluster, "typo", "Ready", "False", "MissingReference").await;
+    cluster
+        .kubectl_ok(&["delete", "emp", "typo", "--timeout=30s"])
+        .await;
 
     // A pipeline whose workers cannot start (no program for the image) keeps its jobs;
     // deleting it with policy Delete waits and says why, then finishes once drained.
@@ -352,7 +360,17 @@ async fn bad_specs_are_refused_or_reported_and_deletion_waits_for_a_non_empty_qu
     )
     .await;
 
-    // A broker gone for good holds a Delete-policy deletion until an admin lets go.
+    // A broker gone for good holds a Delete-policy deletion of a pipeline that has a
+    // topology until an admin lets go. (One that never got a topology is not held, above.)
+    let live_secret = SECRET
+        .replace("name: amqp", "name: dead")
+        .replace("URL", SHARED_URL);
+    assert!(cluster.apply(&live_secret).await.status.success());
+    let gone = Names::new("e2egone");
+    let gone_manifest =
+        manifest("gone", &gone, smtp.port, "Delete").replace("name: amqp", "name: dead");
+    assert!(cluster.apply(&gone_manifest).await.status.success());
+    wait_condition(&cluster, "gone", "TopologyReady", "True", "Declared").await;
     let dead = format!(
         "amqp://guest:guest@127.0.0.1:{}/%2f",
         mailpipe_tests::free_port()
@@ -361,10 +379,6 @@ async fn bad_specs_are_refused_or_reported_and_deletion_waits_for_a_non_empty_qu
         .replace("name: amqp", "name: dead")
         .replace("URL", &dead);
     assert!(cluster.apply(&dead_secret).await.status.success());
-    let gone = Names::new("e2egone");
-    let gone_manifest =
-        manifest("gone", &gone, smtp.port, "Delete").replace("name: amqp", "name: dead");
-    assert!(cluster.apply(&gone_manifest).await.status.success());
     wait_condition(
         &cluster,
         "gone",
