@@ -180,6 +180,7 @@ async fn serve(run: Run) -> anyhow::Result<()> {
         ),
         metrics,
         service_monitors,
+        failures: Default::default(),
     });
     let lost = CancellationToken::new();
     let work = stop.child_token();

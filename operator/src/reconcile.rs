@@ -23,7 +23,7 @@ use crate::crd::{DeletionPolicy, EmailPipeline, EmailPipelineStatus};
 use crate::dereference::{dereference, Referenced};
 use crate::error::Error;
 use crate::metrics::Metrics;
-use crate::status::{self, is_true, set_conditions, ConditionUpdate};
+use crate::status::{self, set_conditions, ConditionUpdate};
 use crate::topology::rabbitmq::RabbitTopology;
 use crate::topology::{Backlog, BrokerTopology, TopologyError};
 use crate::validate::{validate, ValidatedPipeline, ValidatedSource};
@@ -46,6 +46,67 @@ pub struct Context {
     pub metrics: Metrics,
     /// Whether the cluster serves ServiceMonitors (prometheus-operator).
     pub service_monitors: bool,
+    /// Pipelines whose last reconciles failed: how often in a row, and whether the last
+    /// failure was in applying the children (at which generation).
+    pub failures: Failures,
+}
+
+/// Consecutive failures per pipeline, for a backoff that grows and for not repeating broker
+/// work while only the cluster side fails.
+#[derive(Default)]
+pub struct Failures(std::sync::Mutex<std::collections::HashMap<(String, String), Failing>>);
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Failing {
+    in_a_row: u32,
+    /// The generation whose children could not be applied (its topology was declared).
+    apply_failed_at: Option<i64>,
+}
+
+impl Failures {
+    fn key(pipeline: &EmailPipeline) -> (String, String) {
+        (
+            pipeline.namespace().unwrap_or_default(),
+            pipeline.name_any(),
+        )
+    }
+
+    /// Counts a failure; returns how many in a row.
+    fn failed(&self, pipeline: &EmailPipeline) -> u32 {
+        let mut map = self.0.lock().expect("failures lock");
+        let entry = map.entry(Self::key(pipeline)).or_default();
+        entry.in_a_row += 1;
+        entry.in_a_row
+    }
+
+    fn apply_failed(&self, pipeline: &EmailPipeline) {
+        let mut map = self.0.lock().expect("failures lock");
+        map.entry(Self::key(pipeline)).or_default().apply_failed_at = pipeline.metadata.generation;
+    }
+
+    /// Whether this generation's topology was declared and only its children failed since.
+    fn only_children_failed(&self, pipeline: &EmailPipeline) -> bool {
+        let map = self.0.lock().expect("failures lock");
+        map.get(&Self::key(pipeline)).is_some_and(|f| {
+            f.apply_failed_at.is_some() && f.apply_failed_at == pipeline.metadata.generation
+        })
+    }
+
+    fn succeeded(&self, pipeline: &EmailPipeline) {
+        self.0
+            .lock()
+            .expect("failures lock")
+            .remove(&Self::key(pipeline));
+    }
+}
+
+/// The longest wait between two tries of a failing pipeline.
+const MAX_BACKOFF: Duration = Duration::from_secs(300);
+
+/// The error's own delay, doubled for each failure in a row before this one, capped.
+fn backoff(base: Duration, in_a_row: u32) -> Duration {
+    let factor = 2u32.saturating_pow(in_a_row.saturating_sub(1).min(16));
+    base.saturating_mul(factor).min(MAX_BACKOFF)
 }
 
 /// Reconciles one pipeline.
@@ -53,6 +114,7 @@ pub async fn reconcile(pipeline: Arc<EmailPipeline>, ctx: Arc<Context>) -> Resul
     let started = Instant::now();
     let namespace = pipeline.namespace().unwrap_or_default();
     let api: Api<EmailPipeline> = Api::namespaced(ctx.client.clone(), &namespace);
+    let failures_key = pipeline.clone();
     let result = finalizer(&api, FINALIZER, pipeline, |event| async {
         match event {
             Event::Apply(pipeline) => apply(&api, &pipeline, &ctx).await,
@@ -65,6 +127,9 @@ pub async fn reconcile(pipeline: Arc<EmailPipeline>, ctx: Arc<Context>) -> Resul
         .reconcile_seconds
         .with_label_values::<&str>(&[])
         .observe(started.elapsed().as_secs_f64());
+    if result.is_ok() {
+        ctx.failures.succeeded(&failures_key);
+    }
     let outcome = if result.is_ok() { "ok" } else { "error" };
     ctx.metrics.reconciles.with_label_values(&[outcome]).inc();
     result
@@ -94,13 +159,22 @@ pub fn error_policy(pipeline: Arc<EmailPipeline>, error: &Error, ctx: Arc<Contex
         .reconcile_failures
         .with_label_values(&[error.category()])
         .inc();
+    let in_a_row = ctx.failures.failed(&pipeline);
+    // A deletion that waits for its queues to drain looks again at its own pace; what
+    // fails grows its wait.
+    let after = match error {
+        Error::Waiting(_) => error.requeue_after(),
+        _ => backoff(error.requeue_after(), in_a_row),
+    };
     tracing::warn!(
         pipeline = %pipeline.name_any(),
         namespace = %pipeline.namespace().unwrap_or_default(),
         category = error.category(),
+        in_a_row,
+        retry_in = ?after,
         "reconcile failed: {error}"
     );
-    Action::requeue(error.requeue_after())
+    Action::requeue(after)
 }
 
 async fn publish(
@@ -197,6 +271,32 @@ async fn fail_from(
         publish(ctx, pipeline, EventType::Warning, reason, message).await;
     }
     Ok(())
+}
+
+/// A child the API server would not take (Forbidden, an invalid or immutable field): the
+/// reason and the server's message go to `WorkerReady` and one Warning event, and the next
+/// tries leave the broker alone.
+async fn children_failed(
+    api: &Api<EmailPipeline>,
+    pipeline: &EmailPipeline,
+    ctx: &Context,
+    error: Error,
+) -> Result<Action, Error> {
+    ctx.failures.apply_failed(pipeline);
+    if let Error::Kube(kube::Error::Api(response)) = &error {
+        let reason = match response.code {
+            403 => "Forbidden",
+            409 => "Conflict",
+            422 => "InvalidChild",
+            _ => "ApplyFailed",
+        };
+        let message = format!(
+            "the API server refused a worker object: {}",
+            response.message
+        );
+        fail(api, pipeline, ctx, "WorkerReady", reason, message).await?;
+    }
+    Err(error)
 }
 
 /// Server-side applies a child built for the pipeline (forced: the operator owns what it
@@ -317,8 +417,12 @@ async fn apply(
         }
         Err(error) => return topology_failed(api, pipeline, ctx, error).await,
     };
-    if let Err(error) = topology.ensure().await {
-        return topology_failed(api, pipeline, ctx, error).await;
+    // While only the children of this generation fail to apply, the broker is left alone:
+    // its topology was declared, and declaring it again on every retry helps nothing.
+    if !ctx.failures.only_children_failed(pipeline) {
+        if let Err(error) = topology.ensure().await {
+            return topology_failed(api, pipeline, ctx, error).await;
+        }
     }
     let declared_before = pipeline
         .status
@@ -344,7 +448,14 @@ async fn apply(
         .topology_ready
         .with_label_values(&[&namespace, &name])
         .set(1);
-    if !is_true(pipeline.status.as_ref(), "TopologyReady") {
+    // A Normal event when the topology is first declared, or declared again after it had
+    // failed; not on every retry of a pipeline whose children fail.
+    let recovered = pipeline.status.as_ref().is_some_and(|s| {
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == "TopologyReady" && c.status == "False")
+    });
+    if !declared_before || recovered {
         let ValidatedSource::Rabbit { plan, settings, .. } = &valid.source else {
             unreachable!("only RabbitMQ has a topology here")
         };
@@ -373,11 +484,19 @@ async fn apply(
     };
     let params = PatchParams::apply(MANAGER).force();
     let worker = build::worker_name(&valid);
-    let applied: Deployment =
-        apply_child(ctx, &namespace, &build::worker_deployment(&valid, &inputs)).await?;
-    let _: Service = apply_child(ctx, &namespace, &build::metrics_service(&valid, &inputs)).await?;
-    let _: PodDisruptionBudget =
-        apply_child(ctx, &namespace, &build::disruption_budget(&valid, &inputs)).await?;
+    let children = async {
+        let applied: Deployment =
+            apply_child(ctx, &namespace, &build::worker_deployment(&valid, &inputs)).await?;
+        let _: Service =
+            apply_child(ctx, &namespace, &build::metrics_service(&valid, &inputs)).await?;
+        let _: PodDisruptionBudget =
+            apply_child(ctx, &namespace, &build::disruption_budget(&valid, &inputs)).await?;
+        Ok::<Deployment, Error>(applied)
+    };
+    let applied = match children.await {
+        Ok(applied) => applied,
+        Err(error) => return children_failed(api, pipeline, ctx, error).await,
+    };
     if ctx.service_monitors {
         let resource = ApiResource::from_gvk_with_plural(
             &GroupVersionKind::gvk("monitoring.coreos.com", "v1", "ServiceMonitor"),
@@ -678,6 +797,14 @@ mod tests {
             }))
             .unwrap(),
         )
+    }
+
+    #[test]
+    fn the_wait_after_a_failure_doubles_with_each_one_in_a_row_up_to_five_minutes() {
+        let base = Duration::from_secs(5);
+        let waits: Vec<u64> = (1..=9).map(|n| backoff(base, n).as_secs()).collect();
+        assert_eq!(waits, [5, 10, 20, 40, 80, 160, 300, 300, 300]);
+        assert_eq!(backoff(base, u32::MAX), MAX_BACKOFF);
     }
 
     #[test]

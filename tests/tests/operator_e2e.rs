@@ -588,3 +588,79 @@ async fn a_delete_deletion_loses_no_job_in_flight_and_finishes_on_quorum_queues(
     )
     .await;
 }
+
+/// A child the API server refuses (here the worker Deployment's selector, which is
+/// immutable, differs from a Deployment of the same name already there) used to leave the
+/// status empty, publish no Warning, retry every 5 s forever and re-declare the topology
+/// with a Normal event each time. Now: the reason and the server's message in `WorkerReady`,
+/// one Warning, one Normal `TopologyReady`, and retries that wait longer each time.
+#[tokio::test]
+async fn a_refused_child_is_reported_once_and_retried_with_a_growing_wait() {
+    let cluster = Cluster::start().await;
+    let smtp = SmtpServer::start(SmtpOptions::default()).await;
+    let operator = cluster.operator("op-a");
+    assert!(cluster
+        .apply(&SECRET.replace("URL", SHARED_URL))
+        .await
+        .status
+        .success());
+    let squatter = "apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: clash-worker
+spec:
+  selector:
+    matchLabels: {app: other}
+  template:
+    metadata:
+      labels: {app: other}
+    spec:
+      containers:
+      - name: other
+        image: example.com/other:1
+";
+    assert!(cluster.apply(squatter).await.status.success());
+    let names = Names::new("e2eclash");
+    assert!(cluster
+        .apply(&manifest("clash", &names, smtp.port, "Retain"))
+        .await
+        .status
+        .success());
+    wait_condition(&cluster, "clash", "WorkerReady", "False", "InvalidChild").await;
+    let message = condition(&cluster, "clash", "WorkerReady", "message").await;
+    assert!(message.contains("field is immutable"), "{message}");
+    let first = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs(25)).await;
+
+    let errors = |metrics: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with("mailpipe_operator_reconciles_total{result=\"error\"}"))
+            .and_then(|l| l.rsplit_once(' '))
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    let failed = errors(&operator.metrics().await);
+    println!("{failed} failed reconciles in {:?}", first.elapsed());
+    // A 5 s wait every time would make 6 or more; 5, 10, 20 s makes 4 at most.
+    assert!(
+        (2.0..=4.0).contains(&failed),
+        "{failed} failed reconciles in 25 s"
+    );
+    let events = cluster
+        .kubectl_ok(&[
+            "get",
+            "events",
+            "-o",
+            "jsonpath={range .items[*]}{.involvedObject.name}/{.reason}{\"\\n\"}{end}",
+        ])
+        .await;
+    let count = |reason: &str| {
+        events
+            .lines()
+            .filter(|l| *l == format!("clash/{reason}"))
+            .count()
+    };
+    assert_eq!(count("InvalidChild"), 1, "one Warning: {events}");
+    assert_eq!(count("TopologyReady"), 1, "one Normal event: {events}");
+}
