@@ -1,5 +1,10 @@
 //! The controller: watches pipelines, the children it owns, and the Secrets and ConfigMaps
 //! pipelines refer to (a changed Secret rolls the workers and may unblock a pipeline).
+//!
+//! A pipeline's own changes trigger a reconcile only when its spec (generation, which a
+//! deletion also bumps), annotations or finalizers change: the reconciler writes the status
+//! itself (backlog, replicas), and a status write that triggered the next reconcile kept
+//! busy pipelines in a tight loop. The resync and the children's changes still come.
 
 use std::sync::Arc;
 
@@ -7,8 +12,8 @@ use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::{watcher, Controller};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{predicates, watcher, Controller, Predicate, WatchStreamExt};
 use kube::{Api, ResourceExt};
 use tokio_util::sync::CancellationToken;
 
@@ -54,10 +59,21 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, stop: Cancellatio
         mailpipe_contract::labels::MANAGED_BY,
         mailpipe_contract::labels::OPERATOR
     ));
-    let controller = Controller::new(
+    let (reader, writer) = reflector::store();
+    let pipelines = watcher(
         scoped::<EmailPipeline>(&client, &namespace),
         watcher::Config::default(),
+    )
+    .default_backoff()
+    .reflect(writer)
+    .applied_objects()
+    .predicate_filter(
+        predicates::generation
+            .combine(predicates::annotations)
+            .combine(predicates::finalizers),
+        Default::default(),
     );
+    let controller = Controller::for_stream(pipelines, reader);
     let store = controller.store();
     let secrets_store = store.clone();
     controller

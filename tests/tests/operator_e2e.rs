@@ -664,3 +664,59 @@ spec:
     assert_eq!(count("InvalidChild"), 1, "one Warning: {events}");
     assert_eq!(count("TopologyReady"), 1, "one Normal event: {events}");
 }
+
+/// A status write (the backlog the reconciler reports) used to trigger the next reconcile at
+/// once, so a pipeline whose backlog kept changing was reconciled in a tight loop,
+/// each time opening broker connections and applying its children. Status-only changes no
+/// longer trigger a reconcile.
+#[tokio::test]
+async fn a_changing_backlog_does_not_make_the_operator_reconcile_in_a_loop() {
+    let cluster = Cluster::start().await;
+    let smtp = SmtpServer::start(SmtpOptions::default()).await;
+    let operator = cluster.operator("op-a");
+    assert!(cluster
+        .apply(&SECRET.replace("URL", SHARED_URL))
+        .await
+        .status
+        .success());
+    // Workers that never run: the backlog only grows.
+    let names = Names::new("e2eloop");
+    let pipeline = manifest("loop", &names, smtp.port, "Retain").replace(
+        "  worker:\n",
+        "  worker:\n    image: example.com/not-runnable:1\n",
+    );
+    assert!(cluster.apply(&pipeline).await.status.success());
+    wait_condition(&cluster, "loop", "TopologyReady", "True", "Declared").await;
+    let reconciles = |metrics: String| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("mailpipe_operator_reconciles_total{"))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum()
+    };
+    // Trigger one reconcile (an annotation), then let the backlog change all the time.
+    cluster
+        .kubectl_ok(&["annotate", "emp", "loop", "example.com/poke=1"])
+        .await;
+    let before = reconciles(operator.metrics().await);
+    let started = std::time::Instant::now();
+    let mut n = 0;
+    while started.elapsed() < Duration::from_secs(12) {
+        amqp::publish_numbered(SHARED_URL, &names.exchange, "loop", n..n + 5).await;
+        n += 5;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let during = reconciles(operator.metrics().await) - before;
+    println!("{during} reconciles in 12 s while the backlog grew to {n}");
+    // The annotation's reconcile, its status write's, and the 30 s resync at most.
+    assert!(during <= 3.0, "{during} reconciles in 12 s");
+    amqp::delete_plan(
+        SHARED_URL,
+        &names.plan(&mailpipe_contract::RetryPolicy {
+            initial: Duration::from_millis(200),
+            max: Duration::from_secs(2),
+            ..Default::default()
+        }),
+    )
+    .await;
+}
