@@ -12,6 +12,7 @@ use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{predicates, watcher, Controller, Predicate, WatchStreamExt};
 use kube::{Api, ResourceExt};
@@ -80,9 +81,16 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, stop: Cancellatio
         .owns(scoped::<Deployment>(&client, &namespace), owned.clone())
         .owns(scoped::<Service>(&client, &namespace), owned.clone())
         .owns(scoped::<PodDisruptionBudget>(&client, &namespace), owned)
-        .watches(
-            scoped::<Secret>(&client, &namespace),
-            watcher::Config::default(),
+        // Only the Secrets' metadata is watched: which one changed is all the mapping
+        // needs, and the operator keeps no copy of every Secret's data in memory (it reads
+        // the ones a pipeline names when it reconciles that pipeline).
+        .watches_stream(
+            watcher(
+                scoped::<PartialObjectMeta<Secret>>(&client, &namespace),
+                watcher::Config::default(),
+            )
+            .default_backoff()
+            .touched_objects(),
             move |secret| referring(&secrets_store, &secret, refers_to_secret),
         )
         .watches(

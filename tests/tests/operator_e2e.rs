@@ -241,6 +241,26 @@ async fn an_applied_pipeline_gets_its_topology_workers_and_status_and_delivers_m
         },
     )
     .await;
+    // It learnt of the change from Secret metadata alone: the operator lists and watches
+    // no Secret's data (it reads the ones its pipelines name).
+    let secret_collections: Vec<(String, String)> = cluster
+        .server
+        .store()
+        .lock()
+        .unwrap()
+        .requests_with_accept()
+        .into_iter()
+        .filter(|(line, _)| {
+            (line.starts_with("GET ") || line.starts_with("WATCH ")) && line.ends_with("/secrets")
+        })
+        .collect();
+    assert!(!secret_collections.is_empty());
+    assert!(
+        secret_collections
+            .iter()
+            .all(|(_, accept)| accept.contains("as=PartialObjectMetadata")),
+        "{secret_collections:?}"
+    );
 
     // The operator's metrics say the same.
     let metrics = operator.metrics().await;

@@ -105,7 +105,7 @@ pub async fn handle(
     store
         .lock()
         .expect("store lock")
-        .note_request(format!("{verb} {}", uri.path()));
+        .note_request(format!("{verb} {}", uri.path()), &accept);
     let request = Request {
         method: &method,
         path: uri.path(),

@@ -159,6 +159,7 @@ pub struct Store {
     history: VecDeque<Arc<Change>>,
     changes: broadcast::Sender<Arc<Change>>,
     requests: Vec<String>,
+    accepts: Vec<String>,
     field_validation: FieldValidation,
     warnings: Vec<String>,
     /// Service cluster IPs given out so far.
@@ -297,6 +298,7 @@ impl Store {
             history: VecDeque::new(),
             changes,
             requests: Vec::new(),
+            accepts: Vec::new(),
             field_validation: FieldValidation::Warn,
             warnings: Vec::new(),
             cluster_ips: 0,
@@ -392,9 +394,20 @@ impl Store {
         }
     }
 
-    /// Notes a request (`VERB path`), for tests that count what clients ask.
-    pub fn note_request(&mut self, line: String) {
+    /// Notes a request (`VERB path`) and what it accepts, for tests that count what
+    /// clients ask and how.
+    pub fn note_request(&mut self, line: String, accept: &str) {
+        self.accepts.push(accept.to_string());
         self.requests.push(line);
+    }
+
+    /// Every request noted so far with its `Accept` header, oldest first.
+    pub fn requests_with_accept(&self) -> Vec<(String, String)> {
+        self.requests
+            .iter()
+            .cloned()
+            .zip(self.accepts.iter().cloned())
+            .collect()
     }
 
     /// Every request noted so far, oldest first.
