@@ -119,6 +119,8 @@ pub struct Source {
 #[x_kube(
     validation = Rule::new("self.queue == oldSelf.queue").message("spec.source.rabbitmq.queue is immutable: jobs in the old queue would be stranded"),
     validation = Rule::new("self.queueType == oldSelf.queueType").message("spec.source.rabbitmq.queueType is immutable: RabbitMQ cannot change the type of a queue"),
+    validation = Rule::new("self.exchangeType == oldSelf.exchangeType").message("spec.source.rabbitmq.exchangeType is immutable: RabbitMQ cannot change the type of an exchange"),
+    validation = Rule::new("has(self.maxPriority) == has(oldSelf.maxPriority) && (!has(self.maxPriority) || self.maxPriority == oldSelf.maxPriority)").message("spec.source.rabbitmq.maxPriority is immutable: RabbitMQ cannot change a queue's x-max-priority"),
     validation = Rule::new("!has(self.maxPriority) || self.queueType == 'classic'").message("maxPriority needs queueType classic: quorum queues refuse x-max-priority")
 )]
 pub struct RabbitSource {

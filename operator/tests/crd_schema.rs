@@ -144,6 +144,8 @@ fn cel_rules_compile_and_never_iterate() {
             "self.topic == oldSelf.topic",
             "self.queue == oldSelf.queue",
             "self.queueType == oldSelf.queueType",
+            "self.exchangeType == oldSelf.exchangeType",
+            "has(self.maxPriority) == has(oldSelf.maxPriority) && (!has(self.maxPriority) || self.maxPriority == oldSelf.maxPriority)",
             "!has(self.maxPriority) || self.queueType == 'classic'",
         ],
         "the rules, in schema order"

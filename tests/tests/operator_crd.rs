@@ -144,6 +144,28 @@ async fn the_crd_is_accepted_defaults_apply_and_bad_specs_are_refused_clearly() 
         }
         other => panic!("the rename was not refused: {other:?}"),
     }
+    // So are the exchange type and the priority: the broker would refuse the declaration.
+    for (change, field) in [
+        (json!({"exchangeType": "topic"}), "exchangeType"),
+        (json!({"maxPriority": 5}), "maxPriority"),
+    ] {
+        let patch = json!({"spec": {"source": {"rabbitmq": change}}});
+        match api
+            .patch("welcome", &PatchParams::default(), &Patch::Merge(patch))
+            .await
+        {
+            Err(kube::Error::Api(e)) => {
+                assert_eq!(e.code, 422);
+                assert!(
+                    e.message
+                        .contains(&format!("spec.source.rabbitmq.{field} is immutable")),
+                    "{}",
+                    e.message
+                );
+            }
+            other => panic!("the {field} change was not refused: {other:?}"),
+        }
+    }
     // Other fields can change.
     let more = json!({"spec": {"scaling": {"maxReplicas": 20}}});
     api.patch("welcome", &PatchParams::default(), &Patch::Merge(more))
