@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::Api;
 use mailpipe_tests::amqp::{self, Names, SHARED_URL};
-use mailpipe_tests::cluster::Cluster;
+use mailpipe_tests::cluster::{Cluster, Operator};
 use mailpipe_tests::smtp::{SmtpOptions, SmtpServer};
 use mailpipe_tests::{eventually, repo_root};
 
@@ -73,6 +73,37 @@ spec:
 
 const SECRET: &str =
     "apiVersion: v1\nkind: Secret\nmetadata:\n  name: amqp\nstringData:\n  url: URL\n";
+
+/// A cluster with one operator replica (`op-a`), the broker Secret `amqp` applied, and an
+/// SMTP server started with `options`.
+async fn with_operator(options: SmtpOptions) -> (Cluster, SmtpServer, Operator) {
+    let cluster = Cluster::start().await;
+    let smtp = SmtpServer::start(options).await;
+    let operator = cluster.operator("op-a");
+    assert!(cluster
+        .apply(&SECRET.replace("URL", SHARED_URL))
+        .await
+        .status
+        .success());
+    (cluster, smtp, operator)
+}
+
+/// Waits until the pipeline `name` and its work queue `queue` are gone.
+async fn gone(cluster: &Cluster, name: &str, queue: &str, timeout: Duration) {
+    eventually(
+        timeout,
+        &format!("the pipeline {name} and its queue gone"),
+        || async {
+            let gone = !cluster
+                .kubectl(&["get", "emp", name])
+                .await
+                .status
+                .success();
+            (gone && !amqp::queue_exists(SHARED_URL, queue).await).then_some(())
+        },
+    )
+    .await;
+}
 
 async fn condition(cluster: &Cluster, pipeline: &str, type_: &str, field: &str) -> String {
     let path = format!("jsonpath={{.status.conditions[?(@.type==\"{type_}\")].{field}}}");
@@ -302,14 +333,7 @@ async fn an_applied_pipeline_gets_its_topology_workers_and_status_and_delivers_m
 
 #[tokio::test]
 async fn bad_specs_are_refused_or_reported_and_deletion_waits_for_a_non_empty_queue() {
-    let cluster = Cluster::start().await;
-    let smtp = SmtpServer::start(SmtpOptions::default()).await;
-    let _operator = cluster.operator("op-a");
-    assert!(cluster
-        .apply(&SECRET.replace("URL", SHARED_URL))
-        .await
-        .status
-        .success());
+    let (cluster, smtp, _operator) = with_operator(SmtpOptions::default()).await;
 
     // Refused by the CEL rules, with their message.
     let names = Names::new("e2ebad");
@@ -534,18 +558,11 @@ async fn a_second_operator_replica_waits_and_takes_over_when_the_leader_dies() {
 #[tokio::test]
 async fn a_delete_deletion_loses_no_job_in_flight_and_finishes_on_quorum_queues() {
     const N: usize = 40;
-    let cluster = Cluster::start().await;
-    let smtp = SmtpServer::start(SmtpOptions {
+    let (cluster, smtp, _operator) = with_operator(SmtpOptions {
         delay_ms: 200,
         ..SmtpOptions::default()
     })
     .await;
-    let _operator = cluster.operator("op-a");
-    assert!(cluster
-        .apply(&SECRET.replace("URL", SHARED_URL))
-        .await
-        .status
-        .success());
     let busy = Names::new("e2ebusy");
     assert!(cluster
         .apply(&manifest("busy", &busy, smtp.port, "Delete"))
@@ -563,19 +580,7 @@ async fn a_delete_deletion_loses_no_job_in_flight_and_finishes_on_quorum_queues(
         .await;
     tokio::time::sleep(Duration::from_millis(700)).await;
     smtp.clear_fault().await;
-    eventually(
-        Duration::from_secs(120),
-        "the pipeline and its queues gone",
-        || async {
-            let gone = !cluster
-                .kubectl(&["get", "emp", "busy"])
-                .await
-                .status
-                .success();
-            (gone && !amqp::queue_exists(SHARED_URL, &busy.queue).await).then_some(())
-        },
-    )
-    .await;
+    gone(&cluster, "busy", &busy.queue, Duration::from_secs(120)).await;
     let tally = smtp.tally(&run, N).await;
     assert_eq!(
         tally,
@@ -594,19 +599,7 @@ async fn a_delete_deletion_loses_no_job_in_flight_and_finishes_on_quorum_queues(
     cluster
         .kubectl_ok(&["delete", "emp", "quorum", "--wait=false"])
         .await;
-    eventually(
-        Duration::from_secs(90),
-        "the quorum pipeline and its queues gone",
-        || async {
-            let gone = !cluster
-                .kubectl(&["get", "emp", "quorum"])
-                .await
-                .status
-                .success();
-            (gone && !amqp::queue_exists(SHARED_URL, &quorum.queue).await).then_some(())
-        },
-    )
-    .await;
+    gone(&cluster, "quorum", &quorum.queue, Duration::from_secs(90)).await;
 }
 
 /// A child the API server refuses (here the worker Deployment's selector, which is
@@ -616,14 +609,7 @@ async fn a_delete_deletion_loses_no_job_in_flight_and_finishes_on_quorum_queues(
 /// one Warning, one Normal `TopologyReady`, and retries that wait longer each time.
 #[tokio::test]
 async fn a_refused_child_is_reported_once_and_retried_with_a_growing_wait() {
-    let cluster = Cluster::start().await;
-    let smtp = SmtpServer::start(SmtpOptions::default()).await;
-    let operator = cluster.operator("op-a");
-    assert!(cluster
-        .apply(&SECRET.replace("URL", SHARED_URL))
-        .await
-        .status
-        .success());
+    let (cluster, smtp, operator) = with_operator(SmtpOptions::default()).await;
     let squatter = "apiVersion: apps/v1
 kind: Deployment
 metadata:
@@ -691,14 +677,7 @@ spec:
 /// longer trigger a reconcile.
 #[tokio::test]
 async fn a_changing_backlog_does_not_make_the_operator_reconcile_in_a_loop() {
-    let cluster = Cluster::start().await;
-    let smtp = SmtpServer::start(SmtpOptions::default()).await;
-    let operator = cluster.operator("op-a");
-    assert!(cluster
-        .apply(&SECRET.replace("URL", SHARED_URL))
-        .await
-        .status
-        .success());
+    let (cluster, smtp, operator) = with_operator(SmtpOptions::default()).await;
     // Workers that never run: the backlog only grows.
     let names = Names::new("e2eloop");
     let pipeline = manifest("loop", &names, smtp.port, "Retain").replace(
