@@ -24,7 +24,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::Script;
 use tokio::sync::watch;
 
 use crate::config::IdempotencyConfig;
@@ -107,17 +106,11 @@ pub async fn wait_for(mut holder: watch::Receiver<bool>) -> bool {
 /// The deduplication store.
 #[derive(Clone)]
 pub struct Dedup {
-    connection: ConnectionManager,
+    connection: Arc<std::sync::RwLock<ConnectionManager>>,
+    client: redis::Client,
     prefix: String,
     ttl_secs: u64,
     owner: Arc<str>,
-    scripts: Arc<Scripts>,
-}
-
-struct Scripts {
-    claim: Script,
-    renew: Script,
-    finish: Script,
 }
 
 /// Redis could not answer.
@@ -177,6 +170,31 @@ if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
 return 1
 "#;
 
+/// A lazy connection (the first command connects) that reconnects by itself.
+fn connect(client: &redis::Client) -> Result<ConnectionManager, StoreError> {
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(2)))
+        .set_response_timeout(Some(Duration::from_secs(2)))
+        .set_number_of_retries(1)
+        .set_max_delay(Duration::from_millis(500));
+    Ok(ConnectionManager::new_lazy_with_config(
+        client.clone(),
+        config,
+    )?)
+}
+
+/// `EVAL script numkeys keys...`; arguments follow. Plain EVAL rather than EVALSHA: a
+/// restarted Redis has no cached scripts, and EVAL needs no NOSCRIPT round trip to load
+/// them again. The scripts are a few hundred bytes.
+fn eval(script: &str, keys: &[String]) -> redis::Cmd {
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(script).arg(keys.len());
+    for key in keys {
+        cmd.arg(key);
+    }
+    cmd
+}
+
 fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -189,25 +207,16 @@ impl Dedup {
     /// while Redis is down and pauses until it answers.
     pub fn new(config: &IdempotencyConfig) -> Result<Dedup, StoreError> {
         let client = redis::Client::open(config.url.expose())?;
-        let manager_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(Duration::from_secs(2)))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(500));
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_nanos())
             .unwrap_or_default();
         Ok(Dedup {
-            connection: ConnectionManager::new_lazy_with_config(client, manager_config)?,
+            connection: Arc::new(std::sync::RwLock::new(connect(&client)?)),
+            client,
             prefix: config.prefix.clone(),
             ttl_secs: config.ttl.as_secs().max(1),
             owner: format!("{}-{nanos}", std::process::id()).into(),
-            scripts: Arc::new(Scripts {
-                claim: Script::new(CLAIM),
-                renew: Script::new(RENEW),
-                finish: Script::new(FINISH),
-            }),
         })
     }
 
@@ -219,20 +228,42 @@ impl Dedup {
         format!("{}:claim:{job_id}", self.prefix)
     }
 
+    fn connection(&self) -> ConnectionManager {
+        self.connection.read().expect("store lock").clone()
+    }
+
+    /// Passes a result on; a reply that does not parse as the command's (`Parse`,
+    /// `UnexpectedReturnType`) means the connection's replies no longer line up with its
+    /// requests, so it is replaced by a fresh one before the caller retries. Seen once in a
+    /// test after Redis was killed and restarted: every later command failed with
+    /// "Incompatible type" and the worker stayed paused although Redis was back.
+    fn checked<T>(&self, result: redis::RedisResult<T>) -> Result<T, StoreError> {
+        if let Err(error) = &result {
+            if matches!(
+                error.kind(),
+                redis::ErrorKind::Parse | redis::ErrorKind::UnexpectedReturnType
+            ) {
+                if let Ok(fresh) = connect(&self.client) {
+                    *self.connection.write().expect("store lock") = fresh;
+                    tracing::warn!("replaced the deduplication store connection after a reply that did not parse");
+                }
+            }
+        }
+        Ok(result?)
+    }
+
     /// Checks whether `job_id` was sent and, if not and nobody else is sending it, claims it.
     pub async fn claim(&self, job_id: &str) -> Result<Claimed, StoreError> {
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let token = format!("{}-{}", self.owner, NEXT.fetch_add(1, Ordering::Relaxed));
-        let mut connection = self.connection.clone();
-        let found: i64 = self
-            .scripts
-            .claim
-            .key(self.sent_key(job_id))
-            .key(self.claim_key(job_id))
-            .arg(&token)
-            .arg(LEASE.as_millis() as u64)
-            .invoke_async(&mut connection)
-            .await?;
+        let mut connection = self.connection();
+        let found: i64 = self.checked(
+            eval(CLAIM, &[self.sent_key(job_id), self.claim_key(job_id)])
+                .arg(&token)
+                .arg(LEASE.as_millis() as u64)
+                .query_async(&mut connection)
+                .await,
+        )?;
         Ok(match found {
             2 => Claimed::Sent,
             1 => Claimed::Own(Lease { token }),
@@ -242,39 +273,36 @@ impl Dedup {
 
     /// Extends a held claim by another lease; `false` when it was lost (expired, or taken).
     pub async fn renew(&self, job_id: &str, lease: &Lease) -> Result<bool, StoreError> {
-        let mut connection = self.connection.clone();
-        let renewed: i64 = self
-            .scripts
-            .renew
-            .key(self.claim_key(job_id))
-            .arg(&lease.token)
-            .arg(LEASE.as_millis() as u64)
-            .invoke_async(&mut connection)
-            .await?;
+        let mut connection = self.connection();
+        let renewed: i64 = self.checked(
+            eval(RENEW, &[self.claim_key(job_id)])
+                .arg(&lease.token)
+                .arg(LEASE.as_millis() as u64)
+                .query_async(&mut connection)
+                .await,
+        )?;
         Ok(renewed == 1)
     }
 
     /// Drops the claim, first recording the send when `sent`.
     pub async fn finish(&self, job_id: &str, lease: &Lease, sent: bool) -> Result<(), StoreError> {
-        let mut connection = self.connection.clone();
-        let _: i64 = self
-            .scripts
-            .finish
-            .key(self.sent_key(job_id))
-            .key(self.claim_key(job_id))
-            .arg(&lease.token)
-            .arg(if sent { "1" } else { "0" })
-            .arg(unix_now())
-            .arg(self.ttl_secs)
-            .invoke_async(&mut connection)
-            .await?;
+        let mut connection = self.connection();
+        let _: i64 = self.checked(
+            eval(FINISH, &[self.sent_key(job_id), self.claim_key(job_id)])
+                .arg(&lease.token)
+                .arg(if sent { "1" } else { "0" })
+                .arg(unix_now())
+                .arg(self.ttl_secs)
+                .query_async(&mut connection)
+                .await,
+        )?;
         Ok(())
     }
 
     /// Checks that the store answers.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        let mut connection = self.connection.clone();
-        let _: String = redis::cmd("PING").query_async(&mut connection).await?;
+        let mut connection = self.connection();
+        let _: String = self.checked(redis::cmd("PING").query_async(&mut connection).await)?;
         Ok(())
     }
 }
