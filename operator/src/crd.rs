@@ -307,8 +307,11 @@ pub struct Templates {
 }
 
 /// Attempts, backoff, dead-lettering and deduplication.
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("self.deadLetter == oldSelf.deadLetter").message("spec.delivery.deadLetter is immutable: it is part of the work queue's declaration, which RabbitMQ cannot change")
+)]
 pub struct Delivery {
     /// Attempts per job, the first included.
     #[serde(default = "default_max_attempts")]

@@ -138,6 +138,7 @@ fn cel_rules_compile_and_never_iterate() {
         texts,
         [
             "!self.metadata.name.contains('.') && size(self.metadata.name) <= 56",
+            "self.deadLetter == oldSelf.deadLetter",
             "self.minReplicas <= self.maxReplicas",
             "has(self.rabbitmq) != has(self.kafka)",
             "has(self.rabbitmq) == has(oldSelf.rabbitmq)",

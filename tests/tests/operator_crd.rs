@@ -144,12 +144,22 @@ async fn the_crd_is_accepted_defaults_apply_and_bad_specs_are_refused_clearly() 
         }
         other => panic!("the rename was not refused: {other:?}"),
     }
-    // So are the exchange type and the priority: the broker would refuse the declaration.
-    for (change, field) in [
-        (json!({"exchangeType": "topic"}), "exchangeType"),
-        (json!({"maxPriority": 5}), "maxPriority"),
+    // So are the exchange type, the priority and dead-lettering: the broker would refuse
+    // the declaration.
+    for (patch, field) in [
+        (
+            json!({"spec": {"source": {"rabbitmq": {"exchangeType": "topic"}}}}),
+            "source.rabbitmq.exchangeType",
+        ),
+        (
+            json!({"spec": {"source": {"rabbitmq": {"maxPriority": 5}}}}),
+            "source.rabbitmq.maxPriority",
+        ),
+        (
+            json!({"spec": {"delivery": {"deadLetter": false}}}),
+            "delivery.deadLetter",
+        ),
     ] {
-        let patch = json!({"spec": {"source": {"rabbitmq": change}}});
         match api
             .patch("welcome", &PatchParams::default(), &Patch::Merge(patch))
             .await
@@ -157,8 +167,7 @@ async fn the_crd_is_accepted_defaults_apply_and_bad_specs_are_refused_clearly() 
             Err(kube::Error::Api(e)) => {
                 assert_eq!(e.code, 422);
                 assert!(
-                    e.message
-                        .contains(&format!("spec.source.rabbitmq.{field} is immutable")),
+                    e.message.contains(&format!("spec.{field} is immutable")),
                     "{}",
                     e.message
                 );
