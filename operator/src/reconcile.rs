@@ -450,11 +450,7 @@ async fn apply(
         .set(1);
     // A Normal event when the topology is first declared, or declared again after it had
     // failed; not on every retry of a pipeline whose children fail.
-    let recovered = pipeline.status.as_ref().is_some_and(|s| {
-        s.conditions
-            .iter()
-            .any(|c| c.type_ == "TopologyReady" && c.status == "False")
-    });
+    let recovered = status::has_condition(pipeline.status.as_ref(), "TopologyReady", "False");
     if !declared_before || recovered {
         let ValidatedSource::Rabbit { plan, settings, .. } = &valid.source else {
             unreachable!("only RabbitMQ has a topology here")
@@ -652,12 +648,11 @@ async fn cleanup(
         .and_then(|s| s.workers_stopped_at.clone());
     // Never declared (an invalid spec, a missing Secret from the start): nothing on the
     // broker is this pipeline's, and nothing holds the deletion.
-    let declared = pipeline.status.as_ref().is_some_and(|s| {
-        s.topology_declared == Some(true)
-            || s.conditions
-                .iter()
-                .any(|c| c.type_ == "TopologyReady" && c.status == "True")
-    });
+    let declared = pipeline
+        .status
+        .as_ref()
+        .is_some_and(|s| s.topology_declared == Some(true))
+        || status::is_true(pipeline.status.as_ref(), "TopologyReady");
     if !declared {
         publish(
             ctx,

@@ -48,10 +48,15 @@ pub fn set_conditions(
 
 /// Whether condition `type_` is True in `status`.
 pub fn is_true(status: Option<&EmailPipelineStatus>, type_: &str) -> bool {
+    has_condition(status, type_, "True")
+}
+
+/// Whether `status` has condition `type_` with status `value` (`True`, `False`).
+pub fn has_condition(status: Option<&EmailPipelineStatus>, type_: &str, value: &str) -> bool {
     status
         .into_iter()
         .flat_map(|s| s.conditions.iter())
-        .any(|c| c.type_ == type_ && c.status == "True")
+        .any(|c| c.type_ == type_ && c.status == value)
 }
 
 /// The current time, to the second (as the API server keeps it).

@@ -21,6 +21,17 @@ fn topology(names: &Names, queue_type: QueueType) -> (RabbitTopology, RabbitSett
     )
 }
 
+/// Every queue of the topology `settings` plans (with the default retry policy) is gone.
+async fn assert_all_queues_gone(settings: &RabbitSettings) {
+    for queue in settings.plan(&RetryPolicy::default()).queues {
+        assert!(
+            !amqp::queue_exists(SHARED_URL, &queue.name).await,
+            "{}",
+            queue.name
+        );
+    }
+}
+
 #[tokio::test]
 async fn topology_is_ensured_measured_and_deleted_only_when_empty() {
     let names = Names::new("optopo");
@@ -72,13 +83,7 @@ async fn topology_is_ensured_measured_and_deleted_only_when_empty() {
         Err(TopologyError::Missing(what)) => assert!(what.contains(&names.queue), "{what}"),
         other => panic!("the queue should be gone: {other:?}"),
     }
-    for queue in settings.plan(&RetryPolicy::default()).queues {
-        assert!(
-            !amqp::queue_exists(SHARED_URL, &queue.name).await,
-            "{}",
-            queue.name
-        );
-    }
+    assert_all_queues_gone(&settings).await;
 }
 
 /// Quorum queues refuse `if-empty` deletes (540 NOT_IMPLEMENTED): the old deletion waited
@@ -91,13 +96,7 @@ async fn a_quorum_topology_is_removed() {
     topology.stop_intake().await.unwrap();
     assert_eq!(topology.census().await.unwrap().first_non_empty(), None);
     topology.remove().await.expect("removed");
-    for queue in settings.plan(&RetryPolicy::default()).queues {
-        assert!(
-            !amqp::queue_exists(SHARED_URL, &queue.name).await,
-            "{}",
-            queue.name
-        );
-    }
+    assert_all_queues_gone(&settings).await;
 }
 
 #[tokio::test]

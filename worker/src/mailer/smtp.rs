@@ -220,6 +220,14 @@ impl SmtpMailer {
             .inc();
     }
 
+    /// A place in the pool (at most `pool_size` connections in use at once).
+    async fn permit(&self) -> tokio::sync::SemaphorePermit<'_> {
+        self.permits
+            .acquire()
+            .await
+            .expect("the pool semaphore is never closed")
+    }
+
     async fn answers_noop(&self, connection: &mut AsyncSmtpConnection) -> bool {
         tokio::time::timeout(self.timeouts.command, connection.test_connected())
             .await
@@ -373,11 +381,7 @@ fn error_chain(error: &dyn std::error::Error) -> String {
 impl Mailer for SmtpMailer {
     async fn send(&self, message: &Outgoing) -> Result<Delivered, SendError> {
         let started = Instant::now();
-        let _permit = self
-            .permits
-            .acquire()
-            .await
-            .expect("the pool semaphore is never closed");
+        let _permit = self.permit().await;
         let busy = self
             .metrics
             .smtp_pool_connections
@@ -413,11 +417,7 @@ impl Mailer for SmtpMailer {
     }
 
     async fn probe(&self) -> Result<(), SendError> {
-        let _permit = self
-            .permits
-            .acquire()
-            .await
-            .expect("the pool semaphore is never closed");
+        let _permit = self.permit().await;
         let (mut connection, _) = self.checkout(false).await?;
         if self.answers_noop(&mut connection).await {
             self.checkin(connection);
