@@ -88,6 +88,20 @@ async fn the_crd_is_accepted_defaults_apply_and_bad_specs_are_refused_clearly() 
     )
     .await
     .expect("a 56-character name is fine");
+    // Label values over 63 bytes are refused on custom resources too, as on any object.
+    let mut labelled = pipeline("labelled", minimal());
+    labelled.metadata.labels = Some([("team".to_string(), "x".repeat(64))].into());
+    match api.create(&PostParams::default(), &labelled).await {
+        Err(kube::Error::Api(e)) => {
+            assert_eq!(e.code, 422);
+            assert!(
+                e.message.contains("must be no more than 63 bytes"),
+                "{}",
+                e.message
+            );
+        }
+        other => panic!("a 64-byte label value was accepted: {other:?}"),
+    }
 
     let mut both = minimal();
     both["source"]["kafka"] = json!({"bootstrapServers": ["kafka:9092"], "topic": "welcome"});

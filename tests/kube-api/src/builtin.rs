@@ -78,31 +78,40 @@ pub fn zero(kind: &Kind) -> Value {
     }
 }
 
+/// Label values over 63 bytes in `labels`.
+fn long_label_values(labels: &Value) -> Vec<String> {
+    labels
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter_map(|(_, v)| v.as_str())
+        .filter(|v| v.len() > 63)
+        .map(str::to_string)
+        .collect()
+}
+
+/// What the real server refuses in any object's metadata, built-in or custom: label values
+/// over 63 bytes (recording 176).
+pub fn metadata_violations(object: &Value) -> Vec<crate::validation::Violation> {
+    long_label_values(&object["metadata"]["labels"])
+        .into_iter()
+        .map(|value| {
+            (
+                "metadata.labels".into(),
+                "FieldValueInvalid",
+                format!("Invalid value: \"{value}\": must be no more than 63 bytes"),
+            )
+        })
+        .collect()
+}
+
 /// Validation of built-in objects: (field, reason, message) per violation.
 pub fn validate(
     kind: &Kind,
     object: &Value,
     old: Option<&Value>,
 ) -> Vec<(String, &'static str, String)> {
-    let mut errors = Vec::new();
-    // Label values are at most 63 bytes on every object (recording 176).
-    let long_values = |labels: &Value| -> Vec<String> {
-        labels
-            .as_object()
-            .into_iter()
-            .flatten()
-            .filter_map(|(_, v)| v.as_str())
-            .filter(|v| v.len() > 63)
-            .map(str::to_string)
-            .collect()
-    };
-    for value in long_values(&object["metadata"]["labels"]) {
-        errors.push((
-            "metadata.labels".into(),
-            "FieldValueInvalid",
-            format!("Invalid value: \"{value}\": must be no more than 63 bytes"),
-        ));
-    }
+    let mut errors = metadata_violations(object);
     match (kind.group.as_str(), kind.plural.as_str()) {
         ("", "services") => {
             // Service names are DNS labels: the real server says so for a dot (173, 175).
@@ -117,7 +126,7 @@ pub fn validate(
         }
         ("apps", "deployments") => {
             let selector = &object["spec"]["selector"];
-            let long = long_values(&selector["matchLabels"]);
+            let long = long_label_values(&selector["matchLabels"]);
             for value in &long {
                 errors.push((
                     "spec.selector.matchLabels".into(),

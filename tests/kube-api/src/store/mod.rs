@@ -382,11 +382,12 @@ impl Store {
         }
         apply_defaults(object, &schema);
         let old_envelope = old.map(crate::validation::strip_envelope);
-        let violations = crate::validation::validate(
+        let mut violations = crate::builtin::metadata_violations(object);
+        violations.extend(crate::validation::validate(
             &crate::validation::strip_envelope(object),
             old_envelope.as_ref(),
             &schema,
-        );
+        ));
         if violations.is_empty() {
             Ok(())
         } else {
