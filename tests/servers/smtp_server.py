@@ -10,12 +10,12 @@ require AUTH, and answers scripted faults so tests can drive the worker's retry 
   {"drop": true} stores the message and cuts the connection before replying to its dot;
 - --delay-ms holds each DATA reply (a slow provider, for shutdown tests).
 
-With --store FILE every accepted message is also appended to FILE as one JSON line, written
-out before the 250 is sent, so a test counting after a kill or a restart misses nothing the
-client was told was accepted.
+Every accepted message is appended to the --store FILE as one JSON line, written out
+before the 250 is sent, so a test counting after a kill or a restart misses nothing the
+client was told was accepted; tests read that file.
 
-Control API (HTTP on 127.0.0.1): GET /messages (JSON list), GET /count,
-POST /fault {"code": 451, "text": "..."}, DELETE /fault.
+Control API (HTTP on 127.0.0.1): POST /fault {"code": 451, "text": "..."} or
+{"drop": true}, DELETE /fault.
 On start it prints one JSON line: {"smtp_port": N, "control_port": M}.
 """
 import argparse
@@ -29,7 +29,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
 LOCK = threading.Lock()
-MESSAGES = []
 DEFERRED = set()
 FAULT = {"code": None, "text": "", "drop": False}
 
@@ -63,10 +62,8 @@ class Handler:
                     "rcpt_tos": list(envelope.rcpt_tos),
                     "data": envelope.content.decode("utf-8", "replace"),
                 }
-                MESSAGES.append(message)
-                if self.store:
-                    self.store.write(json.dumps(message) + "\n")
-                    self.store.flush()
+                self.store.write(json.dumps(message) + "\n")
+                self.store.flush()
         if code is not None:
             return f"{code} {text}"
         if drop:
@@ -99,14 +96,6 @@ class Control(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def do_GET(self):
-        with LOCK:
-            if self.path == "/messages":
-                return self.reply(200, MESSAGES)
-            if self.path == "/count":
-                return self.reply(200, {"count": len(MESSAGES)})
-        self.reply(404, {"error": "not found"})
-
     def do_POST(self):
         if self.path != "/fault":
             return self.reply(404, {"error": "not found"})
@@ -133,7 +122,7 @@ async def main():
     parser.add_argument("--key")
     parser.add_argument("--auth", help="user:password; AUTH is then required")
     parser.add_argument("--delay-ms", type=int, default=0)
-    parser.add_argument("--store", help="append each accepted message to this file")
+    parser.add_argument("--store", required=True, help="append each accepted message to this file")
     args = parser.parse_args()
 
     context = None
@@ -145,7 +134,7 @@ async def main():
         user, password = args.auth.split(":", 1)
         authenticator = Authenticator(user, password)
 
-    store = open(args.store, "a", encoding="utf-8") if args.store else None
+    store = open(args.store, "a", encoding="utf-8")
 
     def factory():
         options = dict(hostname="mailpipe-test-smtp", data_size_limit=10 * 1024 * 1024)
