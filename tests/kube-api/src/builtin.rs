@@ -20,6 +20,14 @@ pub fn default(kind: &Kind, object: &mut Value, creating: bool, next_ip: &mut u3
                 "conversion",
                 json!({"strategy": "None"}),
             );
+            // names.listKind defaults to the kind + "List" (recording 148).
+            if let Some(kind) = object["spec"]["names"]["kind"].as_str().map(str::to_string) {
+                insert_absent(
+                    entry(entry(object, "spec"), "names"),
+                    "listKind",
+                    json!(format!("{kind}List")),
+                );
+            }
         }
         ("policy", "poddisruptionbudgets") if creating => {
             object.as_object_mut().map(|o| {

@@ -15,6 +15,9 @@ pub struct ApiError {
     pub message: String,
     /// `details`, when the real server sends them.
     pub details: Option<Value>,
+    /// `Warning` headers the request earned before it failed (a CRD's unknown formats are
+    /// reported on a 409 too).
+    pub warnings: Vec<String>,
 }
 
 fn details(kind: &Kind, name: &str) -> Value {
@@ -32,7 +35,30 @@ impl ApiError {
             reason,
             message,
             details,
+            warnings: Vec::new(),
         }
+    }
+
+    /// The same error, with the warnings the request earned on its way.
+    pub fn with_warnings(mut self, warnings: Vec<String>) -> ApiError {
+        self.warnings = warnings;
+        self
+    }
+
+    /// 500 from server-side apply when the applied object has a field the schema does not
+    /// declare: no reason, no details, whatever `fieldValidation` says (recordings
+    /// 162-165). `namespace` is empty in the message, as the real server prints it.
+    pub fn typed_patch(kind: &Kind, name: &str, field: &str) -> ApiError {
+        ApiError::new(
+            500,
+            "",
+            format!(
+                "failed to create typed patch object (/{name}; {}, Kind={}): .{field}: field not declared in schema",
+                kind.api_version(),
+                kind.kind
+            ),
+            None,
+        )
     }
 
     /// 404 for an object.
@@ -49,7 +75,7 @@ impl ApiError {
 
     /// Whether this error is the plain-text 404 page.
     pub fn is_page(&self) -> bool {
-        self.reason.is_empty()
+        self.reason.is_empty() && self.code == 404
     }
 
     /// 404 for a path the server does not serve.
@@ -256,6 +282,9 @@ impl ApiError {
             "reason": self.reason,
             "code": self.code,
         });
+        if self.reason.is_empty() {
+            status.as_object_mut().expect("an object").remove("reason");
+        }
         if let Some(details) = &self.details {
             status["details"] = details.clone();
         }

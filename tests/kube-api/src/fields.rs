@@ -116,11 +116,21 @@ fn untracked(names: &[&str]) -> bool {
         )
 }
 
+/// An item's value of key field `k`. A key field the item leaves out counts with its
+/// schema default: a port without a protocol is keyed as TCP (recording 179).
+fn key_field(item: &Value, k: &str) -> Option<Value> {
+    match item.get(k) {
+        Some(v) => Some(v.clone()),
+        None if k == "protocol" => Some(json!("TCP")),
+        None => None,
+    }
+}
+
 fn item_key(item: &Value, keys: &[String]) -> String {
     let mut key = Map::new();
     for k in keys {
-        if let Some(v) = item.get(k) {
-            key.insert(k.clone(), v.clone());
+        if let Some(v) = key_field(item, k) {
+            key.insert(k.clone(), v);
         }
     }
     format!("k:{}", Value::Object(key))
@@ -137,7 +147,9 @@ pub fn fields_of(value: &Value, shape: &Shape, dots: bool) -> FieldSet {
 fn collect(value: &Value, shape: &Shape, dots: bool, names: &mut Vec<String>, out: &mut FieldSet) {
     let Some(map) = value.as_object() else { return };
     for (key, child) in map {
-        if child.is_null() {
+        // A custom resource is untyped: a null it stores is a field it sets (`f:kafka`,
+        // recording 167). A built-in object's null is no value at all.
+        if child.is_null() && shape.schema.is_none() {
             continue;
         }
         names.push(key.clone());
@@ -301,7 +313,9 @@ impl Step {
     /// Whether a list item is the one this step names.
     fn names(&self, item: &Value) -> bool {
         match self {
-            Step::Keyed(key) => key.iter().all(|(k, v)| item.get(k) == Some(v)),
+            Step::Keyed(key) => key
+                .iter()
+                .all(|(k, v)| key_field(item, k).as_ref() == Some(v)),
             Step::Member(value) => item == value,
             Step::Itself | Step::Field(_) => false,
         }
@@ -403,7 +417,8 @@ fn merge_at(live: &mut Value, applied: &Value, shape: &Shape, names: &mut Vec<St
             ListType::Map(keys) => {
                 names.push("[]".into());
                 for item in applied {
-                    let matches = |l: &Value| keys.iter().all(|k| l.get(k) == item.get(k));
+                    let matches =
+                        |l: &Value| keys.iter().all(|k| key_field(l, k) == key_field(item, k));
                     match live.iter_mut().find(|l| matches(l)) {
                         Some(existing) => merge_at(existing, item, shape, names),
                         None => live.push(item.clone()),

@@ -78,7 +78,9 @@ pub fn prune(value: &mut Value, schema: &Value, path: &str, root: bool) -> Vec<S
 
 /// Schema violations of `value` at `path`.
 pub fn check(value: &Value, schema: &Value, path: &str, out: &mut Vec<Violation>) {
-    if value.is_null() && schema["nullable"] == true {
+    // A null (nullable or not) passes: the real server keeps `"kafka": null` beside a
+    // valid source and counts it as absent (recordings 166, 167).
+    if value.is_null() {
         return;
     }
     let actual = type_name(value);
@@ -181,7 +183,7 @@ pub fn check(value: &Value, schema: &Value, path: &str, out: &mut Vec<Violation>
                 .flatten()
                 .filter_map(Value::as_str)
             {
-                if !map.contains_key(required) {
+                if map.get(required).is_none_or(Value::is_null) {
                     out.push((
                         join(path, required),
                         "FieldValueRequired",
@@ -218,28 +220,16 @@ pub fn has_rules(schema: &Value) -> bool {
 }
 
 /// Evaluates the `x-kubernetes-validations` rules on `value` (`old` for transition rules,
-/// which are skipped on create). A node whose subtree already has a schema error in
-/// `invalid` is not evaluated; `skipped` then says so.
+/// which are skipped on create).
 pub fn check_rules(
     value: &Value,
     old: Option<&Value>,
     schema: &Value,
     path: &str,
-    invalid: &[String],
-    skipped: &mut bool,
     out: &mut Vec<Violation>,
 ) {
     let rules = schema["x-kubernetes-validations"].as_array();
-    let broken_below = invalid.iter().any(|p| {
-        path.is_empty()
-            || p == path
-            || p.starts_with(&format!("{path}."))
-            || p.starts_with(&format!("{path}["))
-    });
-    if rules.is_some_and(|r| !r.is_empty()) && broken_below {
-        *skipped = true;
-    }
-    for rule in rules.into_iter().flatten().filter(|_| !broken_below) {
+    for rule in rules.into_iter().flatten() {
         let Some(expression) = rule["rule"].as_str() else {
             continue;
         };
@@ -272,31 +262,15 @@ pub fn check_rules(
     let properties = schema["properties"].as_object();
     if let (Value::Object(map), Some(properties)) = (value, properties) {
         for (key, child_schema) in properties {
-            if let Some(child) = map.get(key) {
+            if let Some(child) = map.get(key).filter(|c| !c.is_null()) {
                 let old_child = old.and_then(|o| o.get(key));
-                check_rules(
-                    child,
-                    old_child,
-                    child_schema,
-                    &join(path, key),
-                    invalid,
-                    skipped,
-                    out,
-                );
+                check_rules(child, old_child, child_schema, &join(path, key), out);
             }
         }
     }
     if let (Value::Array(items), Some(item_schema)) = (value, schema.get("items")) {
         for (i, item) in items.iter().enumerate() {
-            check_rules(
-                item,
-                None,
-                item_schema,
-                &format!("{path}[{i}]"),
-                invalid,
-                skipped,
-                out,
-            );
+            check_rules(item, None, item_schema, &format!("{path}[{i}]"), out);
         }
     }
 }
@@ -305,11 +279,11 @@ fn evaluate(expression: &str, value: &Value, old: Option<&Value>) -> Result<bool
     let program = Program::compile(expression).map_err(|e| e.to_string())?;
     let mut context = Context::default();
     context
-        .add_variable("self", value.clone())
+        .add_variable("self", without_nulls(value))
         .map_err(|e| e.to_string())?;
     if let Some(old) = old {
         context
-            .add_variable("oldSelf", old.clone())
+            .add_variable("oldSelf", without_nulls(old))
             .map_err(|e| e.to_string())?;
     }
     match program.execute(&context).map_err(|e| e.to_string())? {
@@ -318,21 +292,49 @@ fn evaluate(expression: &str, value: &Value, old: Option<&Value>) -> Result<bool
     }
 }
 
-/// Every violation of a custom resource: the schema's, then the CEL rules' of every node
-/// whose subtree passed the schema; when a rule was skipped for a schema error below it,
-/// one `<nil>` cause says so, as on the real server.
+/// `value` as CEL sees it: a field set to null is absent (`has()` is false).
+fn without_nulls(value: &Value) -> Value {
+    match value {
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .filter(|(_, v)| !v.is_null())
+                .map(|(k, v)| (k.clone(), without_nulls(v)))
+                .collect(),
+        ),
+        Value::Array(items) => Value::Array(items.iter().map(without_nulls).collect()),
+        other => other.clone(),
+    }
+}
+
+/// Every violation of a custom resource: the schema's, then the CEL rules' unless a schema
+/// violation blocks them (a wrong type, a missing required field, a value not in the enum,
+/// too long, too many), in which case one `<nil>` cause says they were not checked, as the
+/// real server's `hasBlockingErr` does (recordings 158-161). Violations that do not block
+/// (a maximum, a pattern) leave the rules running.
 pub fn validate(object: &Value, old: Option<&Value>, schema: &Value) -> Vec<Violation> {
     let mut out = Vec::new();
     check(object, schema, "", &mut out);
-    let invalid: Vec<String> = out.iter().map(|(field, _, _)| field.clone()).collect();
-    let mut skipped = false;
-    check_rules(object, old, schema, "", &invalid, &mut skipped, &mut out);
-    if skipped {
+    if !has_rules(schema) {
+        return out;
+    }
+    let blocking = out.iter().any(|(_, reason, _)| {
+        matches!(
+            *reason,
+            "FieldValueNotSupported"
+                | "FieldValueRequired"
+                | "FieldValueTooLong"
+                | "FieldValueTooMany"
+                | "FieldValueTypeInvalid"
+        )
+    });
+    if blocking {
         out.push((
             "<nil>".into(),
             "FieldValueInvalid",
             "Invalid value: null: some validation rules were not checked because the object was invalid; correct the existing errors to complete validation".into(),
         ));
+    } else {
+        check_rules(object, old, schema, "", &mut out);
     }
     out
 }
@@ -455,24 +457,35 @@ mod tests {
             .iter()
             .any(|(f, r, _)| f == "spec.source" && *r == "FieldValueRequired"));
         assert!(
-            !found.iter().any(|(f, _, _)| f == "<nil>"),
-            "no rule had a broken subtree"
+            found.iter().any(|(f, _, _)| f == "<nil>"),
+            "a missing required field and a bad enum value block the rules"
         );
     }
 
     #[test]
-    fn rules_over_a_broken_subtree_are_reported_as_not_checked() {
+    fn a_blocking_violation_skips_every_rule_and_says_so() {
         let object = json!({"spec": {"source": {"rabbitmq": 5}, "scaling": {"min": 5, "max": 1}}});
         let found = validate(&object, None, &schema());
         let fields: Vec<&str> = found.iter().map(|(f, _, _)| f.as_str()).collect();
-        assert!(fields.contains(&"spec.source.rabbitmq"), "{fields:?}");
-        assert!(
-            fields.contains(&"<nil>"),
-            "the source rule was skipped: {fields:?}"
-        );
-        assert!(
-            fields.contains(&"spec.scaling"),
-            "the scaling rule still ran: {fields:?}"
+        assert_eq!(fields, vec!["spec.source.rabbitmq", "<nil>"]);
+    }
+
+    #[test]
+    fn a_violation_that_does_not_block_leaves_the_rules_running() {
+        let object = json!({"spec": {"replicas": 100, "source": {"kafka": {}}, "scaling": {"min": 5, "max": 1}}});
+        let found = validate(&object, None, &schema());
+        let fields: Vec<&str> = found.iter().map(|(f, _, _)| f.as_str()).collect();
+        assert_eq!(fields, vec!["spec.replicas", "spec.scaling"]);
+    }
+
+    #[test]
+    fn a_null_field_passes_the_schema_and_is_absent_for_the_rules() {
+        let object = json!({"spec": {"source": {"rabbitmq": {}, "kafka": null}}});
+        assert!(validate(&object, None, &schema()).is_empty());
+        let missing = json!({"spec": {"source": null}});
+        assert_eq!(
+            validate(&missing, None, &schema())[0].1,
+            "FieldValueRequired"
         );
     }
 

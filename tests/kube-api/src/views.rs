@@ -238,21 +238,42 @@ pub fn json_path<'a>(object: &'a Value, path: &str) -> Option<&'a Value> {
 const NAME_DESCRIPTION: &str = "Name must be unique within a namespace. Is required when creating resources, although some resources may allow a client to request the generation of an appropriate name automatically. Name is primarily intended for creation idempotence and configuration definition. Cannot be updated. More info: https://kubernetes.io/docs/concepts/overview/working-with-objects/names#names";
 
 fn age(object: &Value) -> Value {
-    let created = object["metadata"]["creationTimestamp"]
-        .as_str()
-        .unwrap_or("");
-    let Ok(created) = chrono::DateTime::parse_from_rfc3339(created) else {
+    relative_age(&object["metadata"]["creationTimestamp"])
+}
+
+/// A timestamp as the real server's tables print it: the time since, in its short form
+/// (`2s`, `5m30s`, `3h`, `2d4h`).
+fn relative_age(timestamp: &Value) -> Value {
+    let Ok(then) = chrono::DateTime::parse_from_rfc3339(timestamp.as_str().unwrap_or("")) else {
         return Value::Null;
     };
-    let seconds = (chrono::Utc::now() - created.with_timezone(&chrono::Utc))
-        .num_seconds()
-        .max(0);
-    json!(match seconds {
+    let seconds = (chrono::Utc::now() - then.with_timezone(&chrono::Utc)).num_seconds();
+    json!(human_duration(seconds))
+}
+
+/// apimachinery's `duration.HumanDuration`.
+fn human_duration(seconds: i64) -> String {
+    let with = |big: i64, unit: &str, small: i64, small_unit: &str| {
+        if small == 0 {
+            format!("{big}{unit}")
+        } else {
+            format!("{big}{unit}{small}{small_unit}")
+        }
+    };
+    let (minutes, hours) = (seconds / 60, seconds / 3600);
+    match seconds {
+        s if s < -1 => "<invalid>".into(),
+        s if s < 0 => "0s".into(),
         s if s < 120 => format!("{s}s"),
-        s if s < 7200 => format!("{}m", s / 60),
-        s if s < 172_800 => format!("{}h", s / 3600),
-        s => format!("{}d", s / 86_400),
-    })
+        _ if minutes < 10 => with(minutes, "m", seconds % 60, "s"),
+        _ if minutes < 180 => format!("{minutes}m"),
+        _ if hours < 8 => with(hours, "h", minutes % 60, "m"),
+        _ if hours < 48 => format!("{hours}h"),
+        _ if hours < 24 * 8 => with(hours / 24, "d", hours % 24, "h"),
+        _ if hours < 24 * 365 * 2 => format!("{}d", hours / 24),
+        _ if hours < 24 * 365 * 8 => with(hours / 24 / 365, "y", (hours / 24) % 365, "d"),
+        _ => format!("{}y", hours / 24 / 365),
+    }
 }
 
 const AGE_DESCRIPTION: &str = "CreationTimestamp is a timestamp representing the server time when this object was created. It is not guaranteed to be set in happens-before order across separate operations. Clients may not set this value. It is represented in RFC3339 form and is in UTC.\n\nPopulated by the system. Read-only. Null for lists. More info: https://git.k8s.io/community/contributors/devel/sig-architecture/api-conventions.md#metadata";
@@ -279,6 +300,14 @@ fn builtin_columns(kind: &Kind) -> Option<Vec<Column>> {
             ("Selector", "Label selector for pods. Existing ReplicaSets whose pods are selected by this will be the ones affected by this deployment. It must match the pod template's labels.", 1,
                 |d| json!(selector_text(&d["spec"]["selector"]))),
         ]),
+        ("", "namespaces") => Some(vec![
+            ("Status", "The status of the namespace", 0, |n| n["status"]["phase"].clone()),
+            ("Age", AGE_DESCRIPTION, 0, age),
+        ]),
+        ("", "endpoints") => Some(vec![
+            ("Endpoints", "The set of all endpoints is the union of all subsets. Addresses are placed into subsets according to the IPs they share. A single address with multiple ports, some of which are ready and some of which are not (because they come from different containers) will result in the address being displayed in different subsets for the different ports. No address will appear in both Addresses and NotReadyAddresses in the same subset. Sets of addresses and ports that comprise a service.", 0, endpoints),
+            ("Age", AGE_DESCRIPTION, 0, age),
+        ]),
         // `kubectl get events` (not recorded; the columns of the real server's printer).
         ("", "events") => Some(vec![
             ("Last Seen", "Time of the last occurrence.", 0, |e| {
@@ -303,6 +332,28 @@ fn builtin_columns(kind: &Kind) -> Option<Vec<Column>> {
         ]),
         _ => None,
     }
+}
+
+/// The Endpoints column: `ip:port` of ready addresses, three at most, then how many more.
+fn endpoints(object: &Value) -> Value {
+    let mut all = Vec::new();
+    for subset in object["subsets"].as_array().into_iter().flatten() {
+        for address in subset["addresses"].as_array().into_iter().flatten() {
+            let ip = address["ip"].as_str().unwrap_or("");
+            let ports = subset["ports"].as_array().cloned().unwrap_or_default();
+            if ports.is_empty() {
+                all.push(ip.to_string());
+            }
+            for port in ports {
+                all.push(format!("{ip}:{}", port["port"]));
+            }
+        }
+    }
+    json!(match all.len() {
+        0 => "<none>".to_string(),
+        n if n <= 3 => all.join(","),
+        n => format!("{} + {} more...", all[..3].join(","), n - 3),
+    })
 }
 
 fn containers(deployment: &Value, field: &str) -> Value {
@@ -398,7 +449,9 @@ pub fn table(kind: &Kind, objects: &[Value], resource_version: u64) -> Value {
         .map(|object| {
             let mut cells = vec![object["metadata"]["name"].clone()];
             for column in &printer {
-                cells.push(json_path(object, column["jsonPath"].as_str().unwrap_or("")).cloned().unwrap_or(Value::Null));
+                let value = json_path(object, column["jsonPath"].as_str().unwrap_or("")).cloned().unwrap_or(Value::Null);
+                // A `date` column prints the time since (recording 171).
+                cells.push(if column["type"] == "date" && !value.is_null() { relative_age(&value) } else { value });
             }
             if printer.is_empty() {
                 cells.push(age(object));

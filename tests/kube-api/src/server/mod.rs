@@ -59,7 +59,8 @@ impl IntoResponse for ApiError {
                 .body(axum::body::Body::from(self.message))
                 .expect("a valid response");
         }
-        json_response(self.code, &self.body())
+        let warnings = self.warnings.clone();
+        with_warnings(json_response(self.code, &self.body()), warnings)
     }
 }
 
@@ -115,10 +116,30 @@ pub async fn handle(
         manager: &manager,
         body: &body,
     };
-    match route(&store, &request).await {
+    let response = match route(&store, &request).await {
         Ok(response) => response,
         Err(error) => error.into_response(),
+    };
+    if serves_endpoints(uri.path()) {
+        // Every answer about v1 Endpoints carries the deprecation (recording 156).
+        return with_warnings(
+            response,
+            vec![
+                "v1 Endpoints is deprecated in v1.33+; use discovery.k8s.io/v1 EndpointSlice"
+                    .into(),
+            ],
+        );
     }
+    response
+}
+
+/// Whether `path` is about core v1 Endpoints (a list, a namespace's, or one object).
+fn serves_endpoints(path: &str) -> bool {
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    matches!(
+        segments.as_slice(),
+        ["api", "v1", "endpoints"] | ["api", "v1", "namespaces", _, "endpoints", ..]
+    )
 }
 
 /// What a handler needs of a request.
@@ -243,13 +264,15 @@ async fn route(store: &Shared, request: &Request<'_>) -> Result<Response, ApiErr
             let object = parse_json(body)?;
             let namespace = target.namespace.clone().unwrap_or_default();
             let mut guard = begin(store, field_validation);
-            let created = guard.create(
-                &target.kind,
-                &namespace,
-                object,
-                dry_run,
-                Writer::Update(manager.to_string()),
-            )?;
+            let created = guard
+                .create(
+                    &target.kind,
+                    &namespace,
+                    object,
+                    dry_run,
+                    Writer::Update(manager.to_string()),
+                )
+                .map_err(|e| e.with_warnings(guard.take_warnings()))?;
             Ok(with_warnings(
                 json_response(201, &created),
                 guard.take_warnings(),

@@ -51,6 +51,7 @@ impl Store {
                 .collect()
         };
         let mut work: Vec<Gc> = Vec::new();
+        let mut namespace_passes: Vec<(ObjectKey, Vec<Value>, bool)> = Vec::new();
         // The namespace controller: a terminating namespace loses its content, then goes.
         // The CRD finalizer controller: a terminating CRD loses its custom resources, then
         // its kinds stop being served, then it goes.
@@ -82,6 +83,38 @@ impl Store {
                 .is_none_or(|deadline| std::time::Instant::now() >= *deadline);
             if contents.is_empty() && due {
                 work.push(Gc::Finish(key.clone()));
+            }
+            if key.plural == "namespaces" {
+                if due && !contents.is_empty() {
+                    // The namespace controller: built-in objects first (the Secrets a
+                    // pipeline names are gone before the pipeline is marked, recording
+                    // 193), custom resources on a later pass.
+                    let custom = |k: &ObjectKey| {
+                        self.kinds.iter().any(|kind| {
+                            kind.custom && kind.group == k.group && kind.plural == k.plural
+                        })
+                    };
+                    let builtin: Vec<&ObjectKey> = contents
+                        .iter()
+                        .filter(|(k, o)| !custom(k) && !terminating(o))
+                        .map(|(k, _)| *k)
+                        .collect();
+                    let later: Vec<&ObjectKey> = contents
+                        .iter()
+                        .filter(|(k, o)| custom(k) && !terminating(o))
+                        .map(|(k, _)| *k)
+                        .collect();
+                    let remaining: Vec<Value> =
+                        contents.iter().map(|(_, o)| (*o).clone()).collect();
+                    if !builtin.is_empty() {
+                        work.extend(builtin.into_iter().cloned().map(Gc::Delete));
+                    } else {
+                        work.extend(later.into_iter().cloned().map(Gc::Delete));
+                    }
+                    let has_conditions = object["status"]["conditions"].is_array();
+                    namespace_passes.push((key.clone(), remaining, has_conditions));
+                }
+                continue;
             }
             for (content, o) in contents {
                 if !terminating(o) {
@@ -124,7 +157,39 @@ impl Store {
                 work.push(Gc::Delete(key.clone()));
             }
         }
-        let changed = !work.is_empty();
+        let mut changed = !work.is_empty();
+        for (key, remaining, has_conditions) in namespace_passes {
+            // Another pass after a short wait, as the real controller requeues.
+            self.namespace_deadlines.insert(
+                key.clone(),
+                std::time::Instant::now() + std::time::Duration::from_millis(200),
+            );
+            let held: Vec<&Value> = remaining.iter().filter(|o| terminating(o)).collect();
+            if held.len() < remaining.len() || has_conditions {
+                continue;
+            }
+            // Everything left waits for finalizers: the controller says so in conditions.
+            changed = true;
+            let conditions = namespace_conditions(&remaining, &self.kinds);
+            if let Some(kind) = self
+                .kinds
+                .iter()
+                .find(|k| k.group.is_empty() && k.plural == "namespaces")
+                .cloned()
+            {
+                let _ = self.patch(
+                    &kind,
+                    "",
+                    &key.name,
+                    Part::Status,
+                    Writer::Update("kube-controller-manager".into()),
+                    |o| {
+                        o["status"]["conditions"] = conditions.clone();
+                        Ok(())
+                    },
+                );
+            }
+        }
         for step in work {
             let Some(kind) = self.kinds.iter().find(|k| {
                 let key = match &step {
@@ -210,4 +275,50 @@ impl Store {
         }
         changed
     }
+}
+
+/// The conditions the namespace controller writes while content waits for finalizers
+/// (recordings 193, 194).
+fn namespace_conditions(remaining: &[Value], kinds: &[crate::registry::Kind]) -> Value {
+    let mut resources: std::collections::BTreeMap<String, usize> = Default::default();
+    let mut held: std::collections::BTreeMap<String, usize> = Default::default();
+    for object in remaining {
+        let api_version = object["apiVersion"].as_str().unwrap_or("");
+        let group = api_version.rsplit_once('/').map(|(g, _)| g).unwrap_or("");
+        let kind = object["kind"].as_str().unwrap_or("");
+        let plural = kinds
+            .iter()
+            .find(|k| k.group == group && k.kind == kind)
+            .map(|k| k.plural.clone())
+            .unwrap_or_default();
+        let resource = if group.is_empty() {
+            plural
+        } else {
+            format!("{plural}.{group}")
+        };
+        *resources.entry(resource).or_default() += 1;
+        for finalizer in finalizers(object) {
+            *held.entry(finalizer).or_default() += 1;
+        }
+    }
+    let list = |counts: &std::collections::BTreeMap<String, usize>, how: &str| {
+        counts
+            .iter()
+            .map(|(name, n)| format!("{name} {how} {n} resource instances"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let at = now();
+    json!([
+        {"type": "NamespaceDeletionDiscoveryFailure", "status": "False", "lastTransitionTime": at,
+         "reason": "ResourcesDiscovered", "message": "All resources successfully discovered"},
+        {"type": "NamespaceDeletionGroupVersionParsingFailure", "status": "False", "lastTransitionTime": at,
+         "reason": "ParsedGroupVersions", "message": "All legacy kube types successfully parsed"},
+        {"type": "NamespaceDeletionContentFailure", "status": "False", "lastTransitionTime": at,
+         "reason": "ContentDeleted", "message": "All content successfully deleted, may be waiting on finalization"},
+        {"type": "NamespaceContentRemaining", "status": "True", "lastTransitionTime": at,
+         "reason": "SomeResourcesRemain", "message": format!("Some resources are remaining: {}", list(&resources, "has"))},
+        {"type": "NamespaceFinalizersRemaining", "status": "True", "lastTransitionTime": at,
+         "reason": "SomeFinalizersRemain", "message": format!("Some content in the namespace has finalizers remaining: {}", list(&held, "in"))},
+    ])
 }

@@ -112,6 +112,14 @@ pub(super) fn record_update(
         .as_array()
         .cloned()
         .unwrap_or_default();
+    // A write through /scale records its manager only when somebody owned the replicas
+    // before; otherwise they stay unowned (recordings 180, 181, 184, 185).
+    let unowned_scale = part == Part::Scale
+        && !changed.iter().any(|leaf| {
+            entries
+                .iter()
+                .any(|e| fields::contains(&entry_set(e), leaf))
+        });
     for entry in entries.iter_mut() {
         let mut set = entry_set(entry);
         let before = set.clone();
@@ -127,7 +135,7 @@ pub(super) fn record_update(
             entry["fieldsV1"] = Value::Object(set);
         }
     }
-    if !changed.is_empty() {
+    if !changed.is_empty() && !unowned_scale {
         match entries
             .iter_mut()
             .find(|e| entry_matches(e, manager, "Update", part))

@@ -213,7 +213,12 @@ pub fn apply_defaults(value: &mut Value, schema: &Value) {
         Value::Object(map) => {
             if let Some(properties) = schema["properties"].as_object() {
                 for (name, property) in properties {
-                    if !map.contains_key(name) {
+                    // A null where the schema is not nullable is dropped before defaulting
+                    // when the field has a default; without one it is kept (recording 167).
+                    let null_with_default = map.get(name).is_some_and(Value::is_null)
+                        && property["nullable"] != true
+                        && property.get("default").is_some();
+                    if !map.contains_key(name) || null_with_default {
                         if let Some(default) = property.get("default") {
                             map.insert(name.clone(), default.clone());
                         }
@@ -339,6 +344,7 @@ impl Store {
         object: &mut Value,
         old: Option<&Value>,
     ) -> Result<(), ApiError> {
+        integral_numbers(object);
         let Some(schema) = kind.schema.clone() else {
             if kind.plural == "customresourcedefinitions" && old.is_some() {
                 let warnings = crate::validation::crd_format_warnings(object, old);
@@ -381,6 +387,7 @@ impl Store {
             }
         }
         apply_defaults(object, &schema);
+        integral_numbers(object);
         let old_envelope = old.map(crate::validation::strip_envelope);
         let mut violations = crate::builtin::metadata_violations(object);
         violations.extend(crate::validation::validate(
@@ -576,5 +583,20 @@ impl Store {
                     && crd["spec"]["names"]["plural"] == kind.plural.as_str()
             })
             .map(|(_, crd)| crd.clone())
+    }
+}
+
+/// Objects are stored as JSON whose writer prints a float with no fraction as an integer
+/// (`2.0` reads back as `2`: a custom resource in recording 157, a CRD's defaults in 148).
+pub(crate) fn integral_numbers(value: &mut Value) {
+    match value {
+        Value::Number(n) if !n.is_i64() && !n.is_u64() => {
+            if let Some(f) = n.as_f64().filter(|f| f.fract() == 0.0 && f.abs() < 9.0e15) {
+                *value = Value::from(f as i64);
+            }
+        }
+        Value::Object(map) => map.values_mut().for_each(integral_numbers),
+        Value::Array(items) => items.iter_mut().for_each(integral_numbers),
+        _ => {}
     }
 }

@@ -321,7 +321,9 @@ impl Store {
             }
         }
         let key = Store::key(kind, namespace, name);
-        if terminating && finalizers(&new).is_empty() {
+        // A namespace is held by its spec.finalizers until its controller finishes it.
+        let namespace = kind.group.is_empty() && kind.plural == "namespaces";
+        if terminating && finalizers(&new).is_empty() && !namespace {
             return Ok(self.commit(key, ChangeType::Deleted, new, Some(old)));
         }
         let mut unchanged = new.clone();
@@ -329,11 +331,9 @@ impl Store {
             "resourceVersion".into(),
             old["metadata"]["resourceVersion"].clone(),
         );
-        // Only a change of the object itself is a write; managedFields follow it.
-        let mut before = old.clone();
-        meta(&mut unchanged).remove("managedFields");
-        meta(&mut before).remove("managedFields");
-        if unchanged == before {
+        // A write that changes neither the object nor who owns what is no write (an
+        // apply that adds a manager's entry is one: recording 182).
+        if unchanged == old {
             return Ok(old);
         }
         Ok(self.commit(key, ChangeType::Modified, new, Some(old)))
@@ -392,11 +392,11 @@ impl Store {
                 marked["status"]["conditions"] = json!(conditions);
             } else {
                 marked["status"] = json!({"phase": "Terminating"});
-                // The real namespace controller takes seconds (it walks discovery); this
-                // one lets clients see the Terminating phase for half a second.
+                // The real namespace controller acts about 5 s after the DELETE (recording
+                // 193); this one after a second, so clients see the Terminating phase.
                 self.namespace_deadlines.insert(
                     key.clone(),
-                    std::time::Instant::now() + std::time::Duration::from_millis(500),
+                    std::time::Instant::now() + std::time::Duration::from_secs(1),
                 );
             }
             return Ok(Deleted::Marked(self.commit(
