@@ -128,3 +128,33 @@ pub async fn dereference(
         digest: references_digest(values.iter().map(|(k, v)| (k.clone(), v.as_slice()))),
     })
 }
+
+/// The broker connection alone, for cleanup: each value the pipeline's Secrets still hold,
+/// `None` for one whose Secret or key is gone (a namespace being deleted loses its Secrets
+/// first; see `keep`). No digest.
+pub async fn broker_connection(
+    client: &Client,
+    namespace: &str,
+    spec: &EmailPipelineSpec,
+) -> Result<Referenced, kube::Error> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let read = |key: Option<SecretKeyRef>| {
+        let secrets = secrets.clone();
+        async move {
+            let Some(key) = key else { return Ok(None) };
+            let secret = secrets.get_opt(&key.name).await?;
+            Ok::<_, kube::Error>(secret.and_then(|s| {
+                s.data?
+                    .get(&key.key)
+                    .map(|b| String::from_utf8_lossy(&b.0).trim().to_string())
+            }))
+        }
+    };
+    let rabbit = spec.source.rabbitmq.as_ref();
+    Ok(Referenced {
+        amqp_url: read(rabbit.map(|r| r.connection_secret.clone())).await?,
+        amqp_ca: read(rabbit.and_then(|r| r.ca_secret.clone())).await?,
+        management_url: read(rabbit.and_then(|r| r.management_secret.clone())).await?,
+        digest: String::new(),
+    })
+}

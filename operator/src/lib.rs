@@ -4,15 +4,18 @@
 //!
 //! Steps, after Stackable's operators (see `reconcile`): `validate` (pure) -> `dereference`
 //! (client) -> `topology` (broker) -> `build` (pure) -> apply (client) -> `status` (client).
-//! `crd` holds the resource types the CRD is generated from; `controller` wires the watches,
-//! `leader` elects one active replica through a Lease.
+//! `cleanup` deals with a deleted pipeline's topology, `keep` holds the broker connection it
+//! needs; `crd` holds the resource types the CRD is generated from; `controller` wires the
+//! watches, `leader` elects one active replica through a Lease.
 #![forbid(unsafe_code)]
 
 pub mod build;
+pub mod cleanup;
 pub mod controller;
 pub mod crd;
 pub mod dereference;
 pub mod error;
+pub mod keep;
 pub mod leader;
 pub mod metrics;
 pub mod reconcile;

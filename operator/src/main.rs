@@ -10,7 +10,7 @@ use std::time::Duration;
 use axum::routing::get;
 use clap::{Parser, Subcommand, ValueEnum};
 use kube::runtime::events::{Recorder, Reporter};
-use mailpipe_operator::leader::Elector;
+use mailpipe_operator::leader::{Elector, Timing};
 use mailpipe_operator::metrics::Metrics;
 use mailpipe_operator::reconcile::Context;
 use tokio_util::sync::CancellationToken;
@@ -25,7 +25,7 @@ struct Args {
 #[derive(Subcommand)]
 enum Command {
     /// Reconcile EmailPipelines until SIGTERM.
-    Run(Run),
+    Run(Box<Run>),
     /// Print the EmailPipeline CustomResourceDefinition as YAML.
     Crd,
 }
@@ -45,7 +45,8 @@ struct Run {
         default_value = "0.0.0.0:8080"
     )]
     http_addr: SocketAddr,
-    /// Namespace of the leader Lease (default: the pod's namespace).
+    /// The operator's own namespace (default: the pod's): its leader Lease, and the
+    /// broker connections it keeps for the cleanup of `deletionPolicy: Delete` pipelines.
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     lease_namespace: String,
     /// Name of the leader Lease.
@@ -58,9 +59,16 @@ struct Run {
     /// This replica's identity in the Lease (default: the pod name).
     #[arg(long, env = "HOSTNAME", default_value = "mailpipe-operator")]
     identity: String,
-    /// How long a leader holds the Lease without renewing it.
+    /// How long standbys wait, from their last sight of a renewal, before taking the Lease.
     #[arg(long, env = "MAILPIPE_OPERATOR_LEASE_DURATION", default_value = "15s", value_parser = humantime::parse_duration)]
     lease_duration: Duration,
+    /// How long the leader keeps trying to renew before it stops (shorter than the lease
+    /// duration, so it stops before a standby can take over).
+    #[arg(long, env = "MAILPIPE_OPERATOR_RENEW_DEADLINE", default_value = "10s", value_parser = humantime::parse_duration)]
+    renew_deadline: Duration,
+    /// How often candidates try to acquire and the leader renews.
+    #[arg(long, env = "MAILPIPE_OPERATOR_RETRY_PERIOD", default_value = "2s", value_parser = humantime::parse_duration)]
+    retry_period: Duration,
     /// `json` or `text`.
     #[arg(
         long,
@@ -100,7 +108,7 @@ async fn start() -> anyhow::Result<()> {
             print!("{}", mailpipe_operator::crd_yaml());
             Ok(())
         }
-        Command::Run(run) => serve(run).await,
+        Command::Run(run) => serve(*run).await,
     }
 }
 
@@ -116,7 +124,9 @@ async fn serve(run: Run) -> anyhow::Result<()> {
             .init(),
         LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
     }
-    let client = kube::Client::try_default().await?;
+    let timing = Timing::new(run.lease_duration, run.renew_deadline, run.retry_period)
+        .map_err(anyhow::Error::msg)?;
+    let client = kube_client().await?;
     let metrics = Metrics::new();
     let stop = CancellationToken::new();
 
@@ -155,7 +165,7 @@ async fn serve(run: Run) -> anyhow::Result<()> {
         &run.lease_namespace,
         &run.lease_name,
         &run.identity,
-        run.lease_duration,
+        timing,
     );
     tracing::info!(identity = %run.identity, lease = %run.lease_name, "waiting to lead");
     if !elector.acquire(&stop).await {
@@ -181,35 +191,53 @@ async fn serve(run: Run) -> anyhow::Result<()> {
         metrics,
         service_monitors,
         failures: Default::default(),
+        own_namespace: run.lease_namespace.clone(),
+        kept: Default::default(),
     });
-    let lost = CancellationToken::new();
     let work = stop.child_token();
-    {
-        let work = work.clone();
-        let lost = lost.clone();
-        tokio::spawn(async move {
-            lost.cancelled().await;
-            work.cancel();
-        });
-    }
     let namespaces: Vec<Option<String>> = if run.namespaces.is_empty() {
         vec![None]
     } else {
         run.namespaces.iter().cloned().map(Some).collect()
     };
-    let controllers = futures::future::join_all(
-        namespaces
-            .into_iter()
-            .map(|ns| mailpipe_operator::controller::run(ctx.clone(), ns, work.clone())),
-    );
-    tokio::join!(controllers, elector.hold(&work, &lost));
-    if lost.is_cancelled() && !stop.is_cancelled() {
-        // Another replica may be reconciling now: stop at once, the pod restarts as a
-        // candidate.
-        anyhow::bail!("lost the leader lease (the API server was unreachable for longer than the lease, or another replica took over); exiting so that this pod restarts as a candidate");
+    // The Lease is renewed until the controllers have drained after a stop; losing it
+    // stops everything at once (the controllers are dropped mid-work: another replica may
+    // lead within the lease duration, and the renew deadline ends before that).
+    let drained = CancellationToken::new();
+    let controllers = async {
+        futures::future::join_all(
+            namespaces
+                .into_iter()
+                .map(|ns| mailpipe_operator::controller::run(ctx.clone(), ns, work.clone())),
+        )
+        .await;
+        drained.cancel();
+    };
+    tokio::select! {
+        _ = controllers => {}
+        held = elector.hold(&drained) => {
+            if let Err(why) = held {
+                anyhow::bail!("stopped leading: {why}; exiting so that this pod restarts as a candidate");
+            }
+        }
     }
     elector.release().await;
     stop.cancel();
     http.await.ok();
     Ok(())
+}
+
+/// The in-cluster or kubeconfig client, introducing itself as `mailpipe-operator/VERSION`
+/// (the API server names the field manager of non-apply writes after it, and audit logs
+/// show it).
+async fn kube_client() -> anyhow::Result<kube::Client> {
+    let mut config = kube::Config::infer().await?;
+    config.headers.push((
+        axum::http::header::USER_AGENT,
+        axum::http::HeaderValue::from_static(concat!(
+            "mailpipe-operator/",
+            env!("CARGO_PKG_VERSION")
+        )),
+    ));
+    Ok(kube::Client::try_from(config)?)
 }

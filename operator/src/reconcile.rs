@@ -1,9 +1,7 @@
 //! reconcile: orchestration only. Each pipeline goes through named steps:
 //! validate (pure) -> dereference (client) -> ensure topology (broker) -> build children
 //! (pure) -> apply (client) -> observe and update status (client). Deletion goes through
-//! the topology finalizer: `Retain` releases it at once, `Delete` removes the topology
-//! only when every queue is empty, and the release annotation lets an admin let go when
-//! the broker is gone for good.
+//! the topology finalizer (`cleanup`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,7 +9,6 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder};
@@ -22,6 +19,7 @@ use crate::build::{self, Inputs};
 use crate::crd::{DeletionPolicy, EmailPipeline, EmailPipelineStatus};
 use crate::dereference::{dereference, Referenced};
 use crate::error::Error;
+use crate::keep::{Keeper, Kept};
 use crate::metrics::Metrics;
 use crate::status::{self, set_conditions, ConditionUpdate};
 use crate::topology::rabbitmq::RabbitTopology;
@@ -49,6 +47,21 @@ pub struct Context {
     /// Pipelines whose last reconciles failed: how often in a row, and whether the last
     /// failure was in applying the children (at which generation).
     pub failures: Failures,
+    /// The operator's own namespace (its Lease, the kept broker connections).
+    pub own_namespace: String,
+    /// The kept broker connections this process wrote (see `keep`).
+    pub kept: Kept,
+}
+
+impl Context {
+    /// Where Delete pipelines' broker connections are kept for their cleanup.
+    pub fn keeper(&self) -> Keeper<'_> {
+        Keeper {
+            client: &self.client,
+            namespace: &self.own_namespace,
+            kept: &self.kept,
+        }
+    }
 }
 
 /// Consecutive failures per pipeline, for a backoff that grows and for not repeating broker
@@ -118,7 +131,7 @@ pub async fn reconcile(pipeline: Arc<EmailPipeline>, ctx: Arc<Context>) -> Resul
     let result = finalizer(&api, FINALIZER, pipeline, |event| async {
         match event {
             Event::Apply(pipeline) => apply(&api, &pipeline, &ctx).await,
-            Event::Cleanup(pipeline) => cleanup(&api, &pipeline, &ctx).await,
+            Event::Cleanup(pipeline) => crate::cleanup::cleanup(&api, &pipeline, &ctx).await,
         }
     })
     .await
@@ -177,7 +190,7 @@ pub fn error_policy(pipeline: Arc<EmailPipeline>, error: &Error, ctx: Arc<Contex
     Action::requeue(after)
 }
 
-async fn publish(
+pub(crate) async fn publish(
     ctx: &Context,
     pipeline: &EmailPipeline,
     type_: EventType,
@@ -245,7 +258,7 @@ async fn fail(
 }
 
 /// [`fail`] starting from `current` (the pipeline's status with other changes made).
-async fn fail_from(
+pub(crate) async fn fail_from(
     api: &Api<EmailPipeline>,
     pipeline: &EmailPipeline,
     current: EmailPipelineStatus,
@@ -342,7 +355,7 @@ async fn topology_failed(
     Err(error.into())
 }
 
-fn topology_of(
+pub(crate) fn topology_of(
     valid: &ValidatedPipeline,
     referenced: &Referenced,
 ) -> Result<Option<RabbitTopology>, TopologyError> {
@@ -444,6 +457,12 @@ async fn apply(
         };
         &remembered
     };
+    // keep (client required): a Delete pipeline's cleanup must reach the broker even after
+    // its Secrets are gone (a namespace deletion removes them first).
+    match pipeline.spec.deletion_policy {
+        DeletionPolicy::Delete => ctx.keeper().remember(pipeline, &referenced).await?,
+        DeletionPolicy::Retain => ctx.keeper().forget_if_kept(pipeline).await?,
+    }
     ctx.metrics
         .topology_ready
         .with_label_values(&[&namespace, &name])
@@ -595,189 +614,6 @@ async fn apply(
         status::write(api, pipeline, &next).await?;
     }
     Ok(Action::requeue(RESYNC))
-}
-
-async fn cleanup(
-    api: &Api<EmailPipeline>,
-    pipeline: &EmailPipeline,
-    ctx: &Context,
-) -> Result<Action, Error> {
-    let name = pipeline.name_any();
-    let namespace = pipeline.namespace().unwrap_or_default();
-    let release = pipeline
-        .annotations()
-        .get(RELEASE_ANNOTATION)
-        .is_some_and(|v| v == "true");
-    if release || pipeline.spec.deletion_policy == DeletionPolicy::Retain {
-        if release {
-            publish(
-                ctx,
-                pipeline,
-                EventType::Warning,
-                "FinalizerReleased",
-                format!("{RELEASE_ANNOTATION} is set: the broker topology was left as it is"),
-            )
-            .await;
-        }
-        ctx.metrics.forget(&namespace, &name);
-        return Ok(Action::await_change());
-    }
-    let waiting = |reason: &str, message: String, stopped_at: Option<Time>| {
-        let api = api.clone();
-        let reason = reason.to_string();
-        async move {
-            let message = format!("{message}; deleting the pipeline waits (set the annotation {RELEASE_ANNOTATION}=true to keep the topology and finish)");
-            let mut current = pipeline.status.clone().unwrap_or_default();
-            current.workers_stopped_at = stopped_at;
-            fail_from(
-                &api,
-                pipeline,
-                current,
-                ctx,
-                "TopologyReady",
-                &reason,
-                message.clone(),
-            )
-            .await?;
-            Err::<Action, Error>(Error::Waiting(message))
-        }
-    };
-    let stopped_at = pipeline
-        .status
-        .as_ref()
-        .and_then(|s| s.workers_stopped_at.clone());
-    // Never declared (an invalid spec, a missing Secret from the start): nothing on the
-    // broker is this pipeline's, and nothing holds the deletion.
-    let declared = pipeline
-        .status
-        .as_ref()
-        .is_some_and(|s| s.topology_declared == Some(true))
-        || status::is_true(pipeline.status.as_ref(), "TopologyReady");
-    if !declared {
-        publish(
-            ctx,
-            pipeline,
-            EventType::Normal,
-            "NothingToDelete",
-            "the pipeline never had a topology on the broker; nothing to delete".into(),
-        )
-        .await;
-        ctx.metrics.forget(&namespace, &name);
-        return Ok(Action::await_change());
-    }
-    // A pipeline whose spec or references are broken never got a topology from this
-    // generation's spec; the release annotation is the way out when it did earlier.
-    let valid = match validate(&name, &namespace, &pipeline.spec) {
-        Ok(valid) => valid,
-        Err(invalid) => return waiting("InvalidSpec", invalid.to_string(), stopped_at).await,
-    };
-    let referenced = match dereference(&ctx.client, &namespace, &pipeline.spec).await {
-        Ok(referenced) => referenced,
-        Err(Error::MissingReference(message)) => {
-            return waiting("MissingReference", message, stopped_at).await
-        }
-        Err(other) => return Err(other),
-    };
-    let topology = match topology_of(&valid, &referenced) {
-        Ok(topology) => topology,
-        Err(error) => return waiting(error.category(), error.to_string(), stopped_at).await,
-    };
-    let Some(topology) = topology else {
-        ctx.metrics.forget(&namespace, &name);
-        return Ok(Action::await_change());
-    };
-    // The deletion protocol: no job may be dropped, waiting in the work queue, in flight at
-    // a worker, or waiting out a retry delay.
-    let census = match topology.census().await {
-        Ok(census) => census,
-        Err(error) => return waiting(error.category(), error.to_string(), stopped_at).await,
-    };
-    // 1. Dead letters wait for a person: nothing changes until they are dealt with.
-    if let Some((queue, jobs)) = census.dead_letters() {
-        return waiting(
-            "QueueNotEmpty",
-            format!("dead-letter queue {queue} holds {jobs} jobs; redrive or purge them"),
-            stopped_at,
-        )
-        .await;
-    }
-    // 2. No new jobs from the producers' exchange.
-    if let Err(error) = topology.stop_intake().await {
-        return waiting(error.category(), error.to_string(), stopped_at).await;
-    }
-    let workers = build::worker_name(&valid);
-    // 3. Jobs left: the workers (back, if they were stopped) drain them.
-    if let Some((queue, jobs)) = census.first_non_empty() {
-        if stopped_at.is_some() {
-            scale_workers(ctx, &namespace, &workers, 1).await?;
-        }
-        return waiting(
-            "QueueNotEmpty",
-            format!("queue {queue} still holds {jobs} jobs"),
-            None,
-        )
-        .await;
-    }
-    // 4. Every queue empty: stop the workers, and wait until none can still hold a job
-    //    (no consumer, and the grace period of the last one to stop has passed).
-    let now = status::now();
-    let stopped_at = match stopped_at {
-        Some(at) => at,
-        None => {
-            scale_workers(ctx, &namespace, &workers, 0).await?;
-            now.clone()
-        }
-    };
-    let grace = valid.shutdown_timeout + Duration::from_secs(10);
-    let stopped_for = now.0.as_second() - stopped_at.0.as_second();
-    if census.consumers > 0 || stopped_for < grace.as_secs() as i64 {
-        return waiting(
-            "WorkersStopping",
-            format!(
-                "every queue is empty; waiting for the workers to stop ({} still consuming) before deleting the queues",
-                census.consumers
-            ),
-            Some(stopped_at),
-        )
-        .await;
-    }
-    // 5. Nothing anywhere and no one to hold it: remove.
-    match topology.remove().await {
-        Ok(()) => {
-            publish(
-                ctx,
-                pipeline,
-                EventType::Normal,
-                "TopologyDeleted",
-                format!("the topology of {} is deleted", valid.source_label()),
-            )
-            .await;
-            ctx.metrics.forget(&namespace, &name);
-            Ok(Action::await_change())
-        }
-        // The broker may be gone for good: say how to let go.
-        Err(error) => waiting(error.category(), error.to_string(), Some(stopped_at)).await,
-    }
-}
-
-/// Sets the worker Deployment's replicas through `/scale` (a missing Deployment is fine:
-/// there is nothing to stop).
-async fn scale_workers(
-    ctx: &Context,
-    namespace: &str,
-    name: &str,
-    replicas: i32,
-) -> Result<(), Error> {
-    let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), namespace);
-    let patch = serde_json::json!({"spec": {"replicas": replicas}});
-    match api
-        .patch_scale(name, &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-    {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(response)) if response.code == 404 => Ok(()),
-        Err(other) => Err(other.into()),
-    }
 }
 
 #[cfg(test)]

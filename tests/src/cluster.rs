@@ -119,27 +119,51 @@ impl Cluster {
             .await
     }
 
-    /// Starts an operator replica named `identity` (its Lease is held 3 s).
+    /// Starts an operator replica named `identity`, with a short Lease (3 s, renewed
+    /// within 2 s, retried every 0.5 s) so hand-overs take seconds in tests.
     pub fn operator(&self, identity: &str) -> Operator {
+        self.operator_with(
+            identity,
+            &[
+                "--lease-duration",
+                "3s",
+                "--renew-deadline",
+                "2s",
+                "--retry-period",
+                "500ms",
+            ],
+            None,
+        )
+    }
+
+    /// Starts an operator replica named `identity` with `args` added (the Lease timing is
+    /// the defaults unless they say otherwise); with `api_port`, it reaches the API server
+    /// through that port (a fault proxy in front of it).
+    pub fn operator_with(&self, identity: &str, args: &[&str], api_port: Option<u16>) -> Operator {
         let port = free_port();
+        let kubeconfig = match api_port {
+            None => self.kubeconfig.clone(),
+            Some(api_port) => {
+                let path = self.dir.path().join(format!("kubeconfig-{identity}"));
+                std::fs::write(
+                    &path,
+                    mailpipe_kube_api::kubeconfig(&format!("http://127.0.0.1:{api_port}")),
+                )
+                .expect("kubeconfig");
+                path
+            }
+        };
         let mut command = Command::new(built_binary("mailpipe-operator", "MAILPIPE_OPERATOR_BIN"));
         command
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("KUBECONFIG", &self.kubeconfig)
+            .env("KUBECONFIG", &kubeconfig)
             .env(
                 "MAILPIPE_OPERATOR_LOG",
                 "info,mailpipe_operator=debug,kube=warn",
             )
-            .args([
-                "run",
-                "--identity",
-                identity,
-                "--lease-duration",
-                "3s",
-                "--log-format",
-                "text",
-            ])
+            .args(["run", "--identity", identity, "--log-format", "text"])
+            .args(args)
             .args(["--http-addr", &format!("127.0.0.1:{port}")])
             .args(["--worker-image", "ghcr.io/mailpipe/mailpipe-worker:test"]);
         let proc = Proc::spawn(
@@ -148,6 +172,26 @@ impl Cluster {
             &self.dir.path().join(format!("operator-{identity}.log")),
         );
         Operator { proc, port }
+    }
+
+    /// Fails the test when `deploy/rbac.yaml` does not allow a request the operator made
+    /// (its User-Agent is `mailpipe-operator/...`; its own namespace is `default` here).
+    /// Returns how many requests were checked.
+    pub fn check_operator_rbac(&self) -> usize {
+        let requests = self
+            .server
+            .store()
+            .lock()
+            .expect("store lock")
+            .requests_from("mailpipe-operator/");
+        let rbac = crate::rbac::Rbac::load(&repo_root().join("deploy/rbac.yaml"));
+        let refused = rbac.refused(&requests, "default");
+        assert!(
+            refused.is_empty(),
+            "deploy/rbac.yaml does not allow what the operator asked:\n{}",
+            refused.join("\n")
+        );
+        requests.len()
     }
 
     /// How long a test waits for the operator and the runner to converge.

@@ -16,6 +16,7 @@ pub mod process;
 pub mod proxy;
 pub mod quiet;
 pub mod rabbit_node;
+pub mod rbac;
 pub mod redis_server;
 pub mod smtp;
 pub mod worker;

@@ -329,6 +329,8 @@ async fn an_applied_pipeline_gets_its_topology_workers_and_status_and_delivers_m
     })
     .await;
     drop(operator);
+    // Every request it made is allowed by the shipped RBAC.
+    assert!(cluster.check_operator_rbac() > 0);
 }
 
 #[tokio::test]
@@ -470,6 +472,8 @@ async fn bad_specs_are_refused_or_reported_and_deletion_waits_for_a_non_empty_qu
         .then_some(())
     })
     .await;
+    // Every request it made is allowed by the shipped RBAC.
+    assert!(cluster.check_operator_rbac() > 0);
 }
 
 #[tokio::test]
@@ -548,6 +552,8 @@ async fn a_second_operator_replica_waits_and_takes_over_when_the_leader_dies() {
     for n in [&names, &second] {
         amqp::delete_plan(SHARED_URL, &n.plan(&Default::default())).await;
     }
+    // Every request it made is allowed by the shipped RBAC.
+    assert!(cluster.check_operator_rbac() > 0);
 }
 
 /// `deletionPolicy: Delete` used to count only ready jobs and delete with `if-empty` while
@@ -600,6 +606,8 @@ async fn a_delete_deletion_loses_no_job_in_flight_and_finishes_on_quorum_queues(
         .kubectl_ok(&["delete", "emp", "quorum", "--wait=false"])
         .await;
     gone(&cluster, "quorum", &quorum.queue, Duration::from_secs(90)).await;
+    // Every request it made is allowed by the shipped RBAC.
+    assert!(cluster.check_operator_rbac() > 0);
 }
 
 /// A child the API server refuses (here the worker Deployment's selector, which is
@@ -669,6 +677,8 @@ spec:
     };
     assert_eq!(count("InvalidChild"), 1, "one Warning: {events}");
     assert_eq!(count("TopologyReady"), 1, "one Normal event: {events}");
+    // Every request it made is allowed by the shipped RBAC.
+    assert!(cluster.check_operator_rbac() > 0);
 }
 
 /// A status write (the backlog the reconciler reports) used to trigger the next reconcile at
@@ -718,4 +728,194 @@ async fn a_changing_backlog_does_not_make_the_operator_reconcile_in_a_loop() {
         }),
     )
     .await;
+    // Every request it made is allowed by the shipped RBAC.
+    assert!(cluster.check_operator_rbac() > 0);
+}
+
+/// Deleting a namespace deletes its Secrets first and only then marks the pipelines in it
+/// (recording 193): a `Delete` pipeline's cleanup used to find its broker Secret gone and
+/// hold the namespace in Terminating until someone released it by hand. Now the operator
+/// keeps a copy of the broker connection in its own namespace: an idle pipeline's topology
+/// is removed, and one whose jobs no worker can ever take any more (no Deployment may be
+/// created in a namespace being deleted) keeps its queues and jobs, as `Retain` would. The
+/// namespace goes without an admin, the copies with it.
+#[tokio::test]
+async fn deleting_a_namespace_with_delete_pipelines_completes_and_drops_no_job() {
+    const N: usize = 25;
+    let (cluster, smtp, _operator) = with_operator(SmtpOptions::default()).await;
+    let in_shop = |text: String| {
+        text.replacen(
+            "metadata:\n  name: ",
+            "metadata:\n  namespace: shop\n  name: ",
+            1,
+        )
+    };
+    assert!(cluster
+        .apply("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n")
+        .await
+        .status
+        .success());
+    assert!(cluster
+        .apply(&in_shop(SECRET.replace("URL", SHARED_URL)))
+        .await
+        .status
+        .success());
+    let idle = Names::new("e2eidle");
+    assert!(cluster
+        .apply(&in_shop(manifest("idle", &idle, smtp.port, "Delete")))
+        .await
+        .status
+        .success());
+    // Workers that never run: the jobs stay in the queue.
+    let stuck = Names::new("e2estuck");
+    let stuck_manifest = in_shop(manifest("stuck", &stuck, smtp.port, "Delete")).replace(
+        "  worker:\n",
+        "  worker:\n    image: example.com/not-runnable:1\n",
+    );
+    assert!(cluster.apply(&stuck_manifest).await.status.success());
+    let ready_in_shop = |name: &'static str| {
+        let cluster = &cluster;
+        async move {
+            let path = "jsonpath={.status.conditions[?(@.type==\"TopologyReady\")].status}";
+            let out = cluster
+                .kubectl(&["get", "emp", name, "-n", "shop", "-o", path])
+                .await;
+            (String::from_utf8_lossy(&out.stdout) == "True").then_some(())
+        }
+    };
+    eventually(Cluster::SETTLE, "idle's topology", || ready_in_shop("idle")).await;
+    eventually(Cluster::SETTLE, "stuck's topology", || {
+        ready_in_shop("stuck")
+    })
+    .await;
+    let kept = || async {
+        cluster
+            .kubectl_ok(&[
+                "get",
+                "secrets",
+                "-n",
+                "default",
+                "-l",
+                "app.kubernetes.io/managed-by=mailpipe-operator",
+                "-o",
+                "name",
+            ])
+            .await
+            .lines()
+            .count()
+    };
+    eventually(Cluster::SETTLE, "two kept broker connections", || async {
+        (kept().await == 2).then_some(())
+    })
+    .await;
+    let run = mailpipe_tests::unique("stuck");
+    amqp::publish_numbered(SHARED_URL, &stuck.exchange, &run, 0..N).await;
+
+    cluster
+        .kubectl_ok(&["delete", "namespace", "shop", "--wait=false"])
+        .await;
+    eventually(
+        Duration::from_secs(90),
+        "the namespace gone without an admin",
+        || async {
+            (!cluster
+                .kubectl(&["get", "namespace", "shop"])
+                .await
+                .status
+                .success())
+            .then_some(())
+        },
+    )
+    .await;
+    assert!(
+        !amqp::queue_exists(SHARED_URL, &idle.queue).await,
+        "the idle pipeline's topology was removed"
+    );
+    assert_eq!(
+        amqp::ready(SHARED_URL, &stuck.queue).await as usize,
+        N,
+        "the stuck pipeline's jobs are kept on the broker"
+    );
+    assert_eq!(kept().await, 0, "the kept copies are gone");
+    amqp::delete_plan(
+        SHARED_URL,
+        &stuck.plan(&mailpipe_contract::RetryPolicy {
+            initial: Duration::from_millis(200),
+            max: Duration::from_secs(2),
+            ..Default::default()
+        }),
+    )
+    .await;
+    // Every request it made is allowed by the shipped RBAC.
+    assert!(cluster.check_operator_rbac() > 0);
+}
+
+/// The leader used to judge expiry by comparing the holder's renewTime with its own clock,
+/// gave up only after a full lease duration (exactly when a standby may take over), and
+/// had no timeout on its Lease calls; losing the Lease ended in a backtrace. Now, with the
+/// default timing (15 s lease, 10 s renew deadline, 2 s retry): a leader cut off from the
+/// API server (a proxy that cuts its connections and then never answers) stops within the
+/// renew deadline with one clear line and exit code 1, and the standby takes over only
+/// after that, a lease duration after it last saw a renewal.
+#[tokio::test]
+async fn a_leader_cut_off_from_the_api_server_stops_before_a_standby_takes_over() {
+    use mailpipe_tests::proxy::{Mode, Proxy};
+    use std::time::Instant;
+    let cluster = Cluster::start().await;
+    let proxy = Proxy::start(cluster.server.addr.port()).await;
+    let mut a = cluster.operator_with("op-a", &[], Some(proxy.port));
+    let holder = || async {
+        let out = cluster
+            .kubectl(&[
+                "get",
+                "lease",
+                "mailpipe-operator",
+                "-o",
+                "jsonpath={.spec.holderIdentity}",
+            ])
+            .await;
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    eventually(Cluster::SETTLE, "op-a leading", || async {
+        (holder().await == "op-a").then_some(())
+    })
+    .await;
+    let _b = cluster.operator_with("op-b", &[], None);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        holder().await,
+        "op-a",
+        "the standby waits while op-a renews"
+    );
+
+    proxy.set(Mode::Hang);
+    let cut = Instant::now();
+    // Polled without blocking: the API server runs on this test's runtime.
+    while a.proc.is_running() && cut.elapsed() < Duration::from_secs(14) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let stopped = cut.elapsed();
+    let status = a
+        .proc
+        .wait_timeout(Duration::ZERO)
+        .expect("op-a stops leading within the renew deadline (10 s) and its last retry");
+    assert_eq!(status.code(), Some(1), "exit code 1: {}", a.proc.output());
+    let log = a.proc.output();
+    assert!(log.contains("stopped leading"), "{log}");
+    assert!(
+        !log.contains("panicked") && !log.contains("backtrace"),
+        "one clear line, no backtrace: {log}"
+    );
+    eventually(Duration::from_secs(30), "op-b leading", || async {
+        (holder().await == "op-b").then_some(())
+    })
+    .await;
+    let taken = cut.elapsed();
+    println!("op-a stopped {stopped:?} after the cut; op-b led {taken:?} after it");
+    assert!(
+        taken > stopped,
+        "op-b took over ({taken:?}) after op-a stopped ({stopped:?})"
+    );
+    // Every request it made is allowed by the shipped RBAC.
+    assert!(cluster.check_operator_rbac() > 0);
 }

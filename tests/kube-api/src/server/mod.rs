@@ -103,10 +103,11 @@ pub async fn handle(
         (&Method::GET, Some("1" | "true")) => "WATCH".to_string(),
         _ => method.to_string(),
     };
-    store
-        .lock()
-        .expect("store lock")
-        .note_request(format!("{verb} {}", uri.path()), &accept);
+    store.lock().expect("store lock").note_request(
+        format!("{verb} {}", uri.path()),
+        &accept,
+        user_agent,
+    );
     let request = Request {
         method: &method,
         path: uri.path(),

@@ -160,6 +160,7 @@ pub struct Store {
     changes: broadcast::Sender<Arc<Change>>,
     requests: Vec<String>,
     accepts: Vec<String>,
+    agents: Vec<String>,
     field_validation: FieldValidation,
     warnings: Vec<String>,
     /// Service cluster IPs given out so far.
@@ -304,6 +305,7 @@ impl Store {
             changes,
             requests: Vec::new(),
             accepts: Vec::new(),
+            agents: Vec::new(),
             field_validation: FieldValidation::Warn,
             warnings: Vec::new(),
             cluster_ips: 0,
@@ -402,11 +404,23 @@ impl Store {
         }
     }
 
-    /// Notes a request (`VERB path`) and what it accepts, for tests that count what
-    /// clients ask and how.
-    pub fn note_request(&mut self, line: String, accept: &str) {
+    /// Notes a request (`VERB path`), what it accepts and who sent it, for tests that count
+    /// what clients ask and how.
+    pub fn note_request(&mut self, line: String, accept: &str, agent: &str) {
         self.accepts.push(accept.to_string());
+        self.agents.push(agent.to_string());
         self.requests.push(line);
+    }
+
+    /// Every request noted so far (`VERB path`) from a client whose User-Agent starts with
+    /// `agent`, oldest first: what a component asked, for checking its RBAC.
+    pub fn requests_from(&self, agent: &str) -> Vec<String> {
+        self.requests
+            .iter()
+            .zip(&self.agents)
+            .filter(|(_, a)| a.starts_with(agent))
+            .map(|(line, _)| line.clone())
+            .collect()
     }
 
     /// Every request noted so far with its `Accept` header, oldest first.

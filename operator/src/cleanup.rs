@@ -1,0 +1,258 @@
+//! cleanup (client and broker required): what happens to a pipeline's broker topology when
+//! the pipeline is deleted, run by the topology finalizer.
+//!
+//! `Retain` (and the release annotation) let go at once. `Delete` follows a protocol that
+//! drops no job: dead letters wait for a person; intake stops (unbind); jobs left are
+//! drained by the workers; then the workers stop, and once no consumer is left and the last
+//! one's grace period has passed, the queues are removed. The broker connection comes from
+//! the pipeline's Secrets, or from the copy the operator kept (`keep`) when they are gone.
+//!
+//! A namespace being deleted is the one case where no worker can ever drain what is left
+//! (its Deployment is gone and nothing may be created there): the topology is then kept on
+//! the broker with its jobs, as `Retain` would, a Warning says which queue holds how many,
+//! and the pipeline lets go so the namespace deletion completes.
+
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::{Api, ResourceExt};
+
+use crate::build;
+use crate::crd::{DeletionPolicy, EmailPipeline};
+use crate::dereference::broker_connection;
+use crate::error::Error;
+use crate::reconcile::{fail_from, publish, topology_of, Context, RELEASE_ANNOTATION};
+use crate::status;
+use crate::topology::BrokerTopology;
+use crate::validate::validate;
+
+/// Deals with a deleted pipeline's topology; `Ok` lets the finalizer go.
+pub async fn cleanup(
+    api: &Api<EmailPipeline>,
+    pipeline: &EmailPipeline,
+    ctx: &Context,
+) -> Result<Action, Error> {
+    let name = pipeline.name_any();
+    let namespace = pipeline.namespace().unwrap_or_default();
+    // Whatever else happens, a pipeline that lets go forgets its metrics and kept copy.
+    let let_go = || async {
+        ctx.metrics.forget(&namespace, &name);
+        ctx.keeper().forget(pipeline).await?;
+        Ok::<Action, Error>(Action::await_change())
+    };
+    let release = pipeline
+        .annotations()
+        .get(RELEASE_ANNOTATION)
+        .is_some_and(|v| v == "true");
+    if release || pipeline.spec.deletion_policy == DeletionPolicy::Retain {
+        if release {
+            publish(
+                ctx,
+                pipeline,
+                EventType::Warning,
+                "FinalizerReleased",
+                format!("{RELEASE_ANNOTATION} is set: the broker topology was left as it is"),
+            )
+            .await;
+        }
+        return let_go().await;
+    }
+    let waiting = |reason: &str, message: String, stopped_at: Option<Time>| {
+        let api = api.clone();
+        let reason = reason.to_string();
+        async move {
+            let message = format!("{message}; deleting the pipeline waits (set the annotation {RELEASE_ANNOTATION}=true to keep the topology and finish)");
+            let mut current = pipeline.status.clone().unwrap_or_default();
+            current.workers_stopped_at = stopped_at;
+            fail_from(
+                &api,
+                pipeline,
+                current,
+                ctx,
+                "TopologyReady",
+                &reason,
+                message.clone(),
+            )
+            .await?;
+            Err::<Action, Error>(Error::Waiting(message))
+        }
+    };
+    let stopped_at = pipeline
+        .status
+        .as_ref()
+        .and_then(|s| s.workers_stopped_at.clone());
+    // Never declared (an invalid spec, a missing Secret from the start): nothing on the
+    // broker is this pipeline's, and nothing holds the deletion.
+    let declared = pipeline
+        .status
+        .as_ref()
+        .is_some_and(|s| s.topology_declared == Some(true))
+        || status::is_true(pipeline.status.as_ref(), "TopologyReady");
+    if !declared {
+        publish(
+            ctx,
+            pipeline,
+            EventType::Normal,
+            "NothingToDelete",
+            "the pipeline never had a topology on the broker; nothing to delete".into(),
+        )
+        .await;
+        return let_go().await;
+    }
+    // A pipeline whose spec is broken never got a topology from this generation's spec;
+    // the release annotation is the way out when it did earlier.
+    let valid = match validate(&name, &namespace, &pipeline.spec) {
+        Ok(valid) => valid,
+        Err(invalid) => return waiting("InvalidSpec", invalid.to_string(), stopped_at).await,
+    };
+    // The pipeline's own Secrets while they exist, else the kept copy.
+    let mut referenced = broker_connection(&ctx.client, &namespace, &pipeline.spec).await?;
+    if referenced.amqp_url.is_none() && !ctx.keeper().recall(pipeline, &mut referenced).await? {
+        let secret = pipeline
+            .spec
+            .source
+            .rabbitmq
+            .as_ref()
+            .map(|r| r.connection_secret.name.clone())
+            .unwrap_or_default();
+        return waiting(
+            "MissingReference",
+            format!("Secret {secret:?} (the broker connection) is gone and no copy was kept"),
+            stopped_at,
+        )
+        .await;
+    }
+    let topology = match topology_of(&valid, &referenced) {
+        Ok(topology) => topology,
+        Err(error) => return waiting(error.category(), error.to_string(), stopped_at).await,
+    };
+    let Some(topology) = topology else {
+        return let_go().await;
+    };
+    // The deletion protocol: no job may be dropped, waiting in the work queue, in flight at
+    // a worker, or waiting out a retry delay.
+    let census = match topology.census().await {
+        Ok(census) => census,
+        Err(error) => return waiting(error.category(), error.to_string(), stopped_at).await,
+    };
+    let left = census
+        .dead_letters()
+        .map(|(queue, jobs)| (queue, jobs, true))
+        .or_else(|| {
+            census
+                .first_non_empty()
+                .map(|(queue, jobs)| (queue, jobs, false))
+        });
+    if let Some((queue, jobs, _)) = &left {
+        if namespace_terminating(ctx, &namespace).await {
+            let note = format!("namespace {namespace} is being deleted and no worker can take the {jobs} jobs in queue {queue}: the topology is kept on the broker with its jobs, as deletionPolicy: Retain would");
+            // Logged too: a namespace being deleted refuses new Events.
+            tracing::warn!(pipeline = %name, "{note}");
+            publish(ctx, pipeline, EventType::Warning, "TopologyKept", note).await;
+            return let_go().await;
+        }
+    }
+    // 1. Dead letters wait for a person: nothing changes until they are dealt with.
+    if let Some((queue, jobs, true)) = &left {
+        return waiting(
+            "QueueNotEmpty",
+            format!("dead-letter queue {queue} holds {jobs} jobs; redrive or purge them"),
+            stopped_at,
+        )
+        .await;
+    }
+    // 2. No new jobs from the producers' exchange.
+    if let Err(error) = topology.stop_intake().await {
+        return waiting(error.category(), error.to_string(), stopped_at).await;
+    }
+    let workers = build::worker_name(&valid);
+    // 3. Jobs left: the workers (back, if they were stopped) drain them.
+    if let Some((queue, jobs, false)) = &left {
+        if stopped_at.is_some() {
+            scale_workers(ctx, &namespace, &workers, 1).await?;
+        }
+        return waiting(
+            "QueueNotEmpty",
+            format!("queue {queue} still holds {jobs} jobs"),
+            None,
+        )
+        .await;
+    }
+    // 4. Every queue empty: stop the workers, and wait until none can still hold a job
+    //    (no consumer, and the grace period of the last one to stop has passed).
+    let now = status::now();
+    let stopped_at = match stopped_at {
+        Some(at) => at,
+        None => {
+            scale_workers(ctx, &namespace, &workers, 0).await?;
+            now.clone()
+        }
+    };
+    let grace = valid.shutdown_timeout + Duration::from_secs(10);
+    let stopped_for = now.0.as_second() - stopped_at.0.as_second();
+    if census.consumers > 0 || stopped_for < grace.as_secs() as i64 {
+        return waiting(
+            "WorkersStopping",
+            format!(
+                "every queue is empty; waiting for the workers to stop ({} still consuming) before deleting the queues",
+                census.consumers
+            ),
+            Some(stopped_at),
+        )
+        .await;
+    }
+    // 5. Nothing anywhere and no one to hold it: remove.
+    match topology.remove().await {
+        Ok(()) => {
+            publish(
+                ctx,
+                pipeline,
+                EventType::Normal,
+                "TopologyDeleted",
+                format!("the topology of {} is deleted", valid.source_label()),
+            )
+            .await;
+            let_go().await
+        }
+        // The broker may be gone for good: say how to let go.
+        Err(error) => waiting(error.category(), error.to_string(), Some(stopped_at)).await,
+    }
+}
+
+/// Whether `namespace` is being deleted (a failed read counts as no).
+async fn namespace_terminating(ctx: &Context, namespace: &str) -> bool {
+    let api: Api<Namespace> = Api::all(ctx.client.clone());
+    match api.get_opt(namespace).await {
+        Ok(Some(ns)) => ns.metadata.deletion_timestamp.is_some(),
+        Ok(None) => true,
+        Err(e) => {
+            tracing::warn!(%namespace, "cannot read the namespace: {e}");
+            false
+        }
+    }
+}
+
+/// Sets the worker Deployment's replicas through `/scale` (a missing Deployment is fine:
+/// there is nothing to stop).
+async fn scale_workers(
+    ctx: &Context,
+    namespace: &str,
+    name: &str,
+    replicas: i32,
+) -> Result<(), Error> {
+    let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), namespace);
+    let patch = serde_json::json!({"spec": {"replicas": replicas}});
+    match api
+        .patch_scale(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(response)) if response.code == 404 => Ok(()),
+        Err(other) => Err(other.into()),
+    }
+}
