@@ -555,6 +555,21 @@ pub struct EmailPipelineStatus {
     /// queues go only once no stopping worker can still hold a job.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workers_stopped_at: Option<Time>,
+    /// The binding that brings jobs to the work queue, as last declared: when the spec's
+    /// exchange or routing key changes, the old binding is removed after the new one is
+    /// declared (otherwise jobs would keep arriving from the old exchange).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub intake: Option<Intake>,
+}
+
+/// An exchange and routing key the work queue is bound with.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Intake {
+    #[schemars(length(max = 255))]
+    pub exchange: String,
+    #[schemars(length(max = 255))]
+    pub routing_key: String,
 }
 
 fn default_prefetch() -> u16 {

@@ -16,7 +16,7 @@ use kube::runtime::finalizer::{self, finalizer, Event};
 use kube::{Api, Client, Resource, ResourceExt};
 
 use crate::build::{self, Inputs};
-use crate::crd::{DeletionPolicy, EmailPipeline, EmailPipelineStatus};
+use crate::crd::{DeletionPolicy, EmailPipeline, EmailPipelineStatus, Intake};
 use crate::dereference::{dereference, Referenced};
 use crate::error::Error;
 use crate::keep::{Keeper, Kept};
@@ -267,10 +267,13 @@ pub(crate) async fn fail_from(
     reason: &str,
     message: String,
 ) -> Result<(), Error> {
+    // A wait that reports a changing count (a deletion waiting for a queue to drain) is
+    // one Warning per reason; any other failure is one per distinct message.
+    let counting = matches!(reason, "QueueNotEmpty" | "WorkersStopping");
     let was_reported = current
         .conditions
         .iter()
-        .any(|c| c.type_ == condition && c.reason == reason && c.message == message);
+        .any(|c| c.type_ == condition && c.reason == reason && (counting || c.message == message));
     let next = next_status(
         pipeline,
         current,
@@ -441,15 +444,37 @@ async fn apply(
         .status
         .as_ref()
         .is_some_and(|s| s.topology_declared == Some(true));
+    // The exchange or routing key changed: the new binding is declared, the old one goes.
+    let intake = match &valid.source {
+        ValidatedSource::Rabbit { settings, .. } => Some(Intake {
+            exchange: settings.exchange.clone(),
+            routing_key: settings.routing_key.clone(),
+        }),
+        ValidatedSource::Kafka(_) => None,
+    };
+    let previous = pipeline.status.as_ref().and_then(|s| s.intake.clone());
+    if let Some(old) = previous
+        .as_ref()
+        .filter(|old| Some(*old) != intake.as_ref())
+    {
+        if let Err(error) = topology
+            .retire_binding(&old.exchange, &old.routing_key)
+            .await
+        {
+            return topology_failed(api, pipeline, ctx, error).await;
+        }
+    }
     let remembered;
-    let pipeline = if declared_before {
+    let pipeline = if declared_before && previous == intake {
         pipeline
     } else {
         // Remembered at once (not with the rest of the status, which a failing child
-        // could hold back): a later deletion must know there is something to delete. The
-        // rest of this reconcile starts from that status, so no later write drops it.
+        // could hold back): a later deletion must know there is something to delete, and
+        // a later change which binding to retire. The rest of this reconcile starts from
+        // that status, so no later write drops it.
         let mut current = pipeline.status.clone().unwrap_or_default();
         current.topology_declared = Some(true);
+        current.intake = intake;
         status::write(api, pipeline, &current).await?;
         remembered = EmailPipeline {
             status: Some(current),

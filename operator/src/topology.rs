@@ -89,7 +89,7 @@ impl TopologyError {
 
 /// A pipeline's broker topology.
 ///
-/// Deleting one is a protocol the reconciler drives (see `reconcile::cleanup`): stop the
+/// Deleting one is a protocol the reconciler drives (see `cleanup`): stop the
 /// intake, let the workers drain, stop them, and remove only what a census found empty with
 /// no consumer left, so no job is dropped, in flight or waiting for a retry.
 pub trait BrokerTopology {
@@ -99,6 +99,13 @@ pub trait BrokerTopology {
     fn backlog(&self) -> impl Future<Output = Result<Backlog, TopologyError>> + Send;
     /// Every queue with its ready jobs, and the work queue's consumers.
     fn census(&self) -> impl Future<Output = Result<Census, TopologyError>> + Send;
+    /// Removes a binding of the work queue the spec no longer asks for (its exchange or
+    /// routing key changed); one already gone is fine.
+    fn retire_binding(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+    ) -> impl Future<Output = Result<(), TopologyError>> + Send;
     /// Stops new jobs reaching the work queue (unbinds it from the producers' exchange).
     fn stop_intake(&self) -> impl Future<Output = Result<(), TopologyError>> + Send;
     /// Deletes the queues, then the exchanges nothing else uses. Only after a census found

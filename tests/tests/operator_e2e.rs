@@ -391,7 +391,43 @@ async fn bad_specs_are_refused_or_reported_and_deletion_waits_for_a_non_empty_qu
         3,
         "nothing was deleted"
     );
-    assert_eq!(amqp::take_all(SHARED_URL, &held.queue).await.len(), 3);
+    // The count changes while the deletion waits (the intake is unbound: straight into the
+    // queue): the condition follows, and there is still one Warning, not one per count.
+    amqp::publish_routed(
+        SHARED_URL,
+        "",
+        &held.queue,
+        (0..2).map(|_| (b"{}".to_vec(), Default::default())),
+    )
+    .await;
+    eventually(
+        Cluster::SETTLE,
+        "the new count in the condition",
+        || async {
+            condition(&cluster, "held", "TopologyReady", "message")
+                .await
+                .contains("still holds 5 jobs")
+                .then_some(())
+        },
+    )
+    .await;
+    let events = cluster
+        .kubectl_ok(&[
+            "get",
+            "events",
+            "-o",
+            "jsonpath={range .items[*]}{.involvedObject.name}/{.reason}{\"\\n\"}{end}",
+        ])
+        .await;
+    assert_eq!(
+        events
+            .lines()
+            .filter(|l| *l == "held/QueueNotEmpty")
+            .count(),
+        1,
+        "one Warning while the count changes: {events}"
+    );
+    assert_eq!(amqp::take_all(SHARED_URL, &held.queue).await.len(), 5);
     eventually(
         Cluster::SETTLE,
         "the pipeline and its queue gone",
@@ -918,4 +954,59 @@ async fn a_leader_cut_off_from_the_api_server_stops_before_a_standby_takes_over(
     );
     // Every request it made is allowed by the shipped RBAC.
     assert!(cluster.check_operator_rbac() > 0);
+}
+
+/// Changing a pipeline's exchange (or routing key) used to declare the new binding and
+/// leave the old one: jobs kept arriving from the old exchange. Now the old binding goes
+/// once the new one is declared, and the status says which binding is current.
+#[tokio::test]
+async fn changing_the_exchange_moves_the_work_queue_to_the_new_one() {
+    let (cluster, smtp, _operator) = with_operator(SmtpOptions::default()).await;
+    let names = Names::new("e2emove");
+    // Workers that never run: what reaches the queue stays there to be counted.
+    let pipeline = manifest("move", &names, smtp.port, "Retain").replace(
+        "  worker:\n",
+        "  worker:\n    image: example.com/not-runnable:1\n",
+    );
+    assert!(cluster.apply(&pipeline).await.status.success());
+    let intake = || async {
+        cluster
+            .kubectl_ok(&[
+                "get",
+                "emp",
+                "move",
+                "-o",
+                "jsonpath={.status.intake.exchange}",
+            ])
+            .await
+    };
+    eventually(Cluster::SETTLE, "the first binding in status", || async {
+        (intake().await == names.exchange).then_some(())
+    })
+    .await;
+    let moved = Names {
+        exchange: format!("{}_new", names.exchange),
+        queue: names.queue.clone(),
+    };
+    let changed = pipeline.replace(
+        &format!("exchange: {}", names.exchange),
+        &format!("exchange: {}", moved.exchange),
+    );
+    assert!(cluster.apply(&changed).await.status.success());
+    eventually(Cluster::SETTLE, "the new binding in status", || async {
+        (intake().await == moved.exchange).then_some(())
+    })
+    .await;
+    amqp::publish_numbered(SHARED_URL, &names.exchange, "old", 0..3).await;
+    amqp::publish_numbered(SHARED_URL, &moved.exchange, "new", 0..4).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        amqp::ready(SHARED_URL, &names.queue).await,
+        4,
+        "only the new exchange's jobs reach the queue"
+    );
+    // Every request it made is allowed by the shipped RBAC.
+    assert!(cluster.check_operator_rbac() > 0);
+    amqp::delete_plan(SHARED_URL, &names.plan(&Default::default())).await;
+    amqp::delete_plan(SHARED_URL, &moved.plan(&Default::default())).await;
 }

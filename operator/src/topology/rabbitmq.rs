@@ -169,6 +169,25 @@ impl BrokerTopology for RabbitTopology {
         })
     }
 
+    async fn retire_binding(&self, exchange: &str, routing_key: &str) -> Result<(), TopologyError> {
+        let binding = mailpipe_contract::topology::BindingDecl {
+            exchange: exchange.to_string(),
+            queue: self.settings.queue.clone(),
+            routing_key: routing_key.to_string(),
+        };
+        let connection = self.connect().await?;
+        let result = async {
+            let channel = Self::channel(&connection).await?;
+            match amqp::unbind(&channel, &binding).await.map_err(classify) {
+                Ok(()) | Err(TopologyError::Missing(_)) => Ok(()),
+                Err(other) => Err(other),
+            }
+        }
+        .await;
+        let _ = connection.close(200, "binding retired".into()).await;
+        result
+    }
+
     async fn stop_intake(&self) -> Result<(), TopologyError> {
         let connection = self.connect().await?;
         let result = async {
