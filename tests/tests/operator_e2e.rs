@@ -49,6 +49,17 @@ fn manifest(name: &str, names: &Names, smtp_port: u16, policy: &str) -> String {
     text
 }
 
+/// Deletes what a pipeline made from `manifest` declared on the shared broker (its delay
+/// queues are named after the manifest's backoff).
+async fn delete_topology(names: &Names) {
+    let backoff = mailpipe_contract::RetryPolicy {
+        initial: Duration::from_millis(200),
+        max: Duration::from_secs(2),
+        ..Default::default()
+    };
+    amqp::delete_plan(SHARED_URL, &names.plan(&backoff)).await;
+}
+
 /// prometheus-operator's ServiceMonitor CRD, reduced to what the test needs.
 const SERVICE_MONITOR_CRD: &str = "apiVersion: apiextensions.k8s.io/v1
 kind: CustomResourceDefinition
@@ -586,7 +597,7 @@ async fn a_second_operator_replica_waits_and_takes_over_when_the_leader_dies() {
     })
     .await;
     for n in [&names, &second] {
-        amqp::delete_plan(SHARED_URL, &n.plan(&Default::default())).await;
+        delete_topology(n).await;
     }
     // Every request it made is allowed by the shipped RBAC.
     assert!(cluster.check_operator_rbac() > 0);
@@ -755,15 +766,7 @@ async fn a_changing_backlog_does_not_make_the_operator_reconcile_in_a_loop() {
     println!("{during} reconciles in 12 s while the backlog grew to {n}");
     // The annotation's reconcile, its status write's, and the 30 s resync at most.
     assert!(during <= 3.0, "{during} reconciles in 12 s");
-    amqp::delete_plan(
-        SHARED_URL,
-        &names.plan(&mailpipe_contract::RetryPolicy {
-            initial: Duration::from_millis(200),
-            max: Duration::from_secs(2),
-            ..Default::default()
-        }),
-    )
-    .await;
+    delete_topology(&names).await;
     // Every request it made is allowed by the shipped RBAC.
     assert!(cluster.check_operator_rbac() > 0);
 }
@@ -873,15 +876,7 @@ async fn deleting_a_namespace_with_delete_pipelines_completes_and_drops_no_job()
         "the stuck pipeline's jobs are kept on the broker"
     );
     assert_eq!(kept().await, 0, "the kept copies are gone");
-    amqp::delete_plan(
-        SHARED_URL,
-        &stuck.plan(&mailpipe_contract::RetryPolicy {
-            initial: Duration::from_millis(200),
-            max: Duration::from_secs(2),
-            ..Default::default()
-        }),
-    )
-    .await;
+    delete_topology(&stuck).await;
     // Every request it made is allowed by the shipped RBAC.
     assert!(cluster.check_operator_rbac() > 0);
 }
@@ -1007,6 +1002,6 @@ async fn changing_the_exchange_moves_the_work_queue_to_the_new_one() {
     );
     // Every request it made is allowed by the shipped RBAC.
     assert!(cluster.check_operator_rbac() > 0);
-    amqp::delete_plan(SHARED_URL, &names.plan(&Default::default())).await;
-    amqp::delete_plan(SHARED_URL, &moved.plan(&Default::default())).await;
+    delete_topology(&names).await;
+    delete_topology(&moved).await;
 }

@@ -252,6 +252,10 @@ async fn the_drain_deadline_holds_against_a_server_that_hangs() {
     // twice the 30 s command timeout).
     proxy.set(Mode::Hang);
     tokio::time::sleep(Duration::from_secs(4)).await;
+    // A message whose final dot went out just before the cut may have been stored by the
+    // server without the worker hearing the 250: it is retried (its outcome is unknown,
+    // counted), and it is the one kind of repeat this run may show.
+    let unknown = worker.metric("mailpipe_smtp_outcome_unknown_total").await as usize;
     let stopped = std::time::Instant::now();
     worker.signal(Signal::SIGTERM);
     let status = worker.wait_exit(Duration::from_secs(60));
@@ -274,7 +278,15 @@ async fn the_drain_deadline_holds_against_a_server_that_hangs() {
     let result = smtp
         .settled_tally(&run, N, Duration::from_secs(60), &quiet)
         .await;
-    assert_eq!(result, Tally::EXACT);
+    assert_eq!(
+        (result.lost, result.foreign),
+        (0, 0),
+        "nothing lost: {result:?}"
+    );
+    assert!(
+        result.duplicated <= unknown,
+        "only messages whose outcome the cut made unknown repeat: {result:?}, {unknown} unknown"
+    );
     amqp::delete_plan(SHARED_URL, &names.plan(&RetryPolicy::default())).await;
 }
 
