@@ -76,6 +76,7 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, stop: Cancellatio
     );
     let controller = Controller::for_stream(pipelines, reader);
     let store = controller.store();
+    ctx.pipelines.register(store.clone());
     let secrets_store = store.clone();
     controller
         .owns(scoped::<Deployment>(&client, &namespace), owned.clone())

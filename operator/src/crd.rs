@@ -560,6 +560,11 @@ pub struct EmailPipelineStatus {
     /// declared (otherwise jobs would keep arriving from the old exchange).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub intake: Option<Intake>,
+    /// The broker the topology was declared on: scheme, host, port and virtual host of its
+    /// URL, never the credentials (`amqp://rabbitmq:5672/%2f`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 512))]
+    pub broker: Option<String>,
 }
 
 /// An exchange and routing key the work queue is bound with.

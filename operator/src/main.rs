@@ -193,6 +193,7 @@ async fn serve(run: Run) -> anyhow::Result<()> {
         failures: Default::default(),
         own_namespace: run.lease_namespace.clone(),
         kept: Default::default(),
+        pipelines: Default::default(),
     });
     let work = stop.child_token();
     let namespaces: Vec<Option<String>> = if run.namespaces.is_empty() {

@@ -13,6 +13,7 @@ use kube::api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder};
 use kube::runtime::finalizer::{self, finalizer, Event};
+use kube::runtime::reflector::Store;
 use kube::{Api, Client, Resource, ResourceExt};
 
 use crate::build::{self, Inputs};
@@ -51,6 +52,29 @@ pub struct Context {
     pub own_namespace: String,
     /// The kept broker connections this process wrote (see `keep`).
     pub kept: Kept,
+    /// Every pipeline the controllers see (see `sharing`).
+    pub pipelines: Pipelines,
+}
+
+/// The controllers' caches of pipelines (one per watched namespace, or one for all).
+#[derive(Default)]
+pub struct Pipelines(std::sync::Mutex<Vec<Store<EmailPipeline>>>);
+
+impl Pipelines {
+    /// Adds a controller's cache.
+    pub fn register(&self, store: Store<EmailPipeline>) {
+        self.0.lock().expect("pipelines lock").push(store);
+    }
+
+    /// Every pipeline in every cache now.
+    pub fn all(&self) -> Vec<Arc<EmailPipeline>> {
+        self.0
+            .lock()
+            .expect("pipelines lock")
+            .iter()
+            .flat_map(|store| store.state())
+            .collect()
+    }
 }
 
 impl Context {
@@ -433,6 +457,36 @@ async fn apply(
         }
         Err(error) => return topology_failed(api, pipeline, ctx, error).await,
     };
+    // sharing (no client required): a fanout exchange another pipeline's queue is bound to
+    // on this broker would send every job twice.
+    let broker = referenced
+        .amqp_url
+        .as_deref()
+        .and_then(crate::sharing::broker_identity);
+    if let Some(broker) = &broker {
+        let others = ctx.pipelines.all();
+        if let Some(owner) = crate::sharing::shared_fanout_exchange(pipeline, broker, &others) {
+            let ValidatedSource::Rabbit { settings, .. } = &valid.source else {
+                unreachable!("only RabbitMQ pipelines bind to exchanges")
+            };
+            let message = format!(
+                "the fanout exchange {:?} on this broker already feeds the queue of pipeline {owner}: every job published to it would be sent by both; name an exchange of this pipeline's own (or leave spec.source.rabbitmq.exchange unset for {:?})",
+                settings.exchange,
+                mailpipe_contract::naming::default_exchange(&settings.queue)
+            );
+            fail(
+                api,
+                pipeline,
+                ctx,
+                "TopologyReady",
+                "SharedExchange",
+                message,
+            )
+            .await?;
+            // Looked at again later: the other pipeline may go, or this spec change.
+            return Ok(Action::requeue(Duration::from_secs(60)));
+        }
+    }
     // While only the children of this generation fail to apply, the broker is left alone:
     // its topology was declared, and declaring it again on every retry helps nothing.
     if !ctx.failures.only_children_failed(pipeline) {
@@ -464,8 +518,9 @@ async fn apply(
             return topology_failed(api, pipeline, ctx, error).await;
         }
     }
+    let broker_before = pipeline.status.as_ref().and_then(|s| s.broker.clone());
     let remembered;
-    let pipeline = if declared_before && previous == intake {
+    let pipeline = if declared_before && previous == intake && broker_before == broker {
         pipeline
     } else {
         // Remembered at once (not with the rest of the status, which a failing child
@@ -475,6 +530,7 @@ async fn apply(
         let mut current = pipeline.status.clone().unwrap_or_default();
         current.topology_declared = Some(true);
         current.intake = intake;
+        current.broker = broker;
         status::write(api, pipeline, &current).await?;
         remembered = EmailPipeline {
             status: Some(current),

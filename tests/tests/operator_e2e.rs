@@ -1005,3 +1005,57 @@ async fn changing_the_exchange_moves_the_work_queue_to_the_new_one() {
     delete_topology(&names).await;
     delete_topology(&moved).await;
 }
+
+/// Two pipelines that name the same fanout exchange would each get every job: the second
+/// one is refused with the reason before anything is declared for it, and the first keeps
+/// the exchange.
+#[tokio::test]
+async fn a_second_pipeline_naming_a_bound_fanout_exchange_is_refused() {
+    let (cluster, smtp, _operator) = with_operator(SmtpOptions::default()).await;
+    let first = Names::new("e2efana");
+    let second = Names {
+        exchange: first.exchange.clone(),
+        queue: Names::new("e2efanb").queue,
+    };
+    let not_runnable = |text: String| {
+        text.replace(
+            "  worker:\n",
+            "  worker:\n    image: example.com/not-runnable:1\n",
+        )
+    };
+    assert!(cluster
+        .apply(&not_runnable(manifest(
+            "fan-a", &first, smtp.port, "Retain"
+        )))
+        .await
+        .status
+        .success());
+    wait_condition(&cluster, "fan-a", "TopologyReady", "True", "Declared").await;
+    assert!(cluster
+        .apply(&not_runnable(manifest(
+            "fan-b", &second, smtp.port, "Retain"
+        )))
+        .await
+        .status
+        .success());
+    wait_condition(
+        &cluster,
+        "fan-b",
+        "TopologyReady",
+        "False",
+        "SharedExchange",
+    )
+    .await;
+    let message = condition(&cluster, "fan-b", "TopologyReady", "message").await;
+    assert!(message.contains("default/fan-a"), "{message}");
+    assert!(
+        !amqp::queue_exists(SHARED_URL, &second.queue).await,
+        "nothing was declared for the refused pipeline"
+    );
+    amqp::publish_numbered(SHARED_URL, &first.exchange, "fan", 0..3).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(amqp::ready(SHARED_URL, &first.queue).await, 3);
+    // Every request it made is allowed by the shipped RBAC.
+    assert!(cluster.check_operator_rbac() > 0);
+    delete_topology(&first).await;
+}
