@@ -8,12 +8,15 @@
 //! - [`naming`]: the names of retry, dead-letter queues and the headers the worker writes;
 //! - [`topology`]: the RabbitMQ topology a pipeline needs, as data both sides declare;
 //! - [`env`]: the environment variables the operator renders for the worker;
+//! - [`choices`]: the fixed-value settings (TLS mode, Redis policy) CRD, environment and
+//!   worker flags share (with the exchange and queue types in [`topology`]);
 //! - [`labels`]: the labels on what the operator creates;
 //! - `amqp` (feature `amqp`): the topology plan declared over AMQP with lapin.
 #![forbid(unsafe_code)]
 
 #[cfg(feature = "amqp")]
 pub mod amqp;
+pub mod choices;
 pub mod env;
 pub mod job;
 pub mod labels;

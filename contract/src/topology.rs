@@ -17,11 +17,14 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::choices::from_str_by_name;
 use crate::naming;
 use crate::retry::RetryPolicy;
 
 /// The AMQP exchange type of the pipeline's entry exchange.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum ExchangeKind {
     /// Every bound queue gets every message (the usual `smtp_send_email_exc`).
@@ -46,6 +49,8 @@ impl ExchangeKind {
 
 /// The RabbitMQ queue type of the work, retry and dead-letter queues.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum QueueType {
     /// Classic durable queues; the only type that supports priorities on RabbitMQ 3.x.
@@ -63,28 +68,6 @@ impl QueueType {
             QueueType::Quorum => "quorum",
         }
     }
-}
-
-macro_rules! from_str_by_name {
-    ($ty:ty, $what:literal, [$($variant:expr),+]) => {
-        impl FromStr for $ty {
-            type Err = String;
-            fn from_str(s: &str) -> Result<Self, String> {
-                [$($variant),+]
-                    .into_iter()
-                    .find(|v| v.as_str() == s)
-                    .ok_or_else(|| {
-                        let names: Vec<&str> = [$($variant.as_str()),+].to_vec();
-                        format!("unknown {} {s:?}, expected one of {}", $what, names.join(", "))
-                    })
-            }
-        }
-        impl fmt::Display for $ty {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(self.as_str())
-            }
-        }
-    };
 }
 
 from_str_by_name!(

@@ -27,7 +27,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use mailpipe_contract::{env, labels};
 use sha2::{Digest, Sha256};
 
-use crate::crd::{self, SecretKeyRef};
+use crate::crd::SecretKeyRef;
 use crate::validate::{ValidatedPipeline, ValidatedSource};
 
 /// The annotation on the pod template that changes when the configuration does.
@@ -189,14 +189,7 @@ fn environment(pipeline: &ValidatedPipeline) -> Environment {
     let smtp = &spec.smtp;
     out.vars.push(value(env::SMTP_HOST, &smtp.host));
     out.vars.push(value(env::SMTP_PORT, smtp.port));
-    out.vars.push(value(
-        env::SMTP_TLS,
-        match smtp.tls {
-            crd::SmtpTls::Starttls => "starttls",
-            crd::SmtpTls::Tls => "tls",
-            crd::SmtpTls::None => "none",
-        },
-    ));
+    out.vars.push(value(env::SMTP_TLS, smtp.tls.as_str()));
     if let Some(ca) = &smtp.ca_secret {
         out.file(env::SMTP_CA_FILE, "smtp-ca", ca, "ca.crt");
     }
@@ -277,10 +270,7 @@ fn environment(pipeline: &ValidatedPipeline) -> Environment {
         ));
         out.vars.push(value(
             env::ON_REDIS_UNAVAILABLE,
-            match idempotency.on_unavailable {
-                crd::OnRedisUnavailable::Pause => "pause",
-                crd::OnRedisUnavailable::Send => "send",
-            },
+            idempotency.on_unavailable.as_str(),
         ));
     }
     out.vars

@@ -12,6 +12,8 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::{EnvVar, ResourceRequirements, Toleration};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
+pub use mailpipe_contract::choices::{OnRedisUnavailable, TlsMode};
+pub use mailpipe_contract::topology::{ExchangeKind, QueueType};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -142,7 +144,7 @@ pub struct RabbitSource {
     pub exchange: Option<String>,
     /// The exchange type.
     #[serde(default)]
-    pub exchange_type: ExchangeType,
+    pub exchange_type: ExchangeKind,
     /// The work queue (immutable).
     #[schemars(length(min = 1, max = 200), regex(pattern = BROKER_NAME))]
     pub queue: String,
@@ -244,7 +246,7 @@ pub struct Smtp {
     /// `starttls` (default), `tls` (implicit TLS, usually port 465) or `none` (explicitly
     /// plain text).
     #[serde(default)]
-    pub tls: SmtpTls,
+    pub tls: TlsMode,
     /// The Secret key holding a PEM CA bundle to verify the server with (instead of the
     /// system roots).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -448,43 +450,6 @@ pub enum DeletionPolicy {
     Delete,
 }
 
-/// The RabbitMQ exchange type.
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum ExchangeType {
-    /// Every bound queue gets every job.
-    #[default]
-    Fanout,
-    /// Jobs go to queues bound with their routing key.
-    Direct,
-    /// Jobs go to queues whose binding pattern matches their routing key.
-    Topic,
-}
-
-/// The RabbitMQ queue type.
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum QueueType {
-    /// Classic queues (priorities possible).
-    #[default]
-    Classic,
-    /// Replicated quorum queues.
-    Quorum,
-}
-
-/// How the worker talks TLS to the SMTP server.
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum SmtpTls {
-    /// Plain connection upgraded with STARTTLS (required).
-    #[default]
-    Starttls,
-    /// TLS from the first byte.
-    Tls,
-    /// No TLS at all.
-    None,
-}
-
 /// The SASL mechanism.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum SaslMechanism {
@@ -498,17 +463,6 @@ pub enum SaslMechanism {
     /// SCRAM-SHA-512.
     #[serde(rename = "SCRAM-SHA-512")]
     ScramSha512,
-}
-
-/// What the worker does while Redis is unreachable.
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum OnRedisUnavailable {
-    /// Stop consuming until Redis is back (nothing is sent twice).
-    #[default]
-    Pause,
-    /// Keep sending without deduplication.
-    Send,
 }
 
 /// What the operator observed.

@@ -16,7 +16,7 @@ use std::str::FromStr;
 use kube::ResourceExt;
 use lapin::uri::AMQPUri;
 
-use crate::crd::{EmailPipeline, ExchangeType};
+use crate::crd::{EmailPipeline, ExchangeKind};
 
 /// `amqp://host:port/vhost` (the vhost with `/` written `%2f`): where a pipeline's topology
 /// lives, without the credentials. `None` for a URL that does not parse.
@@ -36,7 +36,7 @@ pub fn broker_identity(url: &str) -> Option<String> {
 
 fn fanout_exchange(pipeline: &EmailPipeline) -> Option<(String, String)> {
     let rabbit = pipeline.spec.source.rabbitmq.as_ref()?;
-    (rabbit.exchange_type == ExchangeType::Fanout).then(|| {
+    (rabbit.exchange_type == ExchangeKind::Fanout).then(|| {
         let exchange = rabbit
             .exchange
             .clone()

@@ -10,7 +10,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use mailpipe_contract::topology::{ExchangeKind, QueueType, RabbitSettings, TopologyPlan};
+use mailpipe_contract::topology::{RabbitSettings, TopologyPlan};
 use mailpipe_contract::RetryPolicy;
 
 use crate::crd::{self, EmailPipelineSpec};
@@ -126,16 +126,9 @@ pub fn validate(
                     .exchange
                     .clone()
                     .unwrap_or_else(|| mailpipe_contract::naming::default_exchange(&rabbit.queue)),
-                exchange_kind: match rabbit.exchange_type {
-                    crd::ExchangeType::Fanout => ExchangeKind::Fanout,
-                    crd::ExchangeType::Direct => ExchangeKind::Direct,
-                    crd::ExchangeType::Topic => ExchangeKind::Topic,
-                },
+                exchange_kind: rabbit.exchange_type,
                 queue: rabbit.queue.clone(),
-                queue_type: match rabbit.queue_type {
-                    crd::QueueType::Classic => QueueType::Classic,
-                    crd::QueueType::Quorum => QueueType::Quorum,
-                },
+                queue_type: rabbit.queue_type,
                 routing_key: rabbit.routing_key.clone(),
                 max_priority: rabbit.max_priority,
                 dead_letter: delivery.dead_letter,
@@ -199,7 +192,7 @@ pub fn validate(
         Some(rate) => Some(rate / replicas),
         None => None,
     };
-    if spec.smtp.tls == crd::SmtpTls::None && spec.smtp.insecure_skip_verify {
+    if spec.smtp.tls == crd::TlsMode::None && spec.smtp.insecure_skip_verify {
         return Err(invalid(
             "spec.smtp.insecureSkipVerify",
             "there is no certificate to skip with tls none",

@@ -5,6 +5,7 @@
 //! from `NAME` or the file named by `NAME_FILE` (a mounted Kubernetes Secret), and their
 //! `Debug` form is redacted so they cannot reach a log line.
 
+pub use mailpipe_contract::choices::{OnRedisUnavailable, TlsMode};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -37,17 +38,6 @@ impl fmt::Debug for Secret {
     }
 }
 
-/// How the worker reaches the SMTP server.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum TlsMode {
-    /// Plain connection upgraded with STARTTLS, which is required (the default).
-    Starttls,
-    /// TLS from the first byte (SMTPS, usually port 465).
-    Tls,
-    /// No encryption at all; only when asked for explicitly.
-    None,
-}
-
 /// Whether the worker creates the topology or only checks that it exists.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum TopologyMode {
@@ -64,15 +54,6 @@ pub enum Mode {
     Send,
     /// Log it instead of sending (content only at debug level); for trying things out.
     Log,
-}
-
-/// What to do while Redis (the deduplication store) cannot be reached.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum OnRedisUnavailable {
-    /// Stop sending until Redis answers again; readiness is false meanwhile.
-    Pause,
-    /// Send without deduplication (a redelivered job may be sent twice).
-    Send,
 }
 
 /// Log line format.
