@@ -158,14 +158,20 @@ impl Environment {
 }
 
 fn environment(pipeline: &ValidatedPipeline) -> Environment {
-    let spec = &pipeline.spec;
     let mut out = Environment::default();
     match &pipeline.source {
         ValidatedSource::Rabbit {
-            settings, source, ..
+            settings,
+            connection,
+            ..
         } => {
-            out.file(env::AMQP_URL_FILE, "amqp", &source.connection_secret, "url");
-            if let Some(ca) = &source.ca_secret {
+            out.file(
+                env::AMQP_URL_FILE,
+                "amqp",
+                &connection.connection_secret,
+                "url",
+            );
+            if let Some(ca) = &connection.ca_secret {
                 out.file(env::AMQP_CA_FILE, "amqp-ca", ca, "ca.crt");
             }
             out.vars.push(value(env::TOPOLOGY, "verify"));
@@ -180,13 +186,13 @@ fn environment(pipeline: &ValidatedPipeline) -> Environment {
             if let Some(priority) = settings.max_priority {
                 out.vars.push(value(env::MAX_PRIORITY, priority));
             }
-            out.vars.push(value(env::PREFETCH, source.prefetch));
+            out.vars.push(value(env::PREFETCH, connection.prefetch));
         }
         ValidatedSource::Kafka(_) => {}
     }
     out.vars
-        .push(value(env::CONCURRENCY, spec.worker.concurrency));
-    let smtp = &spec.smtp;
+        .push(value(env::CONCURRENCY, pipeline.worker.concurrency));
+    let smtp = &pipeline.smtp;
     out.vars.push(value(env::SMTP_HOST, &smtp.host));
     out.vars.push(value(env::SMTP_PORT, smtp.port));
     out.vars.push(value(env::SMTP_TLS, smtp.tls.as_str()));
@@ -196,7 +202,7 @@ fn environment(pipeline: &ValidatedPipeline) -> Environment {
     if smtp.insecure_skip_verify {
         out.vars.push(value(env::SMTP_INSECURE_SKIP_VERIFY, true));
     }
-    if let Some(credentials) = &smtp.credentials_secret {
+    if let Some(credentials) = &smtp.credentials {
         out.vars.push(EnvVar {
             name: env::SMTP_USERNAME.to_string(),
             value: None,
@@ -229,12 +235,12 @@ fn environment(pipeline: &ValidatedPipeline) -> Environment {
     if let Some(name) = &smtp.from.name {
         out.vars.push(value(env::FROM_NAME, name));
     }
-    if let Some(templates) = &spec.templates {
+    if let Some(config_map) = &pipeline.templates {
         let dir = format!("{MOUNTS}/templates");
         out.volumes.push(Volume {
             name: "templates".into(),
             config_map: Some(ConfigMapVolumeSource {
-                name: templates.config_map.clone(),
+                name: config_map.clone(),
                 ..ConfigMapVolumeSource::default()
             }),
             ..Volume::default()
@@ -254,16 +260,16 @@ fn environment(pipeline: &ValidatedPipeline) -> Environment {
     out.vars
         .push(value(env::BACKOFF_MULTIPLIER, retry.multiplier));
     out.vars.push(value(env::BACKOFF_MAX, millis(retry.max)));
-    out.vars
-        .push(value(env::DEAD_LETTER, spec.delivery.dead_letter));
-    if let (Some(idempotency), Some(ttl)) = (&spec.delivery.idempotency, pipeline.idempotency_ttl) {
+    out.vars.push(value(env::DEAD_LETTER, pipeline.dead_letter));
+    if let Some(idempotency) = &pipeline.idempotency {
         out.file(
             env::REDIS_URL_FILE,
             "redis",
             &idempotency.redis_secret,
             "url",
         );
-        out.vars.push(value(env::IDEMPOTENCY_TTL, millis(ttl)));
+        out.vars
+            .push(value(env::IDEMPOTENCY_TTL, millis(idempotency.ttl)));
         out.vars.push(value(
             env::IDEMPOTENCY_PREFIX,
             format!("mailpipe:{}:{}", pipeline.namespace, pipeline.name),
@@ -280,7 +286,7 @@ fn environment(pipeline: &ValidatedPipeline) -> Environment {
         env::SHUTDOWN_TIMEOUT,
         millis(pipeline.shutdown_timeout),
     ));
-    out.vars.extend(spec.worker.env.iter().cloned());
+    out.vars.extend(pipeline.worker.env.iter().cloned());
     out
 }
 
@@ -313,7 +319,7 @@ fn default_resources() -> ResourceRequirements {
 
 /// The worker Deployment (without `spec.replicas`: the scaler's).
 pub fn worker_deployment(pipeline: &ValidatedPipeline, inputs: &Inputs) -> Deployment {
-    let spec = &pipeline.spec;
+    let worker = &pipeline.worker;
     let Environment {
         vars,
         volumes,
@@ -322,7 +328,7 @@ pub fn worker_deployment(pipeline: &ValidatedPipeline, inputs: &Inputs) -> Deplo
     let container = Container {
         name: "worker".into(),
         image: Some(
-            spec.worker
+            worker
                 .image
                 .clone()
                 .unwrap_or_else(|| inputs.default_image.clone()),
@@ -337,12 +343,7 @@ pub fn worker_deployment(pipeline: &ValidatedPipeline, inputs: &Inputs) -> Deplo
         }]),
         readiness_probe: Some(probe("/readyz", 5)),
         liveness_probe: Some(probe("/healthz", 10)),
-        resources: Some(
-            spec.worker
-                .resources
-                .clone()
-                .unwrap_or_else(default_resources),
-        ),
+        resources: Some(worker.resources.clone().unwrap_or_else(default_resources)),
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
             read_only_root_filesystem: Some(true),
@@ -359,7 +360,7 @@ pub fn worker_deployment(pipeline: &ValidatedPipeline, inputs: &Inputs) -> Deplo
     let pod = PodSpec {
         containers: vec![container],
         automount_service_account_token: Some(false),
-        termination_grace_period_seconds: Some(spec.worker.termination_grace_period_seconds),
+        termination_grace_period_seconds: Some(worker.termination_grace_period_seconds),
         security_context: Some(PodSecurityContext {
             run_as_non_root: Some(true),
             run_as_user: Some(65532),
@@ -372,9 +373,8 @@ pub fn worker_deployment(pipeline: &ValidatedPipeline, inputs: &Inputs) -> Deplo
             ..PodSecurityContext::default()
         }),
         volumes: (!volumes.is_empty()).then_some(volumes),
-        node_selector: (!spec.worker.node_selector.is_empty())
-            .then(|| spec.worker.node_selector.clone()),
-        tolerations: (!spec.worker.tolerations.is_empty()).then(|| spec.worker.tolerations.clone()),
+        node_selector: (!worker.node_selector.is_empty()).then(|| worker.node_selector.clone()),
+        tolerations: (!worker.tolerations.is_empty()).then(|| worker.tolerations.clone()),
         ..PodSpec::default()
     };
     let mut template = PodTemplateSpec {

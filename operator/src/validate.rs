@@ -7,13 +7,17 @@
 //! turns the spec into the contract's types (retry policy, RabbitMQ settings, topology plan)
 //! so the operator and the worker agree by construction.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
+use k8s_openapi::api::core::v1::{EnvVar, ResourceRequirements, Toleration};
 use mailpipe_contract::topology::{RabbitSettings, TopologyPlan};
 use mailpipe_contract::RetryPolicy;
 
-use crate::crd::{self, EmailPipelineSpec};
+use crate::crd::{
+    self, Credentials, EmailPipelineSpec, OnRedisUnavailable, SecretKeyRef, Sender, TlsMode,
+};
 
 /// What an invalid spec gets wrong: the field and what to change.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,21 +50,70 @@ pub enum ValidatedSource {
     Rabbit {
         settings: RabbitSettings,
         plan: TopologyPlan,
-        source: Box<crd::RabbitSource>,
+        connection: RabbitConnection,
     },
     /// Kafka (its topology comes with the Kafka issue).
     Kafka(crd::KafkaSource),
 }
 
-/// A spec that can work, in the types the builders and the topology use.
+/// How the workers reach RabbitMQ: Secret references (mounted, never read here) and the
+/// prefetch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RabbitConnection {
+    pub connection_secret: SecretKeyRef,
+    pub ca_secret: Option<SecretKeyRef>,
+    pub prefetch: u16,
+}
+
+/// Where and how the workers send (the pool and rate per replica are on the pipeline).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SmtpTarget {
+    pub host: String,
+    pub port: u16,
+    pub tls: TlsMode,
+    pub ca_secret: Option<SecretKeyRef>,
+    pub insecure_skip_verify: bool,
+    pub credentials: Option<Credentials>,
+    pub from: Sender,
+}
+
+/// The worker pods: image, concurrency and the pod-level settings, with the user's extra
+/// environment already checked not to touch the operator's.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerShape {
+    pub image: Option<String>,
+    pub concurrency: u32,
+    pub resources: Option<ResourceRequirements>,
+    pub env: Vec<EnvVar>,
+    pub node_selector: BTreeMap<String, String>,
+    pub tolerations: Vec<Toleration>,
+    pub termination_grace_period_seconds: i64,
+}
+
+/// Deduplication through Redis, its record kept for `ttl`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidatedIdempotency {
+    pub redis_secret: SecretKeyRef,
+    pub ttl: Duration,
+    pub on_unavailable: OnRedisUnavailable,
+}
+
+/// A spec that can work, in the types the builders and the topology use: the builders read
+/// only this (never the raw spec), so a value that needs converting or checking cannot be
+/// read unconverted.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ValidatedPipeline {
     /// The pipeline's name and namespace.
     pub name: String,
     pub namespace: String,
-    /// The whole spec, for what needs no conversion.
-    pub spec: EmailPipelineSpec,
     pub source: ValidatedSource,
+    pub smtp: SmtpTarget,
+    pub worker: WorkerShape,
+    /// The ConfigMap holding the templates, when the pipeline has some.
+    pub templates: Option<String>,
+    /// Whether failed jobs go to the dead-letter queue (else the broker drops them).
+    pub dead_letter: bool,
+    pub idempotency: Option<ValidatedIdempotency>,
     pub retry: RetryPolicy,
     /// How long a stopping worker finishes in-flight sends: the grace period less 5 s.
     pub shutdown_timeout: Duration,
@@ -69,7 +122,6 @@ pub struct ValidatedPipeline {
     pub pool_per_replica: u32,
     /// Messages per second each replica may send, so the pipeline stays within its limit.
     pub rate_per_replica: Option<u32>,
-    pub idempotency_ttl: Option<Duration>,
     pub poll_interval: Duration,
     pub scale_up_stabilization: Duration,
     pub scale_down_stabilization: Duration,
@@ -149,7 +201,11 @@ pub fn validate(
             ValidatedSource::Rabbit {
                 settings,
                 plan,
-                source: Box::new(rabbit.clone()),
+                connection: RabbitConnection {
+                    connection_secret: rabbit.connection_secret.clone(),
+                    ca_secret: rabbit.ca_secret.clone(),
+                    prefetch: rabbit.prefetch,
+                },
             }
         }
         (None, Some(kafka)) => ValidatedSource::Kafka(kafka.clone()),
@@ -210,19 +266,68 @@ pub fn validate(
         }
     }
     let grace = Duration::from_secs(spec.worker.termination_grace_period_seconds.max(10) as u64);
+    // Destructured whole: a field added to the CRD must be handled here.
+    let crd::Smtp {
+        host,
+        port,
+        tls,
+        ca_secret,
+        insecure_skip_verify,
+        credentials_secret,
+        from,
+        pool_size: _,
+        rate_limit: _,
+    } = spec.smtp.clone();
+    let crd::Worker {
+        image,
+        concurrency,
+        resources,
+        env,
+        node_selector,
+        tolerations,
+        termination_grace_period_seconds,
+    } = spec.worker.clone();
+    let idempotency = match &delivery.idempotency {
+        Some(crd::Idempotency {
+            redis_secret,
+            ttl,
+            on_unavailable,
+        }) => Some(ValidatedIdempotency {
+            redis_secret: redis_secret.clone(),
+            ttl: duration("spec.delivery.idempotency.ttl", ttl)?,
+            on_unavailable: *on_unavailable,
+        }),
+        None => None,
+    };
     Ok(ValidatedPipeline {
         name: name.to_string(),
         namespace: namespace.to_string(),
-        spec: spec.clone(),
         source,
+        smtp: SmtpTarget {
+            host,
+            port,
+            tls,
+            ca_secret,
+            insecure_skip_verify,
+            credentials: credentials_secret,
+            from,
+        },
+        worker: WorkerShape {
+            image,
+            concurrency,
+            resources,
+            env,
+            node_selector,
+            tolerations,
+            termination_grace_period_seconds,
+        },
+        templates: spec.templates.as_ref().map(|t| t.config_map.clone()),
+        dead_letter: delivery.dead_letter,
+        idempotency,
         retry,
         shutdown_timeout: grace - Duration::from_secs(5),
         pool_per_replica: pool / replicas,
         rate_per_replica,
-        idempotency_ttl: match &delivery.idempotency {
-            Some(i) => Some(duration("spec.delivery.idempotency.ttl", &i.ttl)?),
-            None => None,
-        },
         poll_interval: duration("spec.scaling.pollInterval", &scaling.poll_interval)?,
         scale_up_stabilization: duration(
             "spec.scaling.scaleUpStabilization",
