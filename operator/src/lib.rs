@@ -5,7 +5,8 @@
 //! Steps, after Stackable's operators (see `reconcile`): `validate` (pure) -> `dereference`
 //! (client) -> `topology` (broker) -> `build` (pure) -> apply (client) -> `status` (client).
 //! `cleanup` deals with a deleted pipeline's topology, `keep` holds the broker connection it
-//! needs, `sharing` keeps two pipelines off one fanout exchange; `crd` holds the resource types the CRD is generated from; `controller` wires the
+//! needs, `sharing` keeps two pipelines off one fanout exchange, `scaling` decides replica
+//! counts; `crd` holds the resource types the CRD is generated from; `controller` wires the
 //! watches, `leader` elects one active replica through a Lease.
 #![forbid(unsafe_code)]
 
@@ -19,6 +20,7 @@ pub mod keep;
 pub mod leader;
 pub mod metrics;
 pub mod reconcile;
+pub mod scaling;
 pub mod sharing;
 pub mod status;
 pub mod topology;

@@ -48,6 +48,46 @@ impl Quiet<'_> {
         true
     }
 
+    /// What is where now: each queue's ready jobs, each worker's counters (for a test that
+    /// timed out waiting).
+    async fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        for queue in &self.plan.queues {
+            if amqp::queue_exists(self.url, &queue.name).await {
+                parts.push(format!(
+                    "{}: {} ready",
+                    queue.name,
+                    amqp::ready(self.url, &queue.name).await
+                ));
+            }
+        }
+        for (i, worker) in self.workers.iter().enumerate() {
+            let metrics = worker.metrics().await;
+            let shown: Vec<String> = metrics
+                .iter()
+                .filter(|(name, _)| {
+                    [
+                        "mailpipe_jobs_in_flight",
+                        "mailpipe_jobs_consumed_total",
+                        "mailpipe_jobs_sent_total",
+                        "mailpipe_broker_reconnects_total",
+                        "mailpipe_jobs_duplicates_skipped_total",
+                        "mailpipe_jobs_concurrent_copies_total",
+                        "mailpipe_jobs_retried_total",
+                        "mailpipe_jobs_failed_total",
+                        "mailpipe_smtp_unavailable_total",
+                        "mailpipe_worker_ready",
+                    ]
+                    .iter()
+                    .any(|prefix| name.starts_with(prefix))
+                })
+                .map(|(name, value)| format!("{name}={value}"))
+                .collect();
+            parts.push(format!("worker {i}: {}", shown.join(" ")));
+        }
+        parts.join("; ")
+    }
+
     /// Waits until every queue but the dead-letter queue is empty and no worker has a job
     /// in flight, three checks in a row half a second apart.
     pub async fn wait(&self, timeout: Duration) {
@@ -55,7 +95,10 @@ impl Quiet<'_> {
         let mut calm = 0;
         while calm < 3 {
             if Instant::now() > deadline {
-                panic!("timed out after {timeout:?} waiting for the queues to drain and the workers to go idle");
+                panic!(
+                    "timed out after {timeout:?} waiting for the queues to drain and the workers to go idle; {}",
+                    self.describe().await
+                );
             }
             calm = if self.is_quiet().await { calm + 1 } else { 0 };
             tokio::time::sleep(Duration::from_millis(500)).await;

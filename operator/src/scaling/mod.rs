@@ -1,0 +1,6 @@
+//! scaling: how many worker replicas each pipeline runs. `policy` is the pure decision
+//! (observation and history in, replica count and reason out); the backlog readers, the
+//! actuator seam (the Deployment's `/scale`, a local process pool) and the scaler's own
+//! loop build on it.
+
+pub mod policy;
