@@ -3,4 +3,5 @@
 //! actuator seam (the Deployment's `/scale`, a local process pool) and the scaler's own
 //! loop build on it.
 
+pub mod observe;
 pub mod policy;

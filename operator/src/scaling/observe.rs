@@ -1,0 +1,239 @@
+//! observe (broker required): the backlog the scaler decides on, read over one long-lived
+//! connection per broker, shared by every pipeline on it and re-established with backoff.
+//!
+//! Counts come from passive declares (instant; the management API's figures refresh only
+//! every 5 s by default). The work queue's ready jobs are work a new replica could take
+//! now; jobs waiting out a retry delay and dead letters are counted apart, since another
+//! replica could do nothing with them yet (or ever). Kafka's lag joins through the same
+//! [`Reading`] when its source lands.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use lapin::tcp::OwnedTLSConfig;
+use lapin::{Connection, ConnectionProperties};
+use mailpipe_contract::amqp;
+use mailpipe_contract::naming;
+use mailpipe_contract::topology::{RabbitSettings, TopologyPlan};
+use tokio::time::Instant;
+
+use super::policy::Work;
+use crate::topology::TopologyError;
+
+/// A RabbitMQ pipeline's queues as the scaler sees them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueBacklog {
+    /// Jobs ready in the work queue.
+    pub ready: u64,
+    /// Consumers of the work queue.
+    pub consumers: u32,
+    /// Jobs waiting out a retry delay (in any delay queue of the plan).
+    pub delayed: u64,
+    /// Jobs in the dead-letter queue, when the pipeline has one.
+    pub dead_letter: Option<u64>,
+}
+
+/// A Kafka pipeline's consumer-group lag (the Kafka source brings the reader).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicLag {
+    /// Committed offset to high watermark, per partition (a partition never committed counts
+    /// from its low watermark).
+    pub per_partition: Vec<u64>,
+}
+
+/// One reading of a pipeline's backlog.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reading {
+    Queue(QueueBacklog),
+    Lag(TopicLag),
+}
+
+impl Reading {
+    /// The work a new replica could take now. Unacknowledged jobs cannot be told over AMQP;
+    /// the workers' own in-flight counts fill that in where the scaler has them.
+    pub fn work(&self) -> Work {
+        match self {
+            Reading::Queue(q) => Work {
+                ready: q.ready,
+                in_flight: 0,
+            },
+            Reading::Lag(lag) => Work {
+                ready: lag.per_partition.iter().sum(),
+                in_flight: 0,
+            },
+        }
+    }
+
+    /// Partitions, for the policy's cap (Kafka only).
+    pub fn partitions(&self) -> Option<u32> {
+        match self {
+            Reading::Queue(_) => None,
+            Reading::Lag(lag) => Some(lag.per_partition.len() as u32),
+        }
+    }
+}
+
+/// One broker's connection, or when to try again.
+#[derive(Default)]
+struct Link {
+    connection: Option<Connection>,
+    failures: u32,
+    retry_at: Option<Instant>,
+}
+
+const FIRST_RETRY: Duration = Duration::from_millis(500);
+const LAST_RETRY: Duration = Duration::from_secs(30);
+
+/// A broker: its URL (with credentials: never printed) and CA.
+type BrokerKey = (String, Option<String>);
+
+/// The scaler's broker connections, one per broker.
+#[derive(Default)]
+pub struct Brokers {
+    links: Mutex<HashMap<BrokerKey, Arc<tokio::sync::Mutex<Link>>>>,
+    opened: AtomicU64,
+}
+
+fn classify(error: lapin::Error) -> TopologyError {
+    match error.kind() {
+        lapin::ErrorKind::ProtocolError(e) if e.get_id() == 404 => {
+            TopologyError::Missing(e.get_message().to_string())
+        }
+        lapin::ErrorKind::ProtocolError(e) if matches!(e.get_id(), 403 | 530) => {
+            TopologyError::Refused(e.get_message().to_string())
+        }
+        _ => TopologyError::Unreachable(error.to_string()),
+    }
+}
+
+impl Brokers {
+    /// How many connections were opened so far (one per broker, plus one per reconnect).
+    pub fn opened(&self) -> u64 {
+        self.opened.load(Ordering::Relaxed)
+    }
+
+    async fn connect(&self, url: &str, ca: Option<&str>) -> Result<Connection, TopologyError> {
+        let properties =
+            ConnectionProperties::default().with_connection_name("mailpipe-operator-scaler".into());
+        let runtime = lapin::runtime::default_runtime().map_err(classify)?;
+        let tls = OwnedTLSConfig {
+            identity: None,
+            cert_chain: ca.map(str::to_string),
+        };
+        let connect = Connection::connect_with_config(url, properties, tls, runtime);
+        let connection = match tokio::time::timeout(Duration::from_secs(10), connect).await {
+            Ok(connected) => connected.map_err(classify)?,
+            Err(_) => return Err(TopologyError::Unreachable("no answer within 10s".into())),
+        };
+        self.opened.fetch_add(1, Ordering::Relaxed);
+        Ok(connection)
+    }
+
+    /// The queues of a RabbitMQ pipeline (`settings`, `plan`) on the broker at `url`.
+    pub async fn read_queues(
+        &self,
+        url: &str,
+        ca: Option<&str>,
+        settings: &RabbitSettings,
+        plan: &TopologyPlan,
+    ) -> Result<QueueBacklog, TopologyError> {
+        let link = self
+            .links
+            .lock()
+            .expect("links lock")
+            .entry((url.to_string(), ca.map(str::to_string)))
+            .or_default()
+            .clone();
+        let mut link = link.lock().await;
+        if link
+            .connection
+            .as_ref()
+            .is_some_and(|c| !c.status().connected())
+        {
+            link.connection = None;
+        }
+        if link.connection.is_none() {
+            if let Some(at) = link.retry_at.filter(|at| *at > Instant::now()) {
+                return Err(TopologyError::Unreachable(format!(
+                    "reconnecting in {:?}",
+                    at - Instant::now()
+                )));
+            }
+            match self.connect(url, ca).await {
+                Ok(connection) => {
+                    link.connection = Some(connection);
+                    link.failures = 0;
+                    link.retry_at = None;
+                }
+                Err(error) => {
+                    let wait = FIRST_RETRY
+                        .saturating_mul(1 << link.failures.min(6))
+                        .min(LAST_RETRY);
+                    link.failures += 1;
+                    link.retry_at = Some(Instant::now() + wait);
+                    return Err(error);
+                }
+            }
+        }
+        let connection = link.connection.as_ref().expect("connected above");
+        let read = tokio::time::timeout(READ_TIMEOUT, count(connection, settings, plan)).await;
+        match read {
+            Ok(Ok(backlog)) => Ok(backlog),
+            Ok(Err(TopologyError::Unreachable(why))) => {
+                // The connection is suspect: the next read opens a new one.
+                link.connection = None;
+                Err(TopologyError::Unreachable(why))
+            }
+            Ok(Err(other)) => Err(other),
+            Err(_) => {
+                link.connection = None;
+                Err(TopologyError::Unreachable(format!(
+                    "no answer within {READ_TIMEOUT:?}"
+                )))
+            }
+        }
+    }
+}
+
+/// How long one reading may take before its connection counts as lost.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+async fn count(
+    connection: &Connection,
+    settings: &RabbitSettings,
+    plan: &TopologyPlan,
+) -> Result<QueueBacklog, TopologyError> {
+    let dead_letter = settings
+        .dead_letter
+        .then(|| naming::dead_letter_queue(&settings.queue));
+    let mut backlog = QueueBacklog {
+        ready: 0,
+        consumers: 0,
+        delayed: 0,
+        dead_letter: None,
+    };
+    // A failed passive declare closes its channel: one channel per queue.
+    for queue in &plan.queues {
+        let channel = connection.create_channel().await.map_err(classify)?;
+        let depth = amqp::depth(&channel, &queue.name).await;
+        let _ = channel.close(200, "counted".into()).await;
+        let (messages, consumers) = match depth.map_err(classify) {
+            Ok(depth) => depth,
+            // A delay queue of an earlier backoff setting may be gone: nothing in it.
+            Err(TopologyError::Missing(_)) if queue.name != settings.queue => continue,
+            Err(other) => return Err(other),
+        };
+        let messages = u64::from(messages);
+        if queue.name == settings.queue {
+            backlog.ready = messages;
+            backlog.consumers = consumers;
+        } else if Some(&queue.name) == dead_letter.as_ref() {
+            backlog.dead_letter = Some(messages);
+        } else {
+            backlog.delayed += messages;
+        }
+    }
+    Ok(backlog)
+}

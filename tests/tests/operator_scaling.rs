@@ -1,0 +1,171 @@
+//! The scaler's backlog reader against real brokers: one connection per broker however
+//! often and for however many pipelines it reads, ready work counted apart from jobs
+//! waiting out a retry delay and from dead letters, and a connection lost with its broker
+//! re-established with backoff.
+
+use std::time::Duration;
+
+use mailpipe_contract::naming;
+use mailpipe_contract::topology::RabbitSettings;
+use mailpipe_contract::RetryPolicy;
+use mailpipe_operator::scaling::observe::{Brokers, QueueBacklog};
+use mailpipe_operator::topology::rabbitmq::RabbitTopology;
+use mailpipe_operator::topology::{BrokerTopology, TopologyError};
+use mailpipe_tests::amqp::{self, Names, SHARED_URL};
+use mailpipe_tests::eventually;
+use mailpipe_tests::rabbit_node::RabbitNode;
+
+fn settings(names: &Names) -> RabbitSettings {
+    RabbitSettings {
+        exchange: names.exchange.clone(),
+        queue: names.queue.clone(),
+        ..RabbitSettings::default()
+    }
+}
+
+async fn declared(url: &str, names: &Names) -> RabbitSettings {
+    let settings = settings(names);
+    let plan = settings.plan(&RetryPolicy::default());
+    RabbitTopology::new(url.to_string(), None, settings.clone(), plan)
+        .ensure()
+        .await
+        .expect("declared");
+    settings
+}
+
+/// Connections the broker at the shared node has from the scaler.
+fn scaler_connections() -> usize {
+    amqp::rabbitmqctl(None, &["list_connections", "client_properties"])
+        .expect("rabbitmqctl")
+        .lines()
+        .filter(|l| l.contains("mailpipe-operator-scaler"))
+        .count()
+}
+
+#[tokio::test]
+async fn the_reader_counts_work_apart_from_delayed_and_dead_jobs_over_one_connection() {
+    let brokers = Brokers::default();
+    let first = Names::new("scaleread");
+    let second = Names::new("scaleread2");
+    let (a, b) = (
+        declared(SHARED_URL, &first).await,
+        declared(SHARED_URL, &second).await,
+    );
+    let plan = a.plan(&RetryPolicy::default());
+    amqp::publish_numbered(SHARED_URL, &first.exchange, "read", 0..7).await;
+    // Three retry copies waiting out the first delay (5 s by default).
+    let delay = plan
+        .queues
+        .iter()
+        .find(|q| q.name != a.queue && q.name != naming::dead_letter_queue(&a.queue))
+        .map(|q| q.name.clone())
+        .expect("a delay queue");
+    amqp::publish_routed(
+        SHARED_URL,
+        "",
+        &delay,
+        (0..3).map(|_| (b"{}".to_vec(), Default::default())),
+    )
+    .await;
+    let b_plan = b.plan(&RetryPolicy::default());
+    for _ in 0..30 {
+        let read = brokers
+            .read_queues(SHARED_URL, None, &a, &plan)
+            .await
+            .expect("a reading");
+        assert_eq!(
+            read,
+            QueueBacklog {
+                ready: 7,
+                consumers: 0,
+                delayed: 3,
+                dead_letter: Some(0),
+            },
+            "delay queue {delay}"
+        );
+        let other = brokers
+            .read_queues(SHARED_URL, None, &b, &b_plan)
+            .await
+            .expect("a reading");
+        assert_eq!(other.ready, 0);
+    }
+    assert_eq!(
+        brokers.opened(),
+        1,
+        "60 readings of two pipelines, one connection"
+    );
+    assert_eq!(
+        scaler_connections(),
+        1,
+        "the broker sees one scaler connection"
+    );
+    // A missing work queue is reported as missing, not as an unreachable broker.
+    let gone = Names::new("scalegone");
+    let missing = settings(&gone);
+    let err = brokers
+        .read_queues(
+            SHARED_URL,
+            None,
+            &missing,
+            &missing.plan(&RetryPolicy::default()),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, TopologyError::Missing(_)), "{err:?}");
+    assert_eq!(
+        brokers.opened(),
+        1,
+        "a missing queue does not cost the connection"
+    );
+    for n in [&first, &second] {
+        amqp::delete_plan(SHARED_URL, &n.plan(&RetryPolicy::default())).await;
+    }
+}
+
+#[tokio::test]
+async fn private_broker_restart_costs_the_reader_one_reconnect_with_backoff() {
+    let node = tokio::task::spawn_blocking(|| RabbitNode::start(None))
+        .await
+        .expect("node");
+    let url = node.url();
+    let names = Names::new("scaleback");
+    let settings = declared(&url, &names).await;
+    let plan = settings.plan(&RetryPolicy::default());
+    let brokers = Brokers::default();
+    brokers
+        .read_queues(&url, None, &settings, &plan)
+        .await
+        .expect("a reading");
+    let node = tokio::task::spawn_blocking(move || {
+        node.stop_app();
+        node
+    })
+    .await
+    .expect("stopped");
+    let down = brokers.read_queues(&url, None, &settings, &plan).await;
+    assert!(
+        matches!(down, Err(TopologyError::Unreachable(_))),
+        "{down:?}"
+    );
+    // Right after a failed connect, the reader waits before trying again.
+    let _ = brokers.read_queues(&url, None, &settings, &plan).await;
+    let waiting = brokers.read_queues(&url, None, &settings, &plan).await;
+    assert!(
+        matches!(&waiting, Err(TopologyError::Unreachable(why)) if why.contains("reconnecting in")),
+        "{waiting:?}"
+    );
+    let node = tokio::task::spawn_blocking(move || {
+        node.start_app();
+        node
+    })
+    .await
+    .expect("started");
+    eventually(
+        Duration::from_secs(60),
+        "a reading after the restart",
+        || async { brokers.read_queues(&url, None, &settings, &plan).await.ok() },
+    )
+    .await;
+    assert_eq!(brokers.opened(), 2, "one connection before, one after");
+    drop(node);
+}
