@@ -14,10 +14,8 @@
 
 use std::time::Duration;
 
-use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
@@ -27,6 +25,7 @@ use crate::crd::{DeletionPolicy, EmailPipeline};
 use crate::dereference::broker_connection;
 use crate::error::Error;
 use crate::reconcile::{fail_from, publish, topology_of, Context, RELEASE_ANNOTATION};
+use crate::scaling::actuator::{Actuator, ActuatorError, DeploymentScale, Workload};
 use crate::status;
 use crate::topology::BrokerTopology;
 use crate::validate::validate;
@@ -237,22 +236,22 @@ async fn namespace_terminating(ctx: &Context, namespace: &str) -> bool {
     }
 }
 
-/// Sets the worker Deployment's replicas through `/scale` (a missing Deployment is fine:
-/// there is nothing to stop).
+/// Sets the worker Deployment's replicas through the actuator (a missing Deployment is
+/// fine: there is nothing to stop).
 async fn scale_workers(
     ctx: &Context,
     namespace: &str,
     name: &str,
-    replicas: i32,
+    replicas: u32,
 ) -> Result<(), Error> {
-    let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), namespace);
-    let patch = serde_json::json!({"spec": {"replicas": replicas}});
-    match api
-        .patch_scale(name, &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-    {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(response)) if response.code == 404 => Ok(()),
-        Err(other) => Err(other.into()),
+    let workload = Workload {
+        namespace: namespace.to_string(),
+        name: name.to_string(),
+    };
+    DeploymentScale {
+        client: ctx.client.clone(),
     }
+    .scale(&workload, replicas)
+    .await
+    .map_err(|ActuatorError::Kube(e)| Error::Kube(e))
 }

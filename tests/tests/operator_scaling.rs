@@ -169,3 +169,84 @@ async fn private_broker_restart_costs_the_reader_one_reconnect_with_backoff() {
     assert_eq!(brokers.opened(), 2, "one connection before, one after");
     drop(node);
 }
+
+/// The actuator scales the worker Deployment through `/scale` without taking ownership of
+/// `spec.replicas`: the operator's next apply of the Deployment (which leaves replicas out)
+/// keeps the count, as the real server does (recordings 179-182).
+#[tokio::test]
+async fn the_actuator_scales_through_scale_and_the_next_apply_keeps_the_count() {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use kube::api::{Api, Patch, PatchParams};
+    use mailpipe_operator::scaling::actuator::{Actuator, DeploymentScale, Workload};
+
+    let server = mailpipe_kube_api::KubeApiServer::start()
+        .await
+        .expect("the test server");
+    let client = server.client();
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), "default");
+    let deployment = serde_json::json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "mail-worker"},
+        "spec": {
+            "selector": {"matchLabels": {"app": "w"}},
+            "template": {"metadata": {"labels": {"app": "w"}},
+                "spec": {"containers": [{"name": "worker", "image": "example.com/w:1"}]}}
+        }
+    });
+    let apply = || async {
+        deployments
+            .patch(
+                "mail-worker",
+                &PatchParams::apply("mailpipe-operator").force(),
+                &Patch::Apply(&deployment),
+            )
+            .await
+            .expect("applied")
+    };
+    apply().await;
+    let actuator = DeploymentScale {
+        client: client.clone(),
+    };
+    let workload = Workload {
+        namespace: "default".into(),
+        name: "mail-worker".into(),
+    };
+    assert_eq!(
+        actuator
+            .replicas(&workload)
+            .await
+            .unwrap()
+            .map(|r| r.desired),
+        Some(1),
+        "the API server's default"
+    );
+    actuator.scale(&workload, 4).await.expect("scaled");
+    let after = apply().await;
+    assert_eq!(
+        after.spec.unwrap().replicas,
+        Some(4),
+        "the apply kept the count"
+    );
+    let owners: Vec<String> = after
+        .metadata
+        .managed_fields
+        .unwrap_or_default()
+        .iter()
+        .filter(|m| {
+            m.fields_v1
+                .as_ref()
+                .is_some_and(|f| f.0.to_string().contains("f:replicas"))
+        })
+        .filter_map(|m| m.manager.clone())
+        .collect();
+    assert!(owners.is_empty(), "nobody owns spec.replicas: {owners:?}");
+    let gone = Workload {
+        namespace: "default".into(),
+        name: "no-such-worker".into(),
+    };
+    assert_eq!(actuator.replicas(&gone).await.unwrap(), None);
+    actuator
+        .scale(&gone, 2)
+        .await
+        .expect("a missing workload is left alone");
+}

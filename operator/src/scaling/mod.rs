@@ -3,5 +3,6 @@
 //! actuator seam (the Deployment's `/scale`, a local process pool) and the scaler's own
 //! loop build on it.
 
+pub mod actuator;
 pub mod observe;
 pub mod policy;
