@@ -41,6 +41,7 @@ pub async fn cleanup(
     // Whatever else happens, a pipeline that lets go forgets its metrics and kept copy.
     let let_go = || async {
         ctx.metrics.forget(&namespace, &name);
+        ctx.broker_urls.forget(&pipeline.uid().unwrap_or_default());
         ctx.keeper().forget(pipeline).await?;
         Ok::<Action, Error>(Action::await_change())
     };

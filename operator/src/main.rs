@@ -194,6 +194,7 @@ async fn serve(run: Run) -> anyhow::Result<()> {
         own_namespace: run.lease_namespace.clone(),
         kept: Default::default(),
         pipelines: Default::default(),
+        broker_urls: Default::default(),
     });
     let work = stop.child_token();
     let namespaces: Vec<Option<String>> = if run.namespaces.is_empty() {
@@ -214,6 +215,9 @@ async fn serve(run: Run) -> anyhow::Result<()> {
         .await;
         drained.cancel();
     };
+    // The scaler runs beside the controllers, on the pipelines they see, until the stop.
+    let scaler = mailpipe_operator::scaling::scaler::run(ctx.clone(), work.clone());
+    let controllers = async { tokio::join!(controllers, scaler) };
     tokio::select! {
         _ = controllers => {}
         held = elector.hold(&drained) => {

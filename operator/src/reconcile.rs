@@ -22,9 +22,10 @@ use crate::dereference::{dereference, Referenced};
 use crate::error::Error;
 use crate::keep::{Keeper, Kept};
 use crate::metrics::Metrics;
+use crate::scaling::scaler::BrokerUrls;
 use crate::status::{self, set_conditions, ConditionUpdate};
 use crate::topology::rabbitmq::RabbitTopology;
-use crate::topology::{Backlog, BrokerTopology, TopologyError};
+use crate::topology::{BrokerTopology, TopologyError};
 use crate::validate::{validate, ValidatedPipeline, ValidatedSource};
 use crate::MANAGER;
 
@@ -52,8 +53,10 @@ pub struct Context {
     pub own_namespace: String,
     /// The kept broker connections this process wrote (see `keep`).
     pub kept: Kept,
-    /// Every pipeline the controllers see (see `sharing`).
+    /// Every pipeline the controllers see (see `sharing`, `scaling`).
     pub pipelines: Pipelines,
+    /// Each pipeline's broker, for the scaler.
+    pub broker_urls: BrokerUrls,
 }
 
 /// The controllers' caches of pipelines (one per watched namespace, or one for all).
@@ -457,6 +460,10 @@ async fn apply(
         }
         Err(error) => return topology_failed(api, pipeline, ctx, error).await,
     };
+    if let (Some(url), Some(uid)) = (&referenced.amqp_url, pipeline.uid()) {
+        ctx.broker_urls
+            .remember(&uid, url, referenced.amqp_ca.as_deref());
+    }
     // sharing (no client required): a fanout exchange another pipeline's queue is bound to
     // on this broker would send every job twice.
     let broker = referenced
@@ -630,38 +637,13 @@ async fn apply(
             format!("{ready} of {desired} workers ready"),
         )
     };
-    let backlog: Option<Backlog> = match topology.backlog().await {
-        Ok(backlog) => Some(backlog),
-        Err(TopologyError::Unreachable(e)) => {
-            tracing::warn!(pipeline = %name, "cannot read the backlog: {e}");
-            None
-        }
-        Err(other) => return Err(other.into()),
-    };
+    // The backlog, the desired count and their metrics are the scaler's (its own loop and
+    // field manager); the reconcile reports what runs.
     let mut current = pipeline.status.clone().unwrap_or_default();
     current.source = Some(valid.source_label());
     current.replicas = Some(replicas);
     current.ready_replicas = Some(ready);
-    current.desired_replicas = Some(desired);
-    if let Some(backlog) = backlog {
-        current.backlog = Some(backlog.ready as i64);
-        current.dead_letter_depth = backlog.dead_letter.map(|d| d as i64);
-        ctx.metrics
-            .backlog
-            .with_label_values(&[&namespace, &name])
-            .set(backlog.ready as i64);
-        if let Some(depth) = backlog.dead_letter {
-            ctx.metrics
-                .dead_letter_depth
-                .with_label_values(&[&namespace, &name])
-                .set(depth as i64);
-        }
-    }
-    for (kind, value) in [
-        ("desired", desired),
-        ("current", replicas),
-        ("ready", ready),
-    ] {
+    for (kind, value) in [("current", replicas), ("ready", ready)] {
         ctx.metrics
             .replicas
             .with_label_values(&[&namespace, &name, kind])

@@ -65,12 +65,21 @@ pub fn now() -> Time {
     Time(k8s_openapi::jiff::Timestamp::from_second(now.as_second()).unwrap_or(now))
 }
 
-/// Writes `status` (the whole of what the operator owns in it).
+/// Writes `status`: what the reconcile owns in it. The scaler's fields (`desiredReplicas`,
+/// `backlog`, `deadLetterDepth`, `lastScaleTime`, written by its own field manager) are left
+/// out, so this write never sets them back to an older value.
 pub async fn write(
     api: &Api<EmailPipeline>,
     pipeline: &EmailPipeline,
     status: &EmailPipelineStatus,
 ) -> Result<(), kube::Error> {
+    let status = EmailPipelineStatus {
+        desired_replicas: None,
+        backlog: None,
+        dead_letter_depth: None,
+        last_scale_time: None,
+        ..status.clone()
+    };
     let patch = json!({
         "apiVersion": "mailpipe.dev/v1alpha1",
         "kind": "EmailPipeline",

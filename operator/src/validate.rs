@@ -90,6 +90,17 @@ pub struct WorkerShape {
     pub termination_grace_period_seconds: i64,
 }
 
+/// The replica bounds and targets (the durations are on the pipeline).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScalingRules {
+    pub min_replicas: u32,
+    pub max_replicas: u32,
+    pub target_backlog_per_replica: u64,
+    pub activation_backlog: u64,
+    pub max_step: Option<u32>,
+    pub fallback_replicas: Option<u32>,
+}
+
 /// Deduplication through Redis, its record kept for `ttl`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ValidatedIdempotency {
@@ -114,6 +125,9 @@ pub struct ValidatedPipeline {
     /// Whether failed jobs go to the dead-letter queue (else the broker drops them).
     pub dead_letter: bool,
     pub idempotency: Option<ValidatedIdempotency>,
+    pub scaling: ScalingRules,
+    /// The SMTP connections all replicas together may hold.
+    pub smtp_pool_size: u32,
     pub retry: RetryPolicy,
     /// How long a stopping worker finishes in-flight sends: the grace period less 5 s.
     pub shutdown_timeout: Duration,
@@ -275,7 +289,7 @@ pub fn validate(
         insecure_skip_verify,
         credentials_secret,
         from,
-        pool_size: _,
+        pool_size,
         rate_limit: _,
     } = spec.smtp.clone();
     let crd::Worker {
@@ -324,6 +338,15 @@ pub fn validate(
         templates: spec.templates.as_ref().map(|t| t.config_map.clone()),
         dead_letter: delivery.dead_letter,
         idempotency,
+        scaling: ScalingRules {
+            min_replicas: scaling.min_replicas.max(0) as u32,
+            max_replicas: scaling.max_replicas.max(0) as u32,
+            target_backlog_per_replica: scaling.target_backlog_per_replica.max(1) as u64,
+            activation_backlog: scaling.activation_backlog.max(0) as u64,
+            max_step: scaling.max_step.map(|n| n.max(1) as u32),
+            fallback_replicas: scaling.fallback_replicas.map(|n| n.max(0) as u32),
+        },
+        smtp_pool_size: pool_size,
         retry,
         shutdown_timeout: grace - Duration::from_secs(5),
         pool_per_replica: pool / replicas,

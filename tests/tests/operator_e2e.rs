@@ -735,12 +735,16 @@ spec:
 #[tokio::test]
 async fn a_changing_backlog_does_not_make_the_operator_reconcile_in_a_loop() {
     let (cluster, smtp, operator) = with_operator(SmtpOptions::default()).await;
-    // Workers that never run: the backlog only grows.
+    // Workers that never run: the backlog only grows. One replica at most, so the scaler
+    // (which would otherwise follow the backlog, and each scale is a change of the
+    // Deployment) leaves the count alone: only status writes are under test here.
     let names = Names::new("e2eloop");
-    let pipeline = manifest("loop", &names, smtp.port, "Retain").replace(
-        "  worker:\n",
-        "  worker:\n    image: example.com/not-runnable:1\n",
-    );
+    let pipeline = manifest("loop", &names, smtp.port, "Retain")
+        .replace(
+            "  worker:\n",
+            "  worker:\n    image: example.com/not-runnable:1\n",
+        )
+        .replace("maxReplicas: 5", "maxReplicas: 1");
     assert!(cluster.apply(&pipeline).await.status.success());
     wait_condition(&cluster, "loop", "TopologyReady", "True", "Declared").await;
     let reconciles = |metrics: String| -> f64 {
@@ -1058,4 +1062,103 @@ async fn a_second_pipeline_naming_a_bound_fanout_exchange_is_refused() {
     // Every request it made is allowed by the shipped RBAC.
     assert!(cluster.check_operator_rbac() > 0);
     delete_topology(&first).await;
+}
+
+/// The scaler, a loop of its own beside the reconcile: a backlog raises the worker
+/// Deployment in one step to the count the target calls for, within two poll intervals;
+/// once the queue is empty the workers go back to the minimum (0) after the scale-down
+/// window. The scaler's status fields and the reconcile's stand side by side.
+#[tokio::test]
+async fn a_backlog_scales_the_workers_up_in_one_step_and_an_empty_queue_back_to_zero() {
+    let (cluster, smtp, _operator) = with_operator(SmtpOptions::default()).await;
+    let names = Names::new("e2escale");
+    // Workers that never run: the backlog stays until the test takes it.
+    let pipeline = manifest("scale", &names, smtp.port, "Retain")
+        .replace(
+            "  worker:\n",
+            "  worker:\n    image: example.com/not-runnable:1\n",
+        )
+        .replace("minReplicas: 1", "minReplicas: 0")
+        .replace(
+            "maxReplicas: 5",
+            "maxReplicas: 4\n    targetBacklogPerReplica: 10\n    pollInterval: 1s\n    scaleDownStabilization: 5s",
+        );
+    assert!(cluster.apply(&pipeline).await.status.success());
+    wait_condition(&cluster, "scale", "TopologyReady", "True", "Declared").await;
+    let deployments: Api<Deployment> = Api::default_namespaced(cluster.client.clone());
+    let replicas = || async {
+        deployments
+            .get_opt("scale-worker")
+            .await
+            .ok()
+            .flatten()
+            .and_then(|d| d.spec?.replicas)
+    };
+    eventually(Cluster::SETTLE, "no work, no workers", || async {
+        (replicas().await == Some(0)).then_some(())
+    })
+    .await;
+
+    amqp::publish_numbered(SHARED_URL, &names.exchange, "scale", 0..35).await;
+    let published = std::time::Instant::now();
+    let seen = std::sync::Mutex::new(Vec::new());
+    let reached = eventually(Duration::from_secs(10), "four workers", || async {
+        let now = replicas().await;
+        let mut seen = seen.lock().unwrap();
+        if seen.last() != Some(&now) {
+            seen.push(now);
+        }
+        (now == Some(4)).then(std::time::Instant::now)
+    })
+    .await;
+    let seen = seen.into_inner().unwrap();
+    let took = reached - published;
+    println!("35 jobs -> 4 workers in {took:?}, counts seen {seen:?}");
+    assert!(
+        took < Duration::from_secs(3),
+        "within two 1 s polls: {took:?}"
+    );
+    assert_eq!(seen, vec![Some(0), Some(4)], "in one step");
+    let status = |field: &'static str| {
+        let cluster = &cluster;
+        async move {
+            cluster
+                .kubectl_ok(&[
+                    "get",
+                    "emp",
+                    "scale",
+                    "-o",
+                    &format!("jsonpath={{.status.{field}}}"),
+                ])
+                .await
+        }
+    };
+    eventually(Cluster::SETTLE, "the scaler's status", || async {
+        (status("backlog").await == "35" && status("desiredReplicas").await == "4").then_some(())
+    })
+    .await;
+    assert_eq!(
+        status("source").await,
+        format!("rabbitmq/{}", names.queue),
+        "the reconcile's field stays"
+    );
+    let events = cluster.kubectl_ok(&["get", "events"]).await;
+    assert!(events.contains("Scaled"), "{events}");
+
+    // Empty again: back to zero, but only after the 5 s scale-down window.
+    assert_eq!(amqp::take_all(SHARED_URL, &names.queue).await.len(), 35);
+    let emptied = std::time::Instant::now();
+    eventually(Duration::from_secs(30), "back to zero", || async {
+        (replicas().await == Some(0)).then_some(())
+    })
+    .await;
+    let down = emptied.elapsed();
+    println!("empty -> 0 workers in {down:?}");
+    assert!(
+        down >= Duration::from_secs(4),
+        "the scale-down window held: {down:?}"
+    );
+    // Every request it made is allowed by the shipped RBAC.
+    assert!(cluster.check_operator_rbac() > 0);
+    delete_topology(&names).await;
 }

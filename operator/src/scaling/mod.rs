@@ -6,3 +6,4 @@
 pub mod actuator;
 pub mod observe;
 pub mod policy;
+pub mod scaler;

@@ -1,0 +1,298 @@
+//! scaler (client and broker required): the scaling loop, apart from the reconcile. The
+//! leader looks at each pipeline every `scaling.pollInterval`: reads its backlog over the
+//! broker's shared connection (`observe`), asks the pure `policy` for a replica count, and
+//! sets it through the `actuator`; it never re-applies the pipeline's children.
+//!
+//! Its status fields (`desiredReplicas`, `backlog`, `deadLetterDepth`, `lastScaleTime`) are
+//! written by a field manager of their own, `mailpipe-operator-scaler`, and only when they
+//! change: the reconcile leaves them out of what it applies, so neither writer erases the
+//! other's fields, and status writes trigger no reconcile. A pipeline being deleted is left
+//! to its cleanup (which stops its workers itself).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kube::api::{Patch, PatchParams};
+use kube::runtime::events::{Event as KubeEvent, EventType};
+use kube::{Api, Resource, ResourceExt};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::actuator::{Actuator, DeploymentScale, Workload};
+use super::observe::{Brokers, Reading};
+use super::policy::{Decision, History, Observation, Policy, Target};
+use crate::crd::EmailPipeline;
+use crate::reconcile::Context;
+use crate::validate::{validate, ValidatedPipeline, ValidatedSource};
+
+/// The field manager of the scaler's status fields.
+pub const SCALER_MANAGER: &str = "mailpipe-operator-scaler";
+
+/// How long the backlog may be unreadable before `fallbackReplicas` applies.
+const FALLBACK_AFTER: Duration = Duration::from_secs(30);
+
+/// How often the loop wakes to see which pipelines are due.
+const TICK: Duration = Duration::from_millis(250);
+
+/// The broker each pipeline's topology was declared on, as the reconcile last read it from
+/// the pipeline's Secrets (URL and CA, by pipeline uid; in memory only, never logged).
+#[derive(Default)]
+pub struct BrokerUrls(Mutex<HashMap<String, (String, Option<String>)>>);
+
+impl BrokerUrls {
+    /// Remembers pipeline `uid`'s broker.
+    pub fn remember(&self, uid: &str, url: &str, ca: Option<&str>) {
+        self.0
+            .lock()
+            .expect("broker urls lock")
+            .insert(uid.to_string(), (url.to_string(), ca.map(str::to_string)));
+    }
+
+    /// Forgets pipeline `uid`'s broker (it was deleted).
+    pub fn forget(&self, uid: &str) {
+        self.0.lock().expect("broker urls lock").remove(uid);
+    }
+
+    fn get(&self, uid: &str) -> Option<(String, Option<String>)> {
+        self.0.lock().expect("broker urls lock").get(uid).cloned()
+    }
+}
+
+/// The rules of a validated pipeline.
+pub fn policy_of(valid: &ValidatedPipeline, connection_budget: u32) -> Policy {
+    let scaling = &valid.scaling;
+    Policy {
+        min_replicas: scaling.min_replicas,
+        max_replicas: scaling.max_replicas,
+        target: Target::PerReplica(scaling.target_backlog_per_replica),
+        activation_backlog: scaling.activation_backlog,
+        drain_within: None,
+        scale_up_stabilization: valid.scale_up_stabilization,
+        scale_down_stabilization: valid.scale_down_stabilization,
+        max_step: scaling.max_step,
+        fallback_replicas: scaling.fallback_replicas,
+        fallback_after: FALLBACK_AFTER,
+        connection_budget,
+    }
+}
+
+/// What the scaler remembers of one pipeline.
+struct Tracked {
+    history: History,
+    next_at: Instant,
+    /// The status fields last written.
+    written: Option<serde_json::Value>,
+}
+
+/// Runs until `stop`: every pipeline the controllers see, each at its poll interval.
+pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
+    let brokers = Brokers::default();
+    let actuator = DeploymentScale {
+        client: ctx.client.clone(),
+    };
+    let started = Instant::now();
+    let mut tracked: HashMap<String, Tracked> = HashMap::new();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(TICK) => {}
+        }
+        let pipelines = ctx.pipelines.all();
+        tracked.retain(|uid, _| pipelines.iter().any(|p| p.uid().as_deref() == Some(uid)));
+        for pipeline in pipelines {
+            if pipeline.meta().deletion_timestamp.is_some() {
+                continue;
+            }
+            let (Some(uid), Some(namespace)) = (pipeline.uid(), pipeline.namespace()) else {
+                continue;
+            };
+            let name = pipeline.name_any();
+            let Ok(valid) = validate(&name, &namespace, &pipeline.spec) else {
+                continue;
+            };
+            let now = Instant::now();
+            let entry = tracked.entry(uid.clone()).or_insert_with(|| Tracked {
+                history: History::default(),
+                next_at: now,
+                written: None,
+            });
+            if entry.next_at > now {
+                continue;
+            }
+            entry.next_at = now + valid.poll_interval;
+            let at = now - started;
+            tick(
+                &ctx, &brokers, &actuator, &pipeline, &valid, &uid, at, entry,
+            )
+            .await;
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn tick(
+    ctx: &Context,
+    brokers: &Brokers,
+    actuator: &DeploymentScale,
+    pipeline: &EmailPipeline,
+    valid: &ValidatedPipeline,
+    uid: &str,
+    at: Duration,
+    tracked: &mut Tracked,
+) {
+    let (namespace, name) = (valid.namespace.as_str(), valid.name.as_str());
+    let workload = Workload {
+        namespace: namespace.to_string(),
+        name: crate::build::worker_name(valid),
+    };
+    // No Deployment yet (or any more): nothing to scale.
+    let current = match actuator.replicas(&workload).await {
+        Ok(Some(current)) => current,
+        Ok(None) => return,
+        Err(error) => {
+            tracing::warn!(pipeline = %name, "cannot read the worker replicas: {error}");
+            return;
+        }
+    };
+    let reading = match &valid.source {
+        ValidatedSource::Rabbit { settings, plan, .. } => {
+            let Some((url, ca)) = ctx.broker_urls.get(uid) else {
+                // The reconcile has not read the pipeline's Secrets yet.
+                return;
+            };
+            match brokers
+                .read_queues(&url, ca.as_deref(), settings, plan)
+                .await
+            {
+                Ok(backlog) => Some(Reading::Queue(backlog)),
+                Err(error) => {
+                    tracing::debug!(pipeline = %name, "cannot read the backlog: {error}");
+                    None
+                }
+            }
+        }
+        ValidatedSource::Kafka(_) => return,
+    };
+    let observation = Observation {
+        at,
+        work: reading.as_ref().map(Reading::work),
+        current: current.desired,
+        rate_per_replica: None,
+        paused: None,
+        partitions: reading.as_ref().and_then(Reading::partitions),
+    };
+    let policy = policy_of(valid, valid.smtp_pool_size);
+    let decision = policy.decide(&observation, &mut tracked.history);
+    let scaled = decision.replicas != current.desired;
+    if scaled {
+        if let Err(error) = actuator.scale(&workload, decision.replicas).await {
+            tracing::warn!(pipeline = %name, "cannot scale the workers: {error}");
+            return;
+        }
+        let direction = if decision.replicas > current.desired {
+            "up"
+        } else {
+            "down"
+        };
+        ctx.metrics
+            .scale_events
+            .with_label_values(&[namespace, name, direction])
+            .inc();
+        let work = observation.work.map_or(0, |w| w.ready + w.in_flight);
+        announce(ctx, pipeline, current.desired, &decision, work).await;
+    }
+    if let Some(Reading::Queue(backlog)) = &reading {
+        ctx.metrics
+            .backlog
+            .with_label_values(&[namespace, name])
+            .set(backlog.ready as i64);
+        if let Some(depth) = backlog.dead_letter {
+            ctx.metrics
+                .dead_letter_depth
+                .with_label_values(&[namespace, name])
+                .set(depth as i64);
+        }
+    }
+    ctx.metrics
+        .replicas
+        .with_label_values(&[namespace, name, "desired"])
+        .set(i64::from(decision.replicas));
+    // The scaler's status fields, written when they change.
+    let mut fields = serde_json::json!({"desiredReplicas": decision.replicas});
+    if let Some(Reading::Queue(backlog)) = &reading {
+        fields["backlog"] = serde_json::json!(backlog.ready);
+        if let Some(depth) = backlog.dead_letter {
+            fields["deadLetterDepth"] = serde_json::json!(depth);
+        }
+    }
+    let last_scale = pipeline
+        .status
+        .as_ref()
+        .and_then(|s| s.last_scale_time.clone());
+    match (scaled, last_scale) {
+        (true, _) => fields["lastScaleTime"] = serde_json::json!(crate::status::now()),
+        (false, Some(time)) => fields["lastScaleTime"] = serde_json::json!(time),
+        (false, None) => {}
+    }
+    let unchanged = tracked.written.as_ref().is_some_and(|w| {
+        let strip = |v: &serde_json::Value| {
+            let mut v = v.clone();
+            if let Some(map) = v.as_object_mut() {
+                map.remove("lastScaleTime");
+            }
+            v
+        };
+        strip(w) == strip(&fields)
+    });
+    if unchanged && !scaled {
+        return;
+    }
+    let api: Api<EmailPipeline> = Api::namespaced(ctx.client.clone(), namespace);
+    let patch = serde_json::json!({
+        "apiVersion": "mailpipe.dev/v1alpha1",
+        "kind": "EmailPipeline",
+        "status": fields,
+    });
+    match api
+        .patch_status(
+            name,
+            &PatchParams::apply(SCALER_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+    {
+        Ok(_) => tracked.written = Some(fields),
+        Err(error) => tracing::warn!(pipeline = %name, "cannot write the scaling status: {error}"),
+    }
+}
+
+/// One Normal event per scale decision, with its reason.
+async fn announce(
+    ctx: &Context,
+    pipeline: &EmailPipeline,
+    from: u32,
+    decision: &Decision,
+    work: u64,
+) {
+    let note = format!(
+        "scaled the workers from {from} to {} ({}; {work} jobs waiting)",
+        decision.replicas,
+        decision.reason.as_str()
+    );
+    tracing::info!(pipeline = %pipeline.name_any(), "{note}");
+    let event = KubeEvent {
+        type_: EventType::Normal,
+        reason: "Scaled".into(),
+        note: Some(note),
+        action: "Scale".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx
+        .recorder
+        .publish(&event, &pipeline.object_ref(&()))
+        .await
+    {
+        tracing::warn!(pipeline = %pipeline.name_any(), "cannot publish an event: {e}");
+    }
+}
