@@ -475,9 +475,12 @@ pub struct EmailPipelineStatus {
     /// The generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// `Ready`, `TopologyReady`, `WorkerReady` and `Scaling`, each with a reason.
+    /// `Ready`, `SpecValid`, `TopologyReady`, `WorkerReady` and `Scaling`, each with a
+    /// reason. A list keyed by type, so the reconcile and the scaler (two field managers)
+    /// each own their conditions.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// `rabbitmq/<queue>` or `kafka/<topic>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -250,7 +250,8 @@ fn next_status(
     let mut conditions = set_conditions(&base.conditions, updates, generation, status::now());
     let failing = conditions
         .iter()
-        .find(|c| c.type_ != "Ready" && c.status != "True")
+        // `Scaling` says what the scaler decided, not whether mail flows.
+        .find(|c| c.type_ != "Ready" && c.type_ != "Scaling" && c.status != "True")
         .map(|c| (c.reason.clone(), c.message.clone()));
     let ready = match &failing {
         None => (

@@ -66,8 +66,9 @@ pub fn now() -> Time {
 }
 
 /// Writes `status`: what the reconcile owns in it. The scaler's fields (`desiredReplicas`,
-/// `backlog`, `deadLetterDepth`, `lastScaleTime`, written by its own field manager) are left
-/// out, so this write never sets them back to an older value.
+/// `backlog`, `deadLetterDepth`, `lastScaleTime` and the `Scaling` condition, written by
+/// its own field manager) are left out, so this write never sets them back to an older
+/// value.
 pub async fn write(
     api: &Api<EmailPipeline>,
     pipeline: &EmailPipeline,
@@ -78,6 +79,12 @@ pub async fn write(
         backlog: None,
         dead_letter_depth: None,
         last_scale_time: None,
+        conditions: status
+            .conditions
+            .iter()
+            .filter(|c| c.type_ != "Scaling")
+            .cloned()
+            .collect(),
         ..status.clone()
     };
     let patch = json!({

@@ -1142,6 +1142,12 @@ async fn a_backlog_scales_the_workers_up_in_one_step_and_an_empty_queue_back_to_
         format!("rabbitmq/{}", names.queue),
         "the reconcile's field stays"
     );
+    // The scaler's condition beside the reconcile's (the scale-up made the reconcile write
+    // its status again, and the Scaling condition survived it).
+    wait_condition(&cluster, "scale", "Scaling", "True", "Target").await;
+    wait_condition(&cluster, "scale", "TopologyReady", "True", "Declared").await;
+    let message = condition(&cluster, "scale", "Scaling", "message").await;
+    assert_eq!(message, "4 replicas for 35 jobs");
     let events = cluster.kubectl_ok(&["get", "events"]).await;
     assert!(events.contains("Scaled"), "{events}");
 

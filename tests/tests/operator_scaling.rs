@@ -33,18 +33,20 @@ async fn declared(url: &str, names: &Names) -> RabbitSettings {
     settings
 }
 
-/// Connections the broker at the shared node has from the scaler.
-fn scaler_connections() -> usize {
+/// Connections the shared broker lists under `name` (operators of other tests run
+/// scalers of their own on it, under the default name).
+fn connections_named(name: &str) -> usize {
     amqp::rabbitmqctl(None, &["list_connections", "client_properties"])
         .expect("rabbitmqctl")
         .lines()
-        .filter(|l| l.contains("mailpipe-operator-scaler"))
+        .filter(|l| l.contains(name))
         .count()
 }
 
 #[tokio::test]
 async fn the_reader_counts_work_apart_from_delayed_and_dead_jobs_over_one_connection() {
-    let brokers = Brokers::default();
+    let name = mailpipe_tests::unique("scaler-reader");
+    let brokers = Brokers::named(&name);
     let first = Names::new("scaleread");
     let second = Names::new("scaleread2");
     let (a, b) = (
@@ -95,7 +97,7 @@ async fn the_reader_counts_work_apart_from_delayed_and_dead_jobs_over_one_connec
         "60 readings of two pipelines, one connection"
     );
     assert_eq!(
-        scaler_connections(),
+        connections_named(&name),
         1,
         "the broker sees one scaler connection"
     );

@@ -90,10 +90,17 @@ const LAST_RETRY: Duration = Duration::from_secs(30);
 type BrokerKey = (String, Option<String>);
 
 /// The scaler's broker connections, one per broker.
-#[derive(Default)]
 pub struct Brokers {
     links: Mutex<HashMap<BrokerKey, Arc<tokio::sync::Mutex<Link>>>>,
     opened: AtomicU64,
+    /// The connection name the broker shows.
+    name: String,
+}
+
+impl Default for Brokers {
+    fn default() -> Self {
+        Brokers::named("mailpipe-operator-scaler")
+    }
 }
 
 fn classify(error: lapin::Error) -> TopologyError {
@@ -109,6 +116,15 @@ fn classify(error: lapin::Error) -> TopologyError {
 }
 
 impl Brokers {
+    /// Connections the broker lists under `name`.
+    pub fn named(name: &str) -> Brokers {
+        Brokers {
+            links: Mutex::default(),
+            opened: AtomicU64::default(),
+            name: name.to_string(),
+        }
+    }
+
     /// How many connections were opened so far (one per broker, plus one per reconnect).
     pub fn opened(&self) -> u64 {
         self.opened.load(Ordering::Relaxed)
@@ -116,7 +132,7 @@ impl Brokers {
 
     async fn connect(&self, url: &str, ca: Option<&str>) -> Result<Connection, TopologyError> {
         let properties =
-            ConnectionProperties::default().with_connection_name("mailpipe-operator-scaler".into());
+            ConnectionProperties::default().with_connection_name(self.name.as_str().into());
         let runtime = lapin::runtime::default_runtime().map_err(classify)?;
         let tls = OwnedTLSConfig {
             identity: None,

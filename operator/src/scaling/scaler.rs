@@ -3,8 +3,8 @@
 //! broker's shared connection (`observe`), asks the pure `policy` for a replica count, and
 //! sets it through the `actuator`; it never re-applies the pipeline's children.
 //!
-//! Its status fields (`desiredReplicas`, `backlog`, `deadLetterDepth`, `lastScaleTime`) are
-//! written by a field manager of their own, `mailpipe-operator-scaler`, and only when they
+//! Its status fields (`desiredReplicas`, `backlog`, `deadLetterDepth`, `lastScaleTime`, the
+//! `Scaling` condition) are written by a field manager of their own, `mailpipe-operator-scaler`, and only when they
 //! change: the reconcile leaves them out of what it applies, so neither writer erases the
 //! other's fields, and status writes trigger no reconcile. A pipeline being deleted is left
 //! to its cleanup (which stops its workers itself).
@@ -235,11 +235,18 @@ async fn tick(
         (false, Some(time)) => fields["lastScaleTime"] = serde_json::json!(time),
         (false, None) => {}
     }
+    fields["conditions"] =
+        serde_json::json!([scaling_condition(pipeline, &decision, &observation)]);
     let unchanged = tracked.written.as_ref().is_some_and(|w| {
         let strip = |v: &serde_json::Value| {
             let mut v = v.clone();
             if let Some(map) = v.as_object_mut() {
                 map.remove("lastScaleTime");
+            }
+            if let Some(conditions) = v["conditions"].as_array_mut() {
+                for c in conditions.iter_mut().filter_map(|c| c.as_object_mut()) {
+                    c.remove("lastTransitionTime");
+                }
             }
             v
         };
@@ -265,6 +272,44 @@ async fn tick(
         Ok(_) => tracked.written = Some(fields),
         Err(error) => tracing::warn!(pipeline = %name, "cannot write the scaling status: {error}"),
     }
+}
+
+/// The `Scaling` condition: True with the decision's reason while the backlog can be read,
+/// False while it cannot. Its transition time holds while its status does.
+fn scaling_condition(
+    pipeline: &EmailPipeline,
+    decision: &Decision,
+    observation: &Observation,
+) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+    let readable = observation.work.is_some();
+    let message = match observation.work {
+        Some(work) => {
+            let jobs = work.ready + work.in_flight;
+            match decision.time_to_drain {
+                Some(eta) => format!(
+                    "{} replicas for {jobs} jobs, about {}s to drain",
+                    decision.replicas,
+                    eta.as_secs()
+                ),
+                None => format!("{} replicas for {jobs} jobs", decision.replicas),
+            }
+        }
+        None => format!("the backlog cannot be read; {} replicas", decision.replicas),
+    };
+    let previous = pipeline
+        .status
+        .as_ref()
+        .map(|s| s.conditions.clone())
+        .unwrap_or_default();
+    crate::status::set_conditions(
+        &previous,
+        &[("Scaling", readable, decision.reason.as_str(), message)],
+        pipeline.metadata.generation,
+        crate::status::now(),
+    )
+    .into_iter()
+    .find(|c| c.type_ == "Scaling")
+    .expect("the condition just set")
 }
 
 /// One Normal event per scale decision, with its reason.
