@@ -435,11 +435,29 @@ pub struct Scaling {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 1000))]
     pub max_step: Option<i32>,
+    /// A runbook table instead of `targetBacklogPerReplica`: each row runs `replicas` from
+    /// `backlog` jobs up to the next row's (rows in increasing `backlog`; below the first
+    /// row, the first row's count).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub thresholds: Vec<Threshold>,
     /// Replicas to run once the backlog could not be read for 30 s (unset: keep the current
     /// count).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 1000))]
     pub fallback_replicas: Option<i32>,
+}
+
+/// One row of a scaling table.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Threshold {
+    /// Jobs waiting from which this row applies.
+    #[schemars(range(min = 0, max = 10000000))]
+    pub backlog: i64,
+    /// Replicas to run (still within minReplicas and maxReplicas).
+    #[schemars(range(min = 0, max = 1000))]
+    pub replicas: i32,
 }
 
 /// What happens to the broker topology when the pipeline is deleted.
@@ -647,6 +665,7 @@ impl Default for Scaling {
             scale_up_stabilization: default_scale_up_window(),
             scale_down_stabilization: default_scale_down_window(),
             max_step: None,
+            thresholds: Vec::new(),
             fallback_replicas: None,
         }
     }

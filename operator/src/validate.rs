@@ -91,7 +91,7 @@ pub struct WorkerShape {
 }
 
 /// The replica bounds and targets (the durations are on the pipeline).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ScalingRules {
     pub min_replicas: u32,
     pub max_replicas: u32,
@@ -99,6 +99,8 @@ pub struct ScalingRules {
     pub activation_backlog: u64,
     pub max_step: Option<u32>,
     pub fallback_replicas: Option<u32>,
+    /// `(from backlog, replicas)` rows in increasing backlog; empty: the target per replica.
+    pub thresholds: Vec<(u64, u32)>,
 }
 
 /// Deduplication through Redis, its record kept for `ttl`.
@@ -238,6 +240,16 @@ pub fn validate(
             "spec.scaling.minReplicas must be <= spec.scaling.maxReplicas",
         ));
     }
+    if scaling
+        .thresholds
+        .windows(2)
+        .any(|pair| pair[0].backlog >= pair[1].backlog)
+    {
+        return Err(invalid(
+            "spec.scaling.thresholds",
+            "rows must be in strictly increasing backlog order",
+        ));
+    }
     let replicas = scaling.max_replicas.max(1) as u32;
     let pool = spec.smtp.pool_size;
     if pool < replicas {
@@ -345,6 +357,11 @@ pub fn validate(
             activation_backlog: scaling.activation_backlog.max(0) as u64,
             max_step: scaling.max_step.map(|n| n.max(1) as u32),
             fallback_replicas: scaling.fallback_replicas.map(|n| n.max(0) as u32),
+            thresholds: scaling
+                .thresholds
+                .iter()
+                .map(|t| (t.backlog.max(0) as u64, t.replicas.max(0) as u32))
+                .collect(),
         },
         smtp_pool_size: pool_size,
         retry,
@@ -430,6 +447,19 @@ mod tests {
             &spec(json!({"smtp": {"poolSize": 2}, "scaling": {"maxReplicas": 4}})),
         );
         assert_eq!(small.unwrap_err().field, "spec.smtp.poolSize");
+    }
+
+    #[test]
+    fn threshold_rows_must_rise_in_backlog() {
+        let table = |rows: serde_json::Value| {
+            validate("w", "m", &spec(json!({"scaling": {"thresholds": rows}})))
+        };
+        let valid =
+            table(json!([{"backlog": 0, "replicas": 1}, {"backlog": 100, "replicas": 3}])).unwrap();
+        assert_eq!(valid.scaling.thresholds, vec![(0, 1), (100, 3)]);
+        let err = table(json!([{"backlog": 100, "replicas": 3}, {"backlog": 100, "replicas": 4}]))
+            .unwrap_err();
+        assert_eq!(err.field, "spec.scaling.thresholds");
     }
 
     #[test]

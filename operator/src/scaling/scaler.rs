@@ -59,13 +59,17 @@ impl BrokerUrls {
     }
 }
 
-/// The rules of a validated pipeline.
+/// The rules of a validated pipeline (the drain objective waits for a measured rate).
 pub fn policy_of(valid: &ValidatedPipeline, connection_budget: u32) -> Policy {
     let scaling = &valid.scaling;
     Policy {
         min_replicas: scaling.min_replicas,
         max_replicas: scaling.max_replicas,
-        target: Target::PerReplica(scaling.target_backlog_per_replica),
+        target: if scaling.thresholds.is_empty() {
+            Target::PerReplica(scaling.target_backlog_per_replica)
+        } else {
+            Target::Thresholds(scaling.thresholds.clone())
+        },
         activation_backlog: scaling.activation_backlog,
         drain_within: None,
         scale_up_stabilization: valid.scale_up_stabilization,
@@ -339,5 +343,42 @@ async fn announce(
         .await
     {
         tracing::warn!(pipeline = %pipeline.name_any(), "cannot publish an event: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn valid(scaling: serde_json::Value) -> ValidatedPipeline {
+        let spec = serde_json::from_value(serde_json::json!({
+            "source": {"rabbitmq": {"connectionSecret": {"name": "amqp", "key": "url"}, "queue": "q"}},
+            "smtp": {"host": "smtp.example.com", "from": {"address": "noreply@example.com"}},
+            "scaling": scaling,
+        }))
+        .expect("a spec");
+        validate("w", "m", &spec).expect("valid")
+    }
+
+    #[test]
+    fn the_spec_becomes_the_policy() {
+        let v = valid(serde_json::json!({"minReplicas": 0, "maxReplicas": 4,
+            "targetBacklogPerReplica": 10, "activationBacklog": 3, "maxStep": 2,
+            "fallbackReplicas": 1, "scaleDownStabilization": "30s"}));
+        let p = policy_of(&v, 20);
+        assert_eq!(
+            (p.min_replicas, p.max_replicas, p.activation_backlog),
+            (0, 4, 3)
+        );
+        assert_eq!(p.target, Target::PerReplica(10));
+        assert_eq!((p.max_step, p.fallback_replicas), (Some(2), Some(1)));
+        assert_eq!(p.scale_down_stabilization, Duration::from_secs(30));
+        assert_eq!(p.connection_budget, 20);
+        let table = valid(serde_json::json!({"thresholds": [
+            {"backlog": 0, "replicas": 1}, {"backlog": 1000, "replicas": 5}]}));
+        assert_eq!(
+            policy_of(&table, 20).target,
+            Target::Thresholds(vec![(0, 1), (1000, 5)])
+        );
     }
 }
