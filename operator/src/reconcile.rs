@@ -224,11 +224,23 @@ pub(crate) async fn publish(
     reason: &str,
     note: String,
 ) {
+    publish_for(ctx, pipeline, "Reconcile", type_, reason, note).await;
+}
+
+/// An event about `pipeline` from `action` (`Reconcile`, `Scale`).
+pub(crate) async fn publish_for(
+    ctx: &Context,
+    pipeline: &EmailPipeline,
+    action: &str,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
     let event = KubeEvent {
         type_,
         reason: reason.to_string(),
         note: Some(note),
-        action: "Reconcile".into(),
+        action: action.into(),
         secondary: None,
     };
     if let Err(e) = ctx

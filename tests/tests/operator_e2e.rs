@@ -49,6 +49,27 @@ fn manifest(name: &str, names: &Names, smtp_port: u16, policy: &str) -> String {
     text
 }
 
+/// Who holds the operator's Lease now.
+async fn lease_holder(cluster: &Cluster) -> String {
+    let out = cluster
+        .kubectl(&[
+            "get",
+            "lease",
+            "mailpipe-operator",
+            "-o",
+            "jsonpath={.spec.holderIdentity}",
+        ])
+        .await;
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A manifest edit for workers that never run (no program for their image): what reaches
+/// the queue stays there.
+const IDLE: (&str, &str) = (
+    "  worker:\n",
+    "  worker:\n    image: example.com/not-runnable:1\n",
+);
+
 /// Deletes what a pipeline made from `manifest` declared on the shared broker (its delay
 /// queues are named after the manifest's backoff).
 async fn delete_topology(names: &Names) {
@@ -381,10 +402,7 @@ async fn bad_specs_are_refused_or_reported_and_deletion_waits_for_a_non_empty_qu
     // A pipeline whose workers cannot start (no program for the image) keeps its jobs;
     // deleting it with policy Delete waits and says why, then finishes once drained.
     let held = Names::new("e2eheld");
-    let held_manifest = manifest("held", &held, smtp.port, "Delete").replace(
-        "  worker:\n",
-        "  worker:\n    image: example.com/not-runnable:1\n",
-    );
+    let held_manifest = manifest("held", &held, smtp.port, "Delete").replace(IDLE.0, IDLE.1);
     assert!(cluster.apply(&held_manifest).await.status.success());
     wait_condition(&cluster, "held", "TopologyReady", "True", "Declared").await;
     amqp::publish_numbered(SHARED_URL, &held.exchange, "held", 0..3).await;
@@ -536,18 +554,7 @@ async fn a_second_operator_replica_waits_and_takes_over_when_the_leader_dies() {
         .await
         .status
         .success());
-    let holder = || async {
-        let out = cluster
-            .kubectl(&[
-                "get",
-                "lease",
-                "mailpipe-operator",
-                "-o",
-                "jsonpath={.spec.holderIdentity}",
-            ])
-            .await;
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let holder = || lease_holder(&cluster);
     let first = eventually(Cluster::SETTLE, "a leader", || async {
         let h = holder().await;
         (!h.is_empty()).then_some(h)
@@ -740,10 +747,7 @@ async fn a_changing_backlog_does_not_make_the_operator_reconcile_in_a_loop() {
     // Deployment) leaves the count alone: only status writes are under test here.
     let names = Names::new("e2eloop");
     let pipeline = manifest("loop", &names, smtp.port, "Retain")
-        .replace(
-            "  worker:\n",
-            "  worker:\n    image: example.com/not-runnable:1\n",
-        )
+        .replace(IDLE.0, IDLE.1)
         .replace("maxReplicas: 5", "maxReplicas: 1");
     assert!(cluster.apply(&pipeline).await.status.success());
     wait_condition(&cluster, "loop", "TopologyReady", "True", "Declared").await;
@@ -811,10 +815,8 @@ async fn deleting_a_namespace_with_delete_pipelines_completes_and_drops_no_job()
         .success());
     // Workers that never run: the jobs stay in the queue.
     let stuck = Names::new("e2estuck");
-    let stuck_manifest = in_shop(manifest("stuck", &stuck, smtp.port, "Delete")).replace(
-        "  worker:\n",
-        "  worker:\n    image: example.com/not-runnable:1\n",
-    );
+    let stuck_manifest =
+        in_shop(manifest("stuck", &stuck, smtp.port, "Delete")).replace(IDLE.0, IDLE.1);
     assert!(cluster.apply(&stuck_manifest).await.status.success());
     let ready_in_shop = |name: &'static str| {
         let cluster = &cluster;
@@ -899,18 +901,7 @@ async fn a_leader_cut_off_from_the_api_server_stops_before_a_standby_takes_over(
     let cluster = Cluster::start().await;
     let proxy = Proxy::start(cluster.server.addr.port()).await;
     let mut a = cluster.operator_with("op-a", &[], Some(proxy.port));
-    let holder = || async {
-        let out = cluster
-            .kubectl(&[
-                "get",
-                "lease",
-                "mailpipe-operator",
-                "-o",
-                "jsonpath={.spec.holderIdentity}",
-            ])
-            .await;
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let holder = || lease_holder(&cluster);
     eventually(Cluster::SETTLE, "op-a leading", || async {
         (holder().await == "op-a").then_some(())
     })
@@ -963,10 +954,7 @@ async fn changing_the_exchange_moves_the_work_queue_to_the_new_one() {
     let (cluster, smtp, _operator) = with_operator(SmtpOptions::default()).await;
     let names = Names::new("e2emove");
     // Workers that never run: what reaches the queue stays there to be counted.
-    let pipeline = manifest("move", &names, smtp.port, "Retain").replace(
-        "  worker:\n",
-        "  worker:\n    image: example.com/not-runnable:1\n",
-    );
+    let pipeline = manifest("move", &names, smtp.port, "Retain").replace(IDLE.0, IDLE.1);
     assert!(cluster.apply(&pipeline).await.status.success());
     let intake = || async {
         cluster
@@ -1021,12 +1009,7 @@ async fn a_second_pipeline_naming_a_bound_fanout_exchange_is_refused() {
         exchange: first.exchange.clone(),
         queue: Names::new("e2efanb").queue,
     };
-    let not_runnable = |text: String| {
-        text.replace(
-            "  worker:\n",
-            "  worker:\n    image: example.com/not-runnable:1\n",
-        )
-    };
+    let not_runnable = |text: String| text.replace(IDLE.0, IDLE.1);
     assert!(cluster
         .apply(&not_runnable(manifest(
             "fan-a", &first, smtp.port, "Retain"
@@ -1074,10 +1057,7 @@ async fn a_backlog_scales_the_workers_up_in_one_step_and_an_empty_queue_back_to_
     let names = Names::new("e2escale");
     // Workers that never run: the backlog stays until the test takes it.
     let pipeline = manifest("scale", &names, smtp.port, "Retain")
-        .replace(
-            "  worker:\n",
-            "  worker:\n    image: example.com/not-runnable:1\n",
-        )
+        .replace(IDLE.0, IDLE.1)
         .replace("minReplicas: 1", "minReplicas: 0")
         .replace(
             "maxReplicas: 5",

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kube::api::{Patch, PatchParams};
-use kube::runtime::events::{Event as KubeEvent, EventType};
+use kube::runtime::events::EventType;
 use kube::{Api, Resource, ResourceExt};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -23,7 +23,7 @@ use super::actuator::{Actuator, DeploymentScale, Workload};
 use super::observe::{Brokers, Reading};
 use super::policy::{Decision, History, Observation, Policy, Target};
 use crate::crd::EmailPipeline;
-use crate::reconcile::Context;
+use crate::reconcile::{publish_for, Context};
 use crate::validate::{validate, ValidatedPipeline, ValidatedSource};
 
 /// The field manager of the scaler's status fields.
@@ -330,20 +330,7 @@ async fn announce(
         decision.reason.as_str()
     );
     tracing::info!(pipeline = %pipeline.name_any(), "{note}");
-    let event = KubeEvent {
-        type_: EventType::Normal,
-        reason: "Scaled".into(),
-        note: Some(note),
-        action: "Scale".into(),
-        secondary: None,
-    };
-    if let Err(e) = ctx
-        .recorder
-        .publish(&event, &pipeline.object_ref(&()))
-        .await
-    {
-        tracing::warn!(pipeline = %pipeline.name_any(), "cannot publish an event: {e}");
-    }
+    publish_for(ctx, pipeline, "Scale", EventType::Normal, "Scaled", note).await;
 }
 
 #[cfg(test)]
