@@ -23,6 +23,8 @@ pub struct Metrics {
     pub topology_ready: IntGaugeVec,
     /// Replica count changes made by the scaler, per pipeline and direction.
     pub scale_events: IntCounterVec,
+    /// Time of one scaler look at a pipeline: read the backlog, decide, set the count.
+    pub scale_decision_seconds: HistogramVec,
     /// 1, labelled with the version.
     pub build_info: IntGaugeVec,
 }
@@ -61,6 +63,20 @@ impl Metrics {
         registry
             .register(Box::new(reconcile_seconds.clone()))
             .expect("unique metric");
+        let scale_decision_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "mailpipe_operator_scale_decision_duration_seconds",
+                "Time of one scaler look at a pipeline: read the backlog, decide, set the count.",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
+            &[],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(scale_decision_seconds.clone()))
+            .expect("unique metric");
         let metrics = Metrics {
             reconciles: counter(
                 "mailpipe_operator_reconciles_total",
@@ -73,6 +89,7 @@ impl Metrics {
                 &["category"],
             ),
             reconcile_seconds,
+            scale_decision_seconds,
             backlog: gauge(
                 "mailpipe_operator_backlog",
                 "Jobs waiting in a pipeline's queue.",

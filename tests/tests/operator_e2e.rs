@@ -1053,7 +1053,7 @@ async fn a_second_pipeline_naming_a_bound_fanout_exchange_is_refused() {
 /// window. The scaler's status fields and the reconcile's stand side by side.
 #[tokio::test]
 async fn a_backlog_scales_the_workers_up_in_one_step_and_an_empty_queue_back_to_zero() {
-    let (cluster, smtp, _operator) = with_operator(SmtpOptions::default()).await;
+    let (cluster, smtp, operator) = with_operator(SmtpOptions::default()).await;
     let names = Names::new("e2escale");
     // Workers that never run: the backlog stays until the test takes it.
     let pipeline = manifest("scale", &names, smtp.port, "Retain")
@@ -1130,6 +1130,15 @@ async fn a_backlog_scales_the_workers_up_in_one_step_and_an_empty_queue_back_to_
     assert_eq!(message, "4 replicas for 35 jobs");
     let events = cluster.kubectl_ok(&["get", "events"]).await;
     assert!(events.contains("Scaled"), "{events}");
+    let metrics = operator.metrics().await;
+    for series in [
+        "mailpipe_operator_scale_events_total{direction=\"up\",namespace=\"default\",pipeline=\"scale\"} 1",
+        "mailpipe_operator_replicas{kind=\"desired\",namespace=\"default\",pipeline=\"scale\"} 4",
+        "mailpipe_operator_backlog{namespace=\"default\",pipeline=\"scale\"} 35",
+        "mailpipe_operator_scale_decision_duration_seconds_count",
+    ] {
+        assert!(metrics.contains(series), "{series} in\n{metrics}");
+    }
 
     // Empty again: back to zero, but only after the 5 s scale-down window.
     assert_eq!(amqp::take_all(SHARED_URL, &names.queue).await.len(), 35);

@@ -130,6 +130,10 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
                 &ctx, &brokers, &actuator, &pipeline, &valid, &uid, at, entry,
             )
             .await;
+            ctx.metrics
+                .scale_decision_seconds
+                .with_label_values::<&str>(&[])
+                .observe(now.elapsed().as_secs_f64());
         }
     }
 }
