@@ -49,34 +49,28 @@ impl Metrics {
                 .expect("unique metric");
             g
         };
-        let reconcile_seconds = HistogramVec::new(
-            HistogramOpts::new(
-                "mailpipe_operator_reconcile_duration_seconds",
-                "Time of one reconcile.",
-            )
-            .buckets(vec![
+        let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
+            let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), &[])
+                .expect("valid metric");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("unique metric");
+            h
+        };
+        let reconcile_seconds = histogram(
+            "mailpipe_operator_reconcile_duration_seconds",
+            "Time of one reconcile.",
+            vec![
                 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-            ]),
-            &[],
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(reconcile_seconds.clone()))
-            .expect("unique metric");
-        let scale_decision_seconds = HistogramVec::new(
-            HistogramOpts::new(
-                "mailpipe_operator_scale_decision_duration_seconds",
-                "Time of one scaler look at a pipeline: read the backlog, decide, set the count.",
-            )
-            .buckets(vec![
+            ],
+        );
+        let scale_decision_seconds = histogram(
+            "mailpipe_operator_scale_decision_duration_seconds",
+            "Time of one scaler look at a pipeline: read the backlog, decide, set the count.",
+            vec![
                 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-            ]),
-            &[],
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(scale_decision_seconds.clone()))
-            .expect("unique metric");
+            ],
+        );
         let metrics = Metrics {
             reconciles: counter(
                 "mailpipe_operator_reconciles_total",

@@ -12,14 +12,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use lapin::tcp::OwnedTLSConfig;
-use lapin::{Connection, ConnectionProperties};
+use lapin::Connection;
 use mailpipe_contract::amqp;
 use mailpipe_contract::naming;
 use mailpipe_contract::topology::{RabbitSettings, TopologyPlan};
 use tokio::time::Instant;
 
 use super::policy::Work;
+use crate::topology::rabbitmq::{classify, open};
 use crate::topology::TopologyError;
 
 /// A RabbitMQ pipeline's queues as the scaler sees them.
@@ -103,18 +103,6 @@ impl Default for Brokers {
     }
 }
 
-fn classify(error: lapin::Error) -> TopologyError {
-    match error.kind() {
-        lapin::ErrorKind::ProtocolError(e) if e.get_id() == 404 => {
-            TopologyError::Missing(e.get_message().to_string())
-        }
-        lapin::ErrorKind::ProtocolError(e) if matches!(e.get_id(), 403 | 530) => {
-            TopologyError::Refused(e.get_message().to_string())
-        }
-        _ => TopologyError::Unreachable(error.to_string()),
-    }
-}
-
 impl Brokers {
     /// Connections the broker lists under `name`.
     pub fn named(name: &str) -> Brokers {
@@ -131,18 +119,7 @@ impl Brokers {
     }
 
     async fn connect(&self, url: &str, ca: Option<&str>) -> Result<Connection, TopologyError> {
-        let properties =
-            ConnectionProperties::default().with_connection_name(self.name.as_str().into());
-        let runtime = lapin::runtime::default_runtime().map_err(classify)?;
-        let tls = OwnedTLSConfig {
-            identity: None,
-            cert_chain: ca.map(str::to_string),
-        };
-        let connect = Connection::connect_with_config(url, properties, tls, runtime);
-        let connection = match tokio::time::timeout(Duration::from_secs(10), connect).await {
-            Ok(connected) => connected.map_err(classify)?,
-            Err(_) => return Err(TopologyError::Unreachable("no answer within 10s".into())),
-        };
+        let connection = open(url, ca, &self.name).await?;
         self.opened.fetch_add(1, Ordering::Relaxed);
         Ok(connection)
     }

@@ -32,6 +32,10 @@ pub const SCALER_MANAGER: &str = "mailpipe-operator-scaler";
 /// How long the backlog may be unreadable before `fallbackReplicas` applies.
 const FALLBACK_AFTER: Duration = Duration::from_secs(30);
 
+/// When a pipeline whose spec does not validate is looked at again (its reconcile reports
+/// why; a spec change makes it valid).
+const INVALID_RETRY: Duration = Duration::from_secs(2);
+
 /// How often the loop wakes to see which pipelines are due.
 const TICK: Duration = Duration::from_millis(250);
 
@@ -103,16 +107,14 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
             _ = tokio::time::sleep(TICK) => {}
         }
         let pipelines = ctx.pipelines.all();
-        tracked.retain(|uid, _| pipelines.iter().any(|p| p.uid().as_deref() == Some(uid)));
+        let seen: std::collections::HashSet<String> =
+            pipelines.iter().filter_map(|p| p.uid()).collect();
+        tracked.retain(|uid, _| seen.contains(uid));
         for pipeline in pipelines {
             if pipeline.meta().deletion_timestamp.is_some() {
                 continue;
             }
             let (Some(uid), Some(namespace)) = (pipeline.uid(), pipeline.namespace()) else {
-                continue;
-            };
-            let name = pipeline.name_any();
-            let Ok(valid) = validate(&name, &namespace, &pipeline.spec) else {
                 continue;
             };
             let now = Instant::now();
@@ -121,9 +123,15 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
                 next_at: now,
                 written: None,
             });
+            // Only a pipeline that is due is validated: the loop wakes four times a second.
             if entry.next_at > now {
                 continue;
             }
+            let name = pipeline.name_any();
+            let Ok(valid) = validate(&name, &namespace, &pipeline.spec) else {
+                entry.next_at = now + INVALID_RETRY;
+                continue;
+            };
             entry.next_at = now + valid.poll_interval;
             let at = now - started;
             tick(

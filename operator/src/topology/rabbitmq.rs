@@ -27,7 +27,8 @@ impl std::fmt::Debug for RabbitTopology {
     }
 }
 
-fn classify(error: lapin::Error) -> TopologyError {
+/// What a broker error means for the operator.
+pub(crate) fn classify(error: lapin::Error) -> TopologyError {
     let text = error.to_string();
     match error.kind() {
         lapin::ErrorKind::ProtocolError(amqp_error) => match amqp_error.get_id() {
@@ -37,6 +38,26 @@ fn classify(error: lapin::Error) -> TopologyError {
             _ => TopologyError::Unreachable(text),
         },
         _ => TopologyError::Unreachable(text),
+    }
+}
+
+/// Connects to the broker at `url` (verified with `ca`), listed by the broker as `name`;
+/// a broker that does not answer within 10 s is unreachable.
+pub(crate) async fn open(
+    url: &str,
+    ca: Option<&str>,
+    name: &str,
+) -> Result<Connection, TopologyError> {
+    let properties = ConnectionProperties::default().with_connection_name(name.into());
+    let runtime = lapin::runtime::default_runtime().map_err(classify)?;
+    let tls = OwnedTLSConfig {
+        identity: None,
+        cert_chain: ca.map(str::to_string),
+    };
+    let connect = Connection::connect_with_config(url, properties, tls, runtime);
+    match tokio::time::timeout(std::time::Duration::from_secs(10), connect).await {
+        Ok(connected) => connected.map_err(classify),
+        Err(_) => Err(TopologyError::Unreachable("no answer within 10s".into())),
     }
 }
 
@@ -68,18 +89,7 @@ impl RabbitTopology {
     }
 
     async fn connect(&self) -> Result<Connection, TopologyError> {
-        let properties =
-            ConnectionProperties::default().with_connection_name("mailpipe-operator".into());
-        let runtime = lapin::runtime::default_runtime().map_err(classify)?;
-        let tls = OwnedTLSConfig {
-            identity: None,
-            cert_chain: self.ca.clone(),
-        };
-        let connect = Connection::connect_with_config(&self.url, properties, tls, runtime);
-        match tokio::time::timeout(std::time::Duration::from_secs(10), connect).await {
-            Ok(connected) => connected.map_err(classify),
-            Err(_) => Err(TopologyError::Unreachable("no answer within 10s".into())),
-        }
+        open(&self.url, self.ca.as_deref(), "mailpipe-operator").await
     }
 
     async fn channel(connection: &Connection) -> Result<Channel, TopologyError> {
