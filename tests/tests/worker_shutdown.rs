@@ -5,6 +5,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use mailpipe_contract::naming::headers;
 use mailpipe_contract::RetryPolicy;
 use mailpipe_tests::amqp::{self, Names, SHARED_URL};
 use mailpipe_tests::jobs::{self, Tally};
@@ -290,10 +291,83 @@ async fn the_drain_deadline_holds_against_a_server_that_hangs() {
     amqp::delete_plan(SHARED_URL, &names.plan(&RetryPolicy::default())).await;
 }
 
-/// SIGTERM cancels the consumer: what the broker had pushed beyond the jobs being sent goes
-/// back to the queue at once, for the other replicas, instead of waiting out the drain.
+/// The `given_back=N` figure of the worker's drain log line.
+fn given_back(output: &str) -> usize {
+    output
+        .lines()
+        .find(|l| l.contains("finishing the jobs that fit the drain deadline"))
+        .and_then(|l| l.split("given_back=").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no drain line in the output:\n{output}"))
+}
+
+/// A scale-down repeats nothing: SIGTERM cancels the consumer, and every job the worker
+/// already holds (in flight and prefetched) is sent and acked by it, none given back to be
+/// redelivered elsewhere.
 #[tokio::test]
-async fn sigterm_gives_prefetched_jobs_back_at_once() {
+async fn sigterm_sends_every_held_job_and_gives_none_back() {
+    const N: usize = 300;
+    const PREFETCH: u64 = 40;
+    let smtp = SmtpServer::start(SmtpOptions {
+        delay_ms: 100,
+        ..SmtpOptions::default()
+    })
+    .await;
+    let names = Names::new("heldsent");
+    let spec = WorkerSpec::new(SHARED_URL, &names, smtp.port).args(&[
+        "--concurrency",
+        "8",
+        "--prefetch",
+        "40",
+    ]);
+    let mut worker = spec.spawn();
+    worker.wait_ready(Duration::from_secs(30)).await;
+    let run = unique("run");
+    amqp::publish_numbered(SHARED_URL, &names.exchange, &run, 0..N).await;
+    smtp.wait_for_count(40, Duration::from_secs(30)).await;
+    assert_eq!(
+        amqp::unacked(None, &names.queue),
+        PREFETCH,
+        "the broker pushed a full prefetch"
+    );
+    worker.signal(Signal::SIGTERM);
+    let status = worker.wait_exit(Duration::from_secs(30));
+    assert!(status.success(), "{status:?}\n{}", worker.output());
+    let output = worker.output();
+    assert_eq!(given_back(&output), 0, "{output}");
+    assert!(output.contains("abandoned=0"), "{output}");
+    let by_first = smtp.count().await;
+    assert_eq!(
+        amqp::ready(SHARED_URL, &names.queue).await as usize,
+        N - by_first,
+        "what the first worker did not send is still in the queue, none of it in flight"
+    );
+
+    let second = spec.spawn();
+    second.wait_ready(Duration::from_secs(30)).await;
+    let quiet = Quiet {
+        url: SHARED_URL,
+        plan: names.plan(&TEST_RETRY),
+        workers: vec![&second],
+    };
+    let result = smtp
+        .settled_tally(&run, N, Duration::from_secs(60), &quiet)
+        .await;
+    assert_eq!(result, Tally::EXACT);
+    assert_eq!(
+        second.metric("mailpipe_jobs_redelivered_total").await,
+        0.0,
+        "no job came back as a redelivery"
+    );
+    amqp::delete_plan(SHARED_URL, &names.plan(&TEST_RETRY)).await;
+}
+
+/// With sends too slow for everything held to finish before the drain deadline, SIGTERM
+/// keeps what fits at the send time the worker has shown and gives the rest back at once,
+/// for the other replicas, instead of holding it until the deadline.
+#[tokio::test]
+async fn sigterm_gives_back_at_once_the_held_jobs_the_deadline_cannot_fit() {
     const N: usize = 60;
     let smtp = SmtpServer::start(SmtpOptions {
         delay_ms: 4000,
@@ -301,30 +375,92 @@ async fn sigterm_gives_prefetched_jobs_back_at_once() {
     })
     .await;
     let names = Names::new("cancel");
-    let mut worker = WorkerSpec::new(SHARED_URL, &names, smtp.port)
+    // The default drain deadline (25 s): 24 s of sends at 4 s each is 6 rounds of 2 slots.
+    let mut worker = WorkerSpec::with_defaults(SHARED_URL, &names, smtp.port)
         .args(&["--concurrency", "2", "--prefetch", "50"])
         .spawn();
     worker.wait_ready(Duration::from_secs(30)).await;
     let run = unique("run");
     amqp::publish_numbered(SHARED_URL, &names.exchange, &run, 0..N).await;
-    eventually(Duration::from_secs(20), "2 jobs sending", || async {
+    // Two sends done (the pace is known), the next two under way.
+    smtp.wait_for_count(2, Duration::from_secs(20)).await;
+    eventually(Duration::from_secs(10), "2 more jobs sending", || async {
         (worker.metric("mailpipe_jobs_in_flight").await == 2.0).then_some(())
     })
     .await;
-    assert_eq!(
-        amqp::unacked(None, &names.queue),
-        50,
-        "the broker pushed a full prefetch"
-    );
+    assert_eq!(amqp::unacked(None, &names.queue), 50, "a full prefetch");
+    let stopped = std::time::Instant::now();
     worker.signal(Signal::SIGTERM);
-    // The two sends take 4 s; well before they end, only they are still out.
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    let unacked = amqp::unacked(None, &names.queue);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(worker.is_running(), "still draining");
-    assert_eq!(unacked, 2, "only the jobs being sent are still out");
-    assert_eq!(amqp::ready(SHARED_URL, &names.queue).await, (N - 2) as u32);
+    // 24 s / 4.0x s = 5 whole rounds of 2 slots: the 2 in flight and 8 more are kept.
+    let kept = amqp::unacked(None, &names.queue);
+    assert_eq!(
+        kept,
+        10,
+        "the jobs that fit are kept, the rest given back\n{}",
+        worker.output()
+    );
+    assert_eq!(
+        amqp::ready(SHARED_URL, &names.queue).await,
+        (N - 2 - 10) as u32
+    );
+    let status = worker.wait_exit(Duration::from_secs(40));
+    let took = stopped.elapsed();
+    assert!(status.success(), "{status:?}\n{}", worker.output());
+    assert!(
+        took < Duration::from_secs(25),
+        "exited within the drain deadline: {took:?}"
+    );
+    assert_eq!(given_back(&worker.output()), 40, "{}", worker.output());
+    smtp.wait_for_count(12, Duration::from_secs(10)).await;
+    assert_eq!(
+        smtp.count().await,
+        12,
+        "2 before the stop, 10 held and sent"
+    );
+    assert_eq!(amqp::ready(SHARED_URL, &names.queue).await, (N - 12) as u32);
+    amqp::delete_plan(SHARED_URL, &names.plan(&RetryPolicy::default())).await;
+}
+
+/// During an SMTP outage nothing held could be sent: SIGTERM gives it all back at once
+/// (attempts unspent) and the worker exits without waiting out its deadline.
+#[tokio::test]
+async fn sigterm_during_an_smtp_outage_gives_held_jobs_back_at_once() {
+    const N: usize = 30;
+    let smtp = SmtpServer::start(SmtpOptions::default()).await;
+    let proxy = Proxy::start(smtp.port).await;
+    let names = Names::new("outstop");
+    let mut worker = WorkerSpec::new(SHARED_URL, &names, proxy.port)
+        .args(&["--concurrency", "4", "--prefetch", "20"])
+        .spawn();
+    worker.wait_ready(Duration::from_secs(30)).await;
+    proxy.set(Mode::Reset);
+    let run = unique("run");
+    amqp::publish_numbered(SHARED_URL, &names.exchange, &run, 0..N).await;
+    // The first jobs find the server down and wait for it, holding their deliveries.
+    worker.wait_unready(Duration::from_secs(15)).await;
+    eventually(Duration::from_secs(10), "jobs held", || async {
+        (amqp::unacked(None, &names.queue) > 0).then_some(())
+    })
+    .await;
+    let stopped = std::time::Instant::now();
+    worker.signal(Signal::SIGTERM);
     let status = worker.wait_exit(Duration::from_secs(30));
-    assert!(status.success());
-    smtp.wait_for_count(2, Duration::from_secs(10)).await;
+    let took = stopped.elapsed();
+    assert!(status.success(), "{status:?}\n{}", worker.output());
+    assert!(
+        took < Duration::from_secs(5),
+        "no wait for a server that is down: {took:?}\n{}",
+        worker.output()
+    );
+    assert_eq!(smtp.count().await, 0);
+    assert_eq!(amqp::ready(SHARED_URL, &names.queue).await, N as u32);
+    let got = amqp::take_all(SHARED_URL, &names.queue).await;
+    assert!(
+        got.iter()
+            .all(|m| m.headers.get(headers::ATTEMPT).is_none_or(|a| a == "1")),
+        "no attempt spent"
+    );
     amqp::delete_plan(SHARED_URL, &names.plan(&TEST_RETRY)).await;
 }

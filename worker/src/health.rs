@@ -93,6 +93,17 @@ impl Health {
         }
     }
 
+    /// Waits until the SMTP server or, when it counts, the store is marked unreachable.
+    pub async fn wait_unsendable(&self) {
+        loop {
+            let changed = self.changed.notified();
+            if !(self.is_up(Component::Smtp) && self.is_up(Component::Store)) {
+                return;
+            }
+            changed.await;
+        }
+    }
+
     /// Waits until `component` is marked reachable.
     pub async fn wait_up(&self, component: Component) {
         loop {

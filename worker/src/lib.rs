@@ -167,7 +167,8 @@ async fn serve<M: Mailer>(
         limits: config.limits,
         metrics,
         health,
-        rate: config.smtp.rate_limit.and_then(pipeline::rate_limiter),
+        rate: config.smtp.rate_limit.and_then(pipeline::SendRate::new),
+        pace: pipeline::drain::Pace::default(),
     });
     let watcher = {
         let pipeline = pipeline.clone();
@@ -185,6 +186,10 @@ async fn serve<M: Mailer>(
     let _ = watcher.await;
     http_stop.cancel();
     let _ = http.await;
-    tracing::info!(abandoned = drained.abandoned, "worker stopped");
+    tracing::info!(
+        given_back = drained.given_back,
+        abandoned = drained.abandoned,
+        "worker stopped"
+    );
     Ok(())
 }

@@ -48,6 +48,10 @@ pub struct Metrics {
     /// Retry or dead-letter copies the broker refused (nack); the job went back to the
     /// queue unchanged.
     pub broker_nacks: IntCounter,
+    /// Jobs requeued unsent at shutdown.
+    pub given_back: IntCounter,
+    /// Deliveries the broker marked as redelivered.
+    pub redelivered: IntCounter,
     /// Reconnections to the broker.
     pub broker_reconnects: IntCounter,
     /// Errors talking to the deduplication store, by operation.
@@ -179,6 +183,14 @@ impl Metrics {
             broker_nacks: counter(
                 "mailpipe_broker_nacks_total",
                 "Retry or dead-letter copies the broker refused; the job was requeued.",
+            ),
+            given_back: counter(
+                "mailpipe_jobs_given_back_total",
+                "Jobs requeued unsent at shutdown (held beyond what the drain deadline allows, or the SMTP server unavailable).",
+            ),
+            redelivered: counter(
+                "mailpipe_jobs_redelivered_total",
+                "Deliveries the broker marked as redelivered (another consumer held them before).",
             ),
             broker_reconnects: counter(
                 "mailpipe_broker_reconnects_total",

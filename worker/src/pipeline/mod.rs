@@ -11,9 +11,12 @@
 //! the job's fault: the job keeps its attempt and waits, consuming stops, the dependency
 //! watcher probes with capped backoff, and every waiting job is sent once the server answers.
 //!
-//! Shutdown: when `stop` is cancelled no new delivery is taken and the source stops
-//! consuming; a job that has not started its send is given back (requeued); sends under way
-//! finish and are settled, within the drain deadline; then the source closes.
+//! Shutdown: when `stop` is cancelled no new delivery is taken and the source cancels its
+//! consumer. The jobs the worker already holds (in flight, and those the broker pushed before
+//! the cancel) are sent and settled while they fit the drain deadline at the pace the worker
+//! has shown ([`drain`]); the others are given back (requeued) at once, and so is every job
+//! that has not started its send when the SMTP server is unavailable or when starting it could
+//! no longer finish in time. Then the source closes.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -34,8 +37,10 @@ use crate::idempotency::{self, Claimed, Dedup, Entry, InFlight, Lease};
 use crate::mailer::{Delivered, Mailer};
 use crate::metrics::Metrics;
 use crate::render::{self, Renderer};
-use crate::source::{Delivery, MessageSource};
+use crate::source::{Delivery, MessageSource, Settlement};
+use drain::{DrainPlan, Pace};
 
+pub mod drain;
 mod settlement;
 
 /// Everything a job needs on its way.
@@ -59,7 +64,25 @@ pub struct Pipeline<M> {
     /// Readiness.
     pub health: Arc<Health>,
     /// Send-rate limit, when configured.
-    pub rate: Option<DefaultDirectRateLimiter>,
+    pub rate: Option<SendRate>,
+    /// The send time shown so far, for the drain at shutdown.
+    pub pace: Pace,
+}
+
+/// A per-second send-rate limit (a burst of one second's worth).
+pub struct SendRate {
+    limiter: DefaultDirectRateLimiter,
+    per_second: u32,
+}
+
+impl SendRate {
+    /// `per_second` messages a second; `None` for 0 (no limit).
+    pub fn new(per_second: u32) -> Option<SendRate> {
+        std::num::NonZeroU32::new(per_second).map(|n| SendRate {
+            limiter: RateLimiter::direct(Quota::per_second(n)),
+            per_second,
+        })
+    }
 }
 
 /// What an attempt came to.
@@ -82,14 +105,10 @@ enum Seen {
     Stopped,
 }
 
-/// A per-second rate limiter for `per_second` messages (a burst of one second's worth).
-pub fn rate_limiter(per_second: u32) -> Option<DefaultDirectRateLimiter> {
-    std::num::NonZeroU32::new(per_second).map(|n| RateLimiter::direct(Quota::per_second(n)))
-}
-
 impl<M: Mailer> Pipeline<M> {
-    /// Processes one delivery and settles it.
-    pub async fn handle(&self, delivery: Delivery, stop: &CancellationToken) {
+    /// Processes one delivery and settles it; if `give_back` is cancelled before its send
+    /// begins, the job is requeued unsent.
+    pub async fn handle(&self, delivery: Delivery, give_back: &CancellationToken) {
         let started = Instant::now();
         self.metrics.consumed.inc();
         self.metrics.in_flight.inc();
@@ -104,7 +123,7 @@ impl<M: Mailer> Pipeline<M> {
         let span = tracing::info_span!("job", job_id = %job_id, attempt);
         async {
             let outcome = self
-                .process(parsed, &job_id, recipients.as_deref(), stop)
+                .process(parsed, &job_id, recipients.as_deref(), give_back)
                 .await;
             let settlement = self.settlement(outcome, attempt, job_id);
             if let Err(error) = settle.settle(settlement).await {
@@ -222,14 +241,19 @@ impl<M: Mailer> Pipeline<M> {
                 tokio::select! {
                     biased;
                     _ = stop.cancelled() => return Outcome::NotStarted,
-                    _ = rate.until_ready() => {}
+                    _ = rate.limiter.until_ready() => {}
                 }
             }
             if stop.is_cancelled() {
                 return Outcome::NotStarted;
             }
             // From here on the send is not interrupted: shutdown waits for it.
-            match self.mailer.send(message).await {
+            let began = Instant::now();
+            let sent = self.mailer.send(message).await;
+            if !sent.as_ref().is_err_and(|e| e.is_server_trouble()) {
+                self.pace.record(began.elapsed());
+            }
+            match sent {
                 Ok(delivered) => {
                     self.health.set(Component::Smtp, true);
                     return Outcome::Sent(delivered);
@@ -324,6 +348,14 @@ impl<M: Mailer> Pipeline<M> {
         }
     }
 
+    /// Gives a delivery back unopened (shutting down before a slot for it was free).
+    pub async fn requeue(&self, delivery: Delivery) {
+        self.metrics.given_back.inc();
+        if let Err(error) = delivery.settle.settle(Settlement::Requeue).await {
+            tracing::debug!(%error, "giving a held job back; the broker requeues it anyway");
+        }
+    }
+
     /// While the SMTP server or the deduplication store is marked down, probes it with
     /// capped backoff, so readiness comes back (and is right at start-up) without waiting
     /// for the next job.
@@ -412,11 +444,13 @@ async fn renew(dedup: &Dedup, job_id: &str, lease: &Lease) {
 /// What the drain after `stop` came to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Drained {
+    /// Held jobs given back to the broker unsent (they are redelivered elsewhere).
+    pub given_back: usize,
     /// Jobs still in flight when the deadline passed (the broker redelivers them).
     pub abandoned: usize,
 }
 
-/// Runs until `stop` is cancelled, then drains in-flight jobs within `deadline`.
+/// Runs until `stop` is cancelled, then drains what the worker holds within `deadline`.
 pub async fn run<S: MessageSource, M: Mailer>(
     pipeline: Arc<Pipeline<M>>,
     mut source: S,
@@ -426,6 +460,9 @@ pub async fn run<S: MessageSource, M: Mailer>(
 ) -> Drained {
     let permits = Arc::new(Semaphore::new(concurrency));
     let tasks = TaskTracker::new();
+    // Jobs watch `give_back`, not `stop`: after the stop a held job is still sent while it
+    // can finish in time.
+    let give_back = CancellationToken::new();
     loop {
         let permit = tokio::select! {
             biased;
@@ -443,22 +480,73 @@ pub async fn run<S: MessageSource, M: Mailer>(
             break;
         };
         let pipeline = pipeline.clone();
-        let stop = stop.clone();
+        let give_back = give_back.clone();
         tasks.spawn(async move {
-            pipeline.handle(delivery, &stop).await;
+            pipeline.handle(delivery, &give_back).await;
             drop(permit);
         });
     }
+    let stopped = tokio::time::Instant::now();
     pipeline.health.set_draining();
     source.stop_consuming().await;
-    tasks.close();
     let in_flight = tasks.len();
+    let plan = DrainPlan::new(
+        deadline,
+        concurrency,
+        in_flight,
+        pipeline.pace.per_send(),
+        pipeline.rate.as_ref().map(|r| r.per_second),
+    );
+    // Jobs that have not begun their send go back once the server is unavailable (they
+    // would wait, not send) or once starting one could no longer end before the deadline.
+    let trigger = {
+        let give_back = give_back.clone();
+        let health = pipeline.health.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = health.wait_unsendable() => {}
+                () = tokio::time::sleep_until(stopped + plan.start_by) => {}
+                () = give_back.cancelled() => {}
+            }
+            give_back.cancel();
+        })
+    };
+    // What the broker pushed before the cancel: taken out at once up to what fits (each
+    // waits for a free slot), the rest given back at once for the other replicas.
+    let mut taken = 0usize;
+    while plan.more.is_none_or(|more| taken < more) && !give_back.is_cancelled() {
+        let Some(delivery) = source.held().await else {
+            break;
+        };
+        taken += 1;
+        let pipeline = pipeline.clone();
+        let give_back = give_back.clone();
+        let permits = permits.clone();
+        tasks.spawn(async move {
+            let permit = tokio::select! {
+                biased;
+                permit = permits.acquire_owned() => permit.expect("the semaphore is never closed"),
+                _ = give_back.cancelled() => {
+                    pipeline.requeue(delivery).await;
+                    return;
+                }
+            };
+            pipeline.handle(delivery, &give_back).await;
+            drop(permit);
+        });
+    }
+    let returned = source.give_back().await;
+    pipeline.metrics.given_back.inc_by(returned as u64);
+    tasks.close();
     tracing::info!(
         in_flight,
+        held = taken,
+        given_back = returned,
+        send_time = ?pipeline.pace.per_send(),
         ?deadline,
-        "stopped consuming; finishing in-flight jobs"
+        "stopped consuming; finishing the jobs that fit the drain deadline"
     );
-    let abandoned = match tokio::time::timeout(deadline, tasks.wait()).await {
+    let abandoned = match tokio::time::timeout_at(stopped + deadline, tasks.wait()).await {
         Ok(()) => 0,
         Err(_) => {
             let left = tasks.len();
@@ -469,6 +557,12 @@ pub async fn run<S: MessageSource, M: Mailer>(
             left
         }
     };
+    give_back.cancel();
+    let _ = trigger.await;
     source.close().await;
-    Drained { abandoned }
+    Drained {
+        // The held jobs handed back unopened and those requeued before their send began.
+        given_back: pipeline.metrics.given_back.get() as usize,
+        abandoned,
+    }
 }

@@ -22,7 +22,11 @@ impl<M: Mailer> Pipeline<M> {
                 tracing::info!("already sent; skipped");
                 Settlement::Ack
             }
-            Outcome::NotStarted => Settlement::Requeue,
+            Outcome::NotStarted => {
+                self.metrics.given_back.inc();
+                tracing::info!("not sent before the stop; given back to the queue");
+                Settlement::Requeue
+            }
             Outcome::Failed(failure) => {
                 let reason = failure.reason();
                 self.metrics.failed.with_label_values(&[reason]).inc();

@@ -77,9 +77,17 @@ pub trait MessageSource: Send {
     /// The next delivery, or `None` once `stop` is cancelled.
     fn next(&mut self, stop: &CancellationToken) -> impl Future<Output = Option<Delivery>> + Send;
 
-    /// Stops the broker from handing over more deliveries (shutdown), and gives back what it
-    /// already handed over that `next` never returned.
+    /// Stops the broker from handing over more deliveries (shutdown). What it had already
+    /// handed over and `next` never returned stays held: see `held` and `give_back`.
     fn stop_consuming(&mut self) -> impl Future<Output = ()> + Send;
+
+    /// After `stop_consuming`: the next delivery the broker handed over before the stop, or
+    /// `None` when no more is held.
+    fn held(&mut self) -> impl Future<Output = Option<Delivery>> + Send;
+
+    /// After `stop_consuming`: gives every delivery still held back to the broker unsent (a
+    /// redelivery for another consumer); returns how many.
+    fn give_back(&mut self) -> impl Future<Output = usize> + Send;
 
     /// Closes the connection after every in-flight delivery was settled; what was fetched
     /// but never handed out goes back to the queue.

@@ -6,9 +6,10 @@
 //! published and confirmed *before* the original is acked, so a crash in between leaves a
 //! duplicate, never a loss. When the connection drops, unacked deliveries return to the queue
 //! on the broker's side; `next` reconnects with capped exponential backoff and readiness is
-//! false meanwhile. At shutdown the consumer is cancelled first, and what the broker had
-//! already pushed but the pipeline never took goes back to the queue at once, for the other
-//! replicas.
+//! false meanwhile. At shutdown the consumer is cancelled first; what the broker had already
+//! pushed is then handed out with [`MessageSource::held`] while the pipeline can still send
+//! it, and the rest goes back to the queue at once ([`MessageSource::give_back`]), for the
+//! other replicas.
 //!
 //! Retry and dead-letter copies drop the producer's per-message `expiration`: a job waiting
 //! for its next attempt, or kept for a person to look at, must not silently vanish. When the
@@ -49,6 +50,8 @@ pub struct RabbitSource {
     live: Option<Live>,
     backoff: Backoff,
     connected_once: bool,
+    /// The consumer was cancelled and may still yield deliveries pushed before the cancel.
+    holding: bool,
 }
 
 struct Live {
@@ -97,6 +100,7 @@ impl RabbitSource {
             live: None,
             backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(30)),
             connected_once: false,
+            holding: false,
         })
     }
 
@@ -144,7 +148,26 @@ impl RabbitSource {
         })
     }
 
+    /// After the consumer was cancelled: the next delivery it had already received.
+    async fn next_held(&mut self) -> Option<lapin::message::Delivery> {
+        if !self.holding {
+            return None;
+        }
+        let live = self.live.as_mut()?;
+        // The stream ends after the cancel-ok; the timeout only guards a broken connection.
+        match tokio::time::timeout(Duration::from_secs(1), live.consumer.next()).await {
+            Ok(Some(Ok(delivery))) => Some(delivery),
+            _ => {
+                self.holding = false;
+                None
+            }
+        }
+    }
+
     fn wrap(&self, delivery: lapin::message::Delivery, publisher: &Channel) -> Delivery {
+        if delivery.redelivered {
+            self.metrics.redelivered.inc();
+        }
         let attempt = delivery
             .properties
             .headers()
@@ -265,19 +288,28 @@ impl MessageSource for RabbitSource {
         let Some(live) = self.live.as_mut() else {
             return;
         };
-        if let Err(error) = live
+        // basic.cancel waits for cancel-ok: nothing arrives after it but what was already
+        // pushed, which the consumer stream yields before it ends.
+        match live
             .channel
             .basic_cancel(live.consumer.tag(), BasicCancelOptions::default())
             .await
         {
-            tracing::debug!(%error, "cancelling the consumer");
-            return;
+            Ok(()) => self.holding = true,
+            // The connection is gone: the broker requeued everything on its side.
+            Err(error) => tracing::debug!(%error, "cancelling the consumer"),
         }
-        // What the broker pushed before the cancel and the pipeline never took.
-        let mut returned = 0u32;
-        while let Ok(Some(Ok(delivery))) =
-            tokio::time::timeout(Duration::from_millis(200), live.consumer.next()).await
-        {
+    }
+
+    async fn held(&mut self) -> Option<Delivery> {
+        let delivery = self.next_held().await?;
+        let publisher = self.live.as_ref()?.publisher.clone();
+        Some(self.wrap(delivery, &publisher))
+    }
+
+    async fn give_back(&mut self) -> usize {
+        let mut returned = 0;
+        while let Some(delivery) = self.next_held().await {
             let requeue = BasicNackOptions {
                 requeue: true,
                 ..BasicNackOptions::default()
@@ -286,10 +318,7 @@ impl MessageSource for RabbitSource {
                 returned += 1;
             }
         }
-        tracing::info!(
-            returned,
-            "stopped consuming; prefetched jobs went back to the queue"
-        );
+        returned
     }
 
     async fn close(self) {
