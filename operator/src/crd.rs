@@ -446,6 +446,13 @@ pub struct Scaling {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 1000))]
     pub fallback_replicas: Option<i32>,
+    /// A drain-time objective: run enough replicas that the work clears within this time at
+    /// the send rate one replica has shown (measured from the broker's acks through the
+    /// management API, so RabbitMQ pipelines need `managementSecret`). The target still
+    /// applies; the larger count wins, within the bounds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32), regex(pattern = DURATION))]
+    pub drain_within: Option<String>,
 }
 
 /// One row of a scaling table.
@@ -521,6 +528,15 @@ pub struct EmailPipelineStatus {
     /// Worker replicas the scaler wants.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub desired_replicas: Option<i32>,
+    /// Jobs a second one busy replica has been settling (measured from the broker's acks
+    /// while the queue had work; decimal text, as Kubernetes avoids floats).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32))]
+    pub send_rate_per_replica: Option<String>,
+    /// Estimated seconds until the work now waiting is done at the desired replica count
+    /// and the measured rate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_to_drain_seconds: Option<i64>,
     /// When the scaler last changed the replica count.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_scale_time: Option<Time>,
@@ -667,6 +683,7 @@ impl Default for Scaling {
             max_step: None,
             thresholds: Vec::new(),
             fallback_replicas: None,
+            drain_within: None,
         }
     }
 }

@@ -1,7 +1,9 @@
 //! The operator's Prometheus metrics (prefix `mailpipe_operator_`). Labels are bounded:
 //! results and error categories are static, pipelines are what the cluster holds.
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+};
 
 /// All operator metrics.
 #[derive(Clone)]
@@ -21,6 +23,10 @@ pub struct Metrics {
     pub replicas: IntGaugeVec,
     /// 1 when the pipeline's topology is in place.
     pub topology_ready: IntGaugeVec,
+    /// Estimated seconds until a pipeline's waiting work is done.
+    pub time_to_drain: IntGaugeVec,
+    /// Jobs a second one busy replica of a pipeline has been settling.
+    pub send_rate_per_replica: GaugeVec,
     /// Replica count changes made by the scaler, per pipeline and direction.
     pub scale_events: IntCounterVec,
     /// Time of one scaler look at a pipeline: read the backlog, decide, set the count.
@@ -71,7 +77,24 @@ impl Metrics {
                 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
             ],
         );
+        let send_rate_per_replica = GaugeVec::new(
+            Opts::new(
+                "mailpipe_operator_send_rate_per_replica",
+                "Jobs a second one busy worker replica of a pipeline has been settling (from the broker's acks).",
+            ),
+            PIPELINE,
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(send_rate_per_replica.clone()))
+            .expect("unique metric");
         let metrics = Metrics {
+            send_rate_per_replica,
+            time_to_drain: gauge(
+                "mailpipe_operator_time_to_drain_seconds",
+                "Estimated seconds until a pipeline's waiting work is done at the desired replicas and the measured rate.",
+                PIPELINE,
+            ),
             reconciles: counter(
                 "mailpipe_operator_reconciles_total",
                 "Reconciles, by result.",
@@ -129,6 +152,8 @@ impl Metrics {
         let _ = self.backlog.remove_label_values(&labels);
         let _ = self.dead_letter_depth.remove_label_values(&labels);
         let _ = self.topology_ready.remove_label_values(&labels);
+        let _ = self.time_to_drain.remove_label_values(&labels);
+        let _ = self.send_rate_per_replica.remove_label_values(&labels);
         for kind in ["desired", "current", "ready"] {
             let _ = self
                 .replicas

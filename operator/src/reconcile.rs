@@ -22,7 +22,7 @@ use crate::dereference::{dereference, Referenced};
 use crate::error::Error;
 use crate::keep::{Keeper, Kept};
 use crate::metrics::Metrics;
-use crate::scaling::scaler::BrokerUrls;
+use crate::scaling::scaler::{BrokerAccess, BrokerUrls};
 use crate::status::{self, set_conditions, ConditionUpdate};
 use crate::topology::rabbitmq::RabbitTopology;
 use crate::topology::{BrokerTopology, TopologyError};
@@ -474,8 +474,14 @@ async fn apply(
         Err(error) => return topology_failed(api, pipeline, ctx, error).await,
     };
     if let (Some(url), Some(uid)) = (&referenced.amqp_url, pipeline.uid()) {
-        ctx.broker_urls
-            .remember(&uid, url, referenced.amqp_ca.as_deref());
+        ctx.broker_urls.remember(
+            &uid,
+            BrokerAccess {
+                url: url.clone(),
+                ca: referenced.amqp_ca.clone(),
+                management: referenced.management_url.clone(),
+            },
+        );
     }
     // sharing (no client required): a fanout exchange another pipeline's queue is bound to
     // on this broker would send every job twice.

@@ -101,6 +101,8 @@ pub struct ScalingRules {
     pub fallback_replicas: Option<u32>,
     /// `(from backlog, replicas)` rows in increasing backlog; empty: the target per replica.
     pub thresholds: Vec<(u64, u32)>,
+    /// The drain-time objective.
+    pub drain_within: Option<Duration>,
 }
 
 /// Deduplication through Redis, its record kept for `ttl`.
@@ -250,6 +252,30 @@ pub fn validate(
             "rows must be in strictly increasing backlog order",
         ));
     }
+    let drain_within = match &scaling.drain_within {
+        None => None,
+        Some(text) => {
+            let within = duration("spec.scaling.drainWithin", text)?;
+            if within.is_zero() {
+                return Err(invalid(
+                    "spec.scaling.drainWithin",
+                    "must be above zero (leave it out for no drain-time objective)",
+                ));
+            }
+            if spec
+                .source
+                .rabbitmq
+                .as_ref()
+                .is_some_and(|r| r.management_secret.is_none())
+            {
+                return Err(invalid(
+                    "spec.scaling.drainWithin",
+                    "needs the send rate the workers show, which the scaler reads from the broker's acks through the management API: set spec.source.rabbitmq.managementSecret",
+                ));
+            }
+            Some(within)
+        }
+    };
     let replicas = scaling.max_replicas.max(1) as u32;
     let pool = spec.smtp.pool_size;
     if pool < replicas {
@@ -362,6 +388,7 @@ pub fn validate(
                 .iter()
                 .map(|t| (t.backlog.max(0) as u64, t.replicas.max(0) as u32))
                 .collect(),
+            drain_within,
         },
         smtp_pool_size: pool_size,
         retry,
@@ -460,6 +487,26 @@ mod tests {
         let err = table(json!([{"backlog": 100, "replicas": 3}, {"backlog": 100, "replicas": 4}]))
             .unwrap_err();
         assert_eq!(err.field, "spec.scaling.thresholds");
+    }
+
+    #[test]
+    fn a_drain_objective_needs_a_measured_rate_and_a_positive_time() {
+        let drain = |scaling: serde_json::Value, management: bool| {
+            let mut patch = json!({"scaling": scaling});
+            if management {
+                patch["source"] =
+                    json!({"rabbitmq": {"managementSecret": {"name": "admin", "key": "url"}}});
+            }
+            validate("w", "m", &spec(patch))
+        };
+        let valid = drain(json!({"drainWithin": "30s"}), true).unwrap();
+        assert_eq!(valid.scaling.drain_within, Some(Duration::from_secs(30)));
+        let err = drain(json!({"drainWithin": "30s"}), false).unwrap_err();
+        assert_eq!(err.field, "spec.scaling.drainWithin");
+        assert!(err.to_string().contains("managementSecret"), "{err}");
+        let err = drain(json!({"drainWithin": "0s"}), true).unwrap_err();
+        assert_eq!(err.field, "spec.scaling.drainWithin");
+        assert_eq!(drain(json!({}), false).unwrap().scaling.drain_within, None);
     }
 
     #[test]

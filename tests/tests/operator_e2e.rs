@@ -10,44 +10,12 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::Api;
 use mailpipe_tests::amqp::{self, Names, SHARED_URL};
-use mailpipe_tests::cluster::{Cluster, Operator};
+use mailpipe_tests::cluster::Cluster;
+use mailpipe_tests::eventually;
+use mailpipe_tests::pipelines::{
+    condition, delete_topology, manifest, wait_condition, with_operator, IDLE, SECRET,
+};
 use mailpipe_tests::smtp::{SmtpOptions, SmtpServer};
-use mailpipe_tests::{eventually, repo_root};
-
-/// The example pipeline (`deploy/examples/emailpipeline.yaml`) pointed at this test's
-/// queue and SMTP server.
-fn manifest(name: &str, names: &Names, smtp_port: u16, policy: &str) -> String {
-    let example = std::fs::read_to_string(repo_root().join("deploy/examples/emailpipeline.yaml"))
-        .expect("the example pipeline");
-    let mut text = example;
-    for (from, to) in [
-        ("name: welcome", format!("name: {name}")),
-        (
-            "exchange: smtp_send_email_exc",
-            format!("exchange: {}", names.exchange),
-        ),
-        ("queue: smtp_send_email", format!("queue: {}", names.queue)),
-        ("host: smtp.example.com", "host: 127.0.0.1".to_string()),
-        ("port: 587", format!("port: {smtp_port}")),
-        ("tls: starttls", "tls: none".to_string()),
-        ("initial: 5s", "initial: 200ms".to_string()),
-        ("max: 5m", "max: 2s".to_string()),
-        // A Delete deletion waits out the workers' grace period after the last job: keep it
-        // at the shortest the schema allows.
-        (
-            "  scaling:\n",
-            "  worker:\n    terminationGracePeriodSeconds: 10\n  scaling:\n".to_string(),
-        ),
-        (
-            "deletionPolicy: Retain",
-            format!("deletionPolicy: {policy}"),
-        ),
-    ] {
-        assert!(text.contains(from), "the example has {from:?}");
-        text = text.replacen(from, &to, 1);
-    }
-    text
-}
 
 /// Who holds the operator's Lease now.
 async fn lease_holder(cluster: &Cluster) -> String {
@@ -61,24 +29,6 @@ async fn lease_holder(cluster: &Cluster) -> String {
         ])
         .await;
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// A manifest edit for workers that never run (no program for their image): what reaches
-/// the queue stays there.
-const IDLE: (&str, &str) = (
-    "  worker:\n",
-    "  worker:\n    image: example.com/not-runnable:1\n",
-);
-
-/// Deletes what a pipeline made from `manifest` declared on the shared broker (its delay
-/// queues are named after the manifest's backoff).
-async fn delete_topology(names: &Names) {
-    let backoff = mailpipe_contract::RetryPolicy {
-        initial: Duration::from_millis(200),
-        max: Duration::from_secs(2),
-        ..Default::default()
-    };
-    amqp::delete_plan(SHARED_URL, &names.plan(&backoff)).await;
 }
 
 /// prometheus-operator's ServiceMonitor CRD, reduced to what the test needs.
@@ -103,23 +53,6 @@ spec:
             x-kubernetes-preserve-unknown-fields: true
 ";
 
-const SECRET: &str =
-    "apiVersion: v1\nkind: Secret\nmetadata:\n  name: amqp\nstringData:\n  url: URL\n";
-
-/// A cluster with one operator replica (`op-a`), the broker Secret `amqp` applied, and an
-/// SMTP server started with `options`.
-async fn with_operator(options: SmtpOptions) -> (Cluster, SmtpServer, Operator) {
-    let cluster = Cluster::start().await;
-    let smtp = SmtpServer::start(options).await;
-    let operator = cluster.operator("op-a");
-    assert!(cluster
-        .apply(&SECRET.replace("URL", SHARED_URL))
-        .await
-        .status
-        .success());
-    (cluster, smtp, operator)
-}
-
 /// Waits until the pipeline `name` and its work queue `queue` are gone.
 async fn gone(cluster: &Cluster, name: &str, queue: &str, timeout: Duration) {
     eventually(
@@ -132,33 +65,6 @@ async fn gone(cluster: &Cluster, name: &str, queue: &str, timeout: Duration) {
                 .status
                 .success();
             (gone && !amqp::queue_exists(SHARED_URL, queue).await).then_some(())
-        },
-    )
-    .await;
-}
-
-async fn condition(cluster: &Cluster, pipeline: &str, type_: &str, field: &str) -> String {
-    let path = format!("jsonpath={{.status.conditions[?(@.type==\"{type_}\")].{field}}}");
-    let out = cluster
-        .kubectl(&["get", "emp", pipeline, "-o", &path])
-        .await;
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-async fn wait_condition(
-    cluster: &Cluster,
-    pipeline: &str,
-    type_: &str,
-    status: &str,
-    reason: &str,
-) {
-    eventually(
-        Cluster::SETTLE,
-        &format!("{pipeline}: {type_}={status} ({reason})"),
-        || async {
-            let ok = condition(cluster, pipeline, type_, "status").await == status
-                && condition(cluster, pipeline, type_, "reason").await == reason;
-            ok.then_some(())
         },
     )
     .await;

@@ -17,7 +17,9 @@
 //!    (a replica needs at least one connection of `pool_size`) and the partition count.
 //! 6. **Stabilization**, with the HPA's semantics: scaling up takes the lowest
 //!    recommendation of the scale-up window, scaling down the highest of the scale-down
-//!    window, so a dip or a spike shorter than the window changes nothing.
+//!    window, so a dip or a spike shorter than the window changes nothing. With a drain
+//!    objective the scale-down window is at least `drain_within`: a drain keeps the
+//!    replicas it was given until it is due.
 //! 7. **Maximum step** per decision.
 
 use std::collections::VecDeque;
@@ -252,7 +254,8 @@ impl Policy {
         history.recommendations.push_back((seen.at, recommended));
         let keep = self
             .scale_up_stabilization
-            .max(self.scale_down_stabilization);
+            .max(self.scale_down_stabilization)
+            .max(self.drain_within.unwrap_or(Duration::ZERO));
         while history
             .recommendations
             .front()
@@ -267,6 +270,12 @@ impl Policy {
                 .filter(move |(t, _)| seen.at.saturating_sub(*t) <= window)
                 .map(|(_, n)| *n)
         };
+        // A drain decided for `drain_within` holds that long: re-asking "enough to clear
+        // what is left in time" as the backlog shrinks would shed replicas mid-drain and
+        // keep the end always nearly `drain_within` away.
+        let down_window = self
+            .scale_down_stabilization
+            .max(self.drain_within.unwrap_or(Duration::ZERO));
         let mut decision = (recommended, reason);
         if recommended > seen.current {
             let floor = within(self.scale_up_stabilization)
@@ -276,9 +285,7 @@ impl Policy {
                 decision = (floor.max(seen.current), Reason::Stabilized);
             }
         } else if recommended < seen.current {
-            let ceiling = within(self.scale_down_stabilization)
-                .max()
-                .unwrap_or(recommended);
+            let ceiling = within(down_window).max().unwrap_or(recommended);
             if ceiling > recommended {
                 decision = (ceiling.min(seen.current), Reason::Stabilized);
             }
@@ -447,6 +454,32 @@ mod tests {
         // Without a measured rate the objective cannot say anything: the target decides.
         o.rate_per_replica = None;
         assert_eq!(decide(&p, o).reason, Reason::Target);
+    }
+
+    #[test]
+    fn a_drain_keeps_its_replicas_for_the_drain_time_even_with_a_short_down_window() {
+        // Re-asking "enough to clear what is left within 30 s" as the backlog shrinks would
+        // shed replicas mid-drain and keep the end always 20-odd seconds away.
+        let p = Policy {
+            drain_within: Some(Duration::from_secs(30)),
+            target: Target::PerReplica(1_000_000),
+            scale_down_stabilization: Duration::from_secs(5),
+            ..policy()
+        };
+        let mut h = History::default();
+        let at = |secs, ready, current| {
+            let mut o = seen(secs, ready, current);
+            o.rate_per_replica = Some(16.0);
+            o
+        };
+        assert_eq!(p.decide(&at(0, 2_880, 1), &mut h).replicas, 6);
+        for (secs, ready) in [(5, 2_400), (10, 1_920), (20, 960), (29, 96)] {
+            let d = p.decide(&at(secs, ready, 6), &mut h);
+            assert_eq!((secs, d.replicas), (secs, 6), "{d:?}");
+        }
+        // Past the drain time, what was recommended within it goes out of the window.
+        assert_eq!(p.decide(&at(31, 10, 6), &mut h).replicas, 5);
+        assert_eq!(p.decide(&at(61, 10, 5), &mut h).replicas, 1);
     }
 
     #[test]

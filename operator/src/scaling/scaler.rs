@@ -22,8 +22,11 @@ use tokio_util::sync::CancellationToken;
 use super::actuator::{Actuator, DeploymentScale, Workload};
 use super::observe::{Brokers, Reading};
 use super::policy::{Decision, History, Observation, Policy, Target};
+use super::rate::{self, RateMeter, SAMPLE_INTERVAL};
 use crate::crd::EmailPipeline;
 use crate::reconcile::{publish_for, Context};
+use crate::topology::management::{Management, QueueStats};
+use crate::topology::TopologyError;
 use crate::validate::{validate, ValidatedPipeline, ValidatedSource};
 
 /// The field manager of the scaler's status fields.
@@ -39,18 +42,29 @@ const INVALID_RETRY: Duration = Duration::from_secs(2);
 /// How often the loop wakes to see which pipelines are due.
 const TICK: Duration = Duration::from_millis(250);
 
+/// How to reach a pipeline's broker. Secret: never logged.
+#[derive(Clone, PartialEq, Eq)]
+pub struct BrokerAccess {
+    /// The AMQP URL with credentials.
+    pub url: String,
+    /// The CA bundle (PEM) for its TLS, when the pipeline names one.
+    pub ca: Option<String>,
+    /// The management API URL with credentials, when the pipeline names one.
+    pub management: Option<String>,
+}
+
 /// The broker each pipeline's topology was declared on, as the reconcile last read it from
-/// the pipeline's Secrets (URL and CA, by pipeline uid; in memory only, never logged).
+/// the pipeline's Secrets (by pipeline uid; in memory only, never logged).
 #[derive(Default)]
-pub struct BrokerUrls(Mutex<HashMap<String, (String, Option<String>)>>);
+pub struct BrokerUrls(Mutex<HashMap<String, BrokerAccess>>);
 
 impl BrokerUrls {
     /// Remembers pipeline `uid`'s broker.
-    pub fn remember(&self, uid: &str, url: &str, ca: Option<&str>) {
+    pub fn remember(&self, uid: &str, access: BrokerAccess) {
         self.0
             .lock()
             .expect("broker urls lock")
-            .insert(uid.to_string(), (url.to_string(), ca.map(str::to_string)));
+            .insert(uid.to_string(), access);
     }
 
     /// Forgets pipeline `uid`'s broker (it was deleted).
@@ -58,12 +72,12 @@ impl BrokerUrls {
         self.0.lock().expect("broker urls lock").remove(uid);
     }
 
-    fn get(&self, uid: &str) -> Option<(String, Option<String>)> {
+    fn get(&self, uid: &str) -> Option<BrokerAccess> {
         self.0.lock().expect("broker urls lock").get(uid).cloned()
     }
 }
 
-/// The rules of a validated pipeline (the drain objective waits for a measured rate).
+/// The rules of a validated pipeline (the drain objective applies once a rate is measured).
 pub fn policy_of(valid: &ValidatedPipeline, connection_budget: u32) -> Policy {
     let scaling = &valid.scaling;
     Policy {
@@ -75,7 +89,7 @@ pub fn policy_of(valid: &ValidatedPipeline, connection_budget: u32) -> Policy {
             Target::Thresholds(scaling.thresholds.clone())
         },
         activation_backlog: scaling.activation_backlog,
-        drain_within: None,
+        drain_within: scaling.drain_within,
         scale_up_stabilization: valid.scale_up_stabilization,
         scale_down_stabilization: valid.scale_down_stabilization,
         max_step: scaling.max_step,
@@ -91,11 +105,34 @@ struct Tracked {
     next_at: Instant,
     /// The status fields last written.
     written: Option<serde_json::Value>,
+    /// The per-replica send rate measured so far.
+    meter: RateMeter,
+    /// The management API's last figures of the work queue, and when they were read.
+    stats: Option<(Instant, QueueStats)>,
 }
+
+/// Management API clients, one per API (and CA).
+#[derive(Default)]
+struct Managements(HashMap<(String, Option<String>), Management>);
+
+impl Managements {
+    fn get(&mut self, base: &str, ca: Option<&str>) -> Result<&Management, TopologyError> {
+        let key = (base.to_string(), ca.map(str::to_string));
+        if !self.0.contains_key(&key) {
+            let client = Management::new(base, ca)?;
+            self.0.insert(key.clone(), client);
+        }
+        Ok(&self.0[&key])
+    }
+}
+
+/// The management API's figures are in flight counts for this long after they were read.
+const STATS_FRESH: Duration = Duration::from_secs(15);
 
 /// Runs until `stop`: every pipeline the controllers see, each at its poll interval.
 pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
     let brokers = Brokers::default();
+    let mut managements = Managements::default();
     let actuator = DeploymentScale {
         client: ctx.client.clone(),
     };
@@ -122,6 +159,15 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
                 history: History::default(),
                 next_at: now,
                 written: None,
+                // A rate measured before this operator started, as the status kept it.
+                meter: RateMeter::starting_at(
+                    pipeline
+                        .status
+                        .as_ref()
+                        .and_then(|s| s.send_rate_per_replica.as_deref())
+                        .and_then(|text| text.parse().ok()),
+                ),
+                stats: None,
             });
             // Only a pipeline that is due is validated: the loop wakes four times a second.
             if entry.next_at > now {
@@ -134,10 +180,12 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
             };
             entry.next_at = now + valid.poll_interval;
             let at = now - started;
-            tick(
-                &ctx, &brokers, &actuator, &pipeline, &valid, &uid, at, entry,
-            )
-            .await;
+            let links = Links {
+                brokers: &brokers,
+                managements: &mut managements,
+                actuator: &actuator,
+            };
+            tick(&ctx, links, &pipeline, &valid, &uid, at, entry).await;
             ctx.metrics
                 .scale_decision_seconds
                 .with_label_values::<&str>(&[])
@@ -146,11 +194,16 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What the scaler reaches the outside through.
+struct Links<'a> {
+    brokers: &'a Brokers,
+    managements: &'a mut Managements,
+    actuator: &'a DeploymentScale,
+}
+
 async fn tick(
     ctx: &Context,
-    brokers: &Brokers,
-    actuator: &DeploymentScale,
+    links: Links<'_>,
     pipeline: &EmailPipeline,
     valid: &ValidatedPipeline,
     uid: &str,
@@ -163,6 +216,11 @@ async fn tick(
         name: crate::build::worker_name(valid),
     };
     // No Deployment yet (or any more): nothing to scale.
+    let Links {
+        brokers,
+        managements,
+        actuator,
+    } = links;
     let current = match actuator.replicas(&workload).await {
         Ok(Some(current)) => current,
         Ok(None) => return,
@@ -173,15 +231,32 @@ async fn tick(
     };
     let reading = match &valid.source {
         ValidatedSource::Rabbit { settings, plan, .. } => {
-            let Some((url, ca)) = ctx.broker_urls.get(uid) else {
+            let Some(access) = ctx.broker_urls.get(uid) else {
                 // The reconcile has not read the pipeline's Secrets yet.
                 return;
             };
             match brokers
-                .read_queues(&url, ca.as_deref(), settings, plan)
+                .read_queues(&access.url, access.ca.as_deref(), settings, plan)
                 .await
             {
-                Ok(backlog) => Some(Reading::Queue(backlog)),
+                Ok(backlog) => {
+                    tracked.meter.observe(at, backlog.consumers, backlog.ready);
+                    // Then the management API's figures: unacknowledged jobs and the ack
+                    // rate (they change only every 5 s there).
+                    if let Some(base) = &access.management {
+                        let due = tracked
+                            .stats
+                            .is_none_or(|(read, _)| read.elapsed() >= SAMPLE_INTERVAL);
+                        if due {
+                            read_stats(managements, &access, base, &settings.queue, at, tracked)
+                                .await
+                                .unwrap_or_else(|error| {
+                                    tracing::debug!(pipeline = %name, "cannot read the queue's figures: {error}");
+                                });
+                        }
+                    }
+                    Some(Reading::Queue(backlog))
+                }
                 Err(error) => {
                     tracing::debug!(pipeline = %name, "cannot read the backlog: {error}");
                     None
@@ -190,11 +265,20 @@ async fn tick(
         }
         ValidatedSource::Kafka(_) => return,
     };
+    // Jobs held by workers, where the management API tells (its figures lag up to 5 s).
+    let in_flight = tracked
+        .stats
+        .filter(|(read, _)| read.elapsed() < STATS_FRESH)
+        .map(|(_, stats)| stats.unacked);
     let observation = Observation {
         at,
-        work: reading.as_ref().map(Reading::work),
+        work: reading.as_ref().map(|r| {
+            let mut work = r.work();
+            work.in_flight = work.in_flight.max(in_flight.unwrap_or(0));
+            work
+        }),
         current: current.desired,
-        rate_per_replica: None,
+        rate_per_replica: tracked.meter.rate(),
         paused: None,
         partitions: reading.as_ref().and_then(Reading::partitions),
     };
@@ -242,6 +326,24 @@ async fn tick(
             fields["deadLetterDepth"] = serde_json::json!(depth);
         }
     }
+    if let Some(held) = in_flight {
+        fields["inFlight"] = serde_json::json!(held);
+    }
+    if let Some(rate) = tracked.meter.rate() {
+        fields["sendRatePerReplica"] = serde_json::json!(rate::status_text(rate));
+        ctx.metrics
+            .send_rate_per_replica
+            .with_label_values(&[namespace, name])
+            .set(rate);
+    }
+    if let Some(eta) = decision.time_to_drain {
+        let seconds = eta.as_secs_f64().ceil() as i64;
+        fields["timeToDrainSeconds"] = serde_json::json!(seconds);
+        ctx.metrics
+            .time_to_drain
+            .with_label_values(&[namespace, name])
+            .set(seconds);
+    }
     let last_scale = pipeline
         .status
         .as_ref()
@@ -288,6 +390,24 @@ async fn tick(
         Ok(_) => tracked.written = Some(fields),
         Err(error) => tracing::warn!(pipeline = %name, "cannot write the scaling status: {error}"),
     }
+}
+
+/// Reads the work queue's figures from the management API and feeds the rate meter.
+async fn read_stats(
+    managements: &mut Managements,
+    access: &BrokerAccess,
+    base: &str,
+    queue: &str,
+    at: Duration,
+    tracked: &mut Tracked,
+) -> Result<(), TopologyError> {
+    let stats = managements
+        .get(base, access.ca.as_deref())?
+        .queue_stats(&access.url, queue)
+        .await?;
+    tracked.meter.sample(at, stats.ack_rate);
+    tracked.stats = Some((Instant::now(), stats));
+    Ok(())
 }
 
 /// The `Scaling` condition: True with the decision's reason while the backlog can be read,

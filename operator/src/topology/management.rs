@@ -1,6 +1,8 @@
 //! The RabbitMQ management API, for what AMQP cannot do: creating the virtual host of a
-//! pipeline's connection URL and giving its user access to it. Used only when the
-//! pipeline names a management Secret (administrator credentials stay in that Secret).
+//! pipeline's connection URL and giving its user access to it, and the queue figures AMQP
+//! does not tell (unacknowledged jobs, the ack rate the scaler measures workers by). Used
+//! only when the pipeline names a management Secret (administrator credentials stay in that
+//! Secret).
 
 use std::str::FromStr;
 
@@ -13,6 +15,35 @@ use super::TopologyError;
 pub struct Management {
     base: String,
     http: reqwest::Client,
+}
+
+/// A queue as the management API last sampled it (every 5 s by default).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct QueueStats {
+    /// Consumers of the queue.
+    pub consumers: u32,
+    /// Jobs ready.
+    pub ready: u64,
+    /// Jobs delivered and not yet settled.
+    pub unacked: u64,
+    /// Acknowledgements a second over the last sample interval.
+    pub ack_rate: f64,
+}
+
+impl QueueStats {
+    /// Reads the management API's queue object.
+    pub fn from_json(queue: &serde_json::Value) -> QueueStats {
+        let int = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+        QueueStats {
+            consumers: int(&queue["consumers"]).min(u64::from(u32::MAX)) as u32,
+            ready: int(&queue["messages_ready"]),
+            unacked: int(&queue["messages_unacknowledged"]),
+            ack_rate: queue["message_stats"]["ack_details"]["rate"]
+                .as_f64()
+                .unwrap_or(0.0)
+                .max(0.0),
+        }
+    }
 }
 
 /// A path segment, percent-encoded (`/` is the default vhost's whole name).
@@ -44,6 +75,34 @@ impl Management {
         })
     }
 
+    /// The figures of `queue` in the virtual host of `amqp_url`.
+    pub async fn queue_stats(
+        &self,
+        amqp_url: &str,
+        queue: &str,
+    ) -> Result<QueueStats, TopologyError> {
+        let uri = AMQPUri::from_str(amqp_url).map_err(|_| {
+            TopologyError::Refused("the connection Secret does not hold an AMQP URL".into())
+        })?;
+        let path = format!("/api/queues/{}/{}", segment(&uri.vhost), segment(queue));
+        let response = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .map_err(|e| unanswered(&e))?;
+        match response.status().as_u16() {
+            200 => {
+                let body: serde_json::Value = response.json().await.map_err(|e| unanswered(&e))?;
+                Ok(QueueStats::from_json(&body))
+            }
+            401 | 403 => Err(refused_credentials()),
+            code => Err(TopologyError::Unreachable(format!(
+                "the management API answered {code} to GET {path}"
+            ))),
+        }
+    }
+
     async fn put(&self, path: &str, body: serde_json::Value) -> Result<(), TopologyError> {
         let response = self
             .http
@@ -51,18 +110,10 @@ impl Management {
             .json(&body)
             .send()
             .await
-            // reqwest's error text names the URL, which carries the credentials.
-            .map_err(|e| {
-                TopologyError::Unreachable(format!(
-                    "the management API did not answer{}",
-                    if e.is_timeout() { " in time" } else { "" }
-                ))
-            })?;
+            .map_err(|e| unanswered(&e))?;
         match response.status().as_u16() {
             200..=299 => Ok(()),
-            401 | 403 => Err(TopologyError::Refused(
-                "the management API refused the credentials of the management Secret".into(),
-            )),
+            401 | 403 => Err(refused_credentials()),
             code => Err(TopologyError::Unreachable(format!(
                 "the management API answered {code} to PUT {path}"
             ))),
@@ -87,6 +138,20 @@ impl Management {
     }
 }
 
+/// reqwest's error text names the URL, which carries the credentials: never shown.
+fn unanswered(error: &reqwest::Error) -> TopologyError {
+    TopologyError::Unreachable(format!(
+        "the management API did not answer{}",
+        if error.is_timeout() { " in time" } else { "" }
+    ))
+}
+
+fn refused_credentials() -> TopologyError {
+    TopologyError::Refused(
+        "the management API refused the credentials of the management Secret".into(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -94,5 +159,18 @@ mod tests {
         assert_eq!(super::segment("/"), "%2F");
         assert_eq!(super::segment("mail/prod"), "mail%2Fprod");
         assert_eq!(super::segment("a b"), "a%20b");
+    }
+
+    #[test]
+    fn queue_figures_are_read_and_missing_stats_count_as_none() {
+        let stats = super::QueueStats::from_json(&serde_json::json!({
+            "consumers": 3, "messages_ready": 120, "messages_unacknowledged": 48,
+            "message_stats": {"ack": 9000, "ack_details": {"rate": 41.6}}
+        }));
+        assert_eq!((stats.consumers, stats.ready, stats.unacked), (3, 120, 48));
+        assert!((stats.ack_rate - 41.6).abs() < 1e-9);
+        // A queue nobody consumed from yet has no message_stats at all.
+        let fresh = super::QueueStats::from_json(&serde_json::json!({"consumers": 0}));
+        assert_eq!(fresh.ack_rate, 0.0);
     }
 }

@@ -1,0 +1,169 @@
+//! The scaler end to end with workers that really send: the Kubernetes API test server and
+//! its runner, a real RabbitMQ (with its management API), real worker processes and an SMTP
+//! server that takes a fixed time per message.
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use kube::Api;
+use mailpipe_tests::amqp::{self, Names, SHARED_URL};
+use mailpipe_tests::cluster::Cluster;
+use mailpipe_tests::jobs::Tally;
+use mailpipe_tests::pipelines::{delete_topology, manifest, wait_condition, with_operator};
+use mailpipe_tests::smtp::SmtpOptions;
+use mailpipe_tests::{eventually, unique};
+
+/// The management API Secret the drain objective needs (the shared node's administrator).
+const ADMIN_SECRET: &str = "apiVersion: v1\nkind: Secret\nmetadata:\n  name: amqp-admin\nstringData:\n  url: http://guest:guest@127.0.0.1:15672\n";
+
+/// A pipeline from the example with real workers of `concurrency` jobs, a pool that never
+/// limits them, the management Secret, and `scaling` in place of the example's bounds.
+fn sending_pipeline(name: &str, names: &Names, smtp_port: u16, scaling: &str) -> String {
+    let mut text = manifest(name, names, smtp_port, "Retain");
+    for (from, to) in [
+        (
+            format!("      queue: {}\n", names.queue),
+            format!(
+                "      queue: {}\n      managementSecret:\n        name: amqp-admin\n        key: url\n",
+                names.queue
+            ),
+        ),
+        (
+            "    tls: none\n".to_string(),
+            "    tls: none\n    poolSize: 64\n".to_string(),
+        ),
+        (
+            "  worker:\n".to_string(),
+            "  worker:\n    concurrency: 4\n".to_string(),
+        ),
+        (
+            "    minReplicas: 1\n    maxReplicas: 5\n".to_string(),
+            scaling.to_string(),
+        ),
+    ] {
+        assert!(text.contains(&from), "the manifest has {from:?}");
+        text = text.replacen(&from, &to, 1);
+    }
+    text
+}
+
+/// A status field of pipeline `name` (empty when unset).
+async fn status(cluster: &Cluster, name: &str, field: &str) -> String {
+    cluster
+        .kubectl_ok(&[
+            "get",
+            "emp",
+            name,
+            "-o",
+            &format!("jsonpath={{.status.{field}}}"),
+        ])
+        .await
+}
+
+/// `drainWithin: 30s` against an SMTP server that takes 250 ms a message: once the
+/// pipeline has shown its per-replica rate, a backlog one replica would need three minutes
+/// for is cleared in 30 s +- 20% by as many replicas as that rate calls for, the status
+/// showing the time-to-drain estimate on the way, and every job delivered once.
+#[tokio::test]
+async fn drain_within_clears_a_backlog_of_minutes_in_about_that_time() {
+    let (cluster, smtp, _operator) = with_operator(SmtpOptions {
+        delay_ms: 250,
+        ..SmtpOptions::default()
+    })
+    .await;
+    assert!(cluster.apply(ADMIN_SECRET).await.status.success());
+    let names = Names::new("e2edrain");
+    // The target alone would keep one replica: the drain objective decides.
+    let pipeline = sending_pipeline(
+        "drain",
+        &names,
+        smtp.port,
+        "    minReplicas: 1\n    maxReplicas: 8\n    targetBacklogPerReplica: 1000000\n    drainWithin: 30s\n    pollInterval: 1s\n    scaleDownStabilization: 5s\n",
+    );
+    assert!(cluster.apply(&pipeline).await.status.success());
+    wait_condition(&cluster, "drain", "TopologyReady", "True", "Declared").await;
+
+    // Warm-up: one replica shows what it sends a second (4 slots of 250 ms: about 16).
+    let run = unique("drain");
+    const WARM: usize = 400;
+    amqp::publish_numbered(SHARED_URL, &names.exchange, &run, 0..WARM).await;
+    let rate: f64 = eventually(
+        Duration::from_secs(40),
+        "a measured rate in the status",
+        || async {
+            status(&cluster, "drain", "sendRatePerReplica")
+                .await
+                .parse()
+                .ok()
+        },
+    )
+    .await;
+    println!("measured per-replica rate: {rate}/s");
+    assert!((10.0..=17.0).contains(&rate), "about 16 a second: {rate}");
+
+    // Three minutes of work for one replica.
+    let backlog = (rate * 180.0) as usize;
+    let published = Instant::now();
+    amqp::publish_numbered(SHARED_URL, &names.exchange, &run, WARM..WARM + backlog).await;
+    let deployments: Api<Deployment> = Api::default_namespaced(cluster.client.clone());
+    let mut replicas_seen = Vec::new();
+    let mut estimates = Vec::new();
+    let drained = loop {
+        let replicas = deployments
+            .get_opt("drain-worker")
+            .await
+            .ok()
+            .flatten()
+            .and_then(|d| d.spec?.replicas);
+        if replicas_seen.last() != Some(&replicas) {
+            replicas_seen.push(replicas);
+        }
+        if let Ok(eta) = status(&cluster, "drain", "timeToDrainSeconds")
+            .await
+            .parse::<u64>()
+        {
+            estimates.push((published.elapsed().as_secs(), eta));
+        }
+        let ready = amqp::ready(SHARED_URL, &names.queue).await;
+        if ready == 0 && amqp::unacked(None, &names.queue) == 0 {
+            break published.elapsed();
+        }
+        assert!(
+            published.elapsed() < Duration::from_secs(120),
+            "not drained after two minutes: {ready} ready, replicas {replicas_seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    println!(
+        "{backlog} jobs drained in {drained:?}; replicas {replicas_seen:?}; estimates (s since publish, eta) {estimates:?}"
+    );
+    assert!(
+        drained >= Duration::from_secs(24) && drained <= Duration::from_secs(36),
+        "drained within 30 s +- 20%: {drained:?} (replicas {replicas_seen:?})"
+    );
+    assert!(
+        estimates.iter().any(|(_, eta)| *eta > 0 && *eta <= 40),
+        "the status showed the time to drain on the way: {estimates:?}"
+    );
+    let after: f64 = status(&cluster, "drain", "sendRatePerReplica")
+        .await
+        .parse()
+        .expect("a rate");
+    println!("per-replica rate after the drain: {after}/s");
+    assert!(
+        (12.0..=17.0).contains(&after),
+        "a scale-up does not corrupt the measured rate: {after}"
+    );
+    let peak = replicas_seen.iter().flatten().max().copied().unwrap_or(0);
+    assert!(
+        peak >= 5,
+        "the backlog called for about 6 replicas: {replicas_seen:?}"
+    );
+
+    let total = WARM + backlog;
+    smtp.wait_for_count(total, Duration::from_secs(30)).await;
+    assert_eq!(smtp.tally(&run, total).await, Tally::EXACT);
+    assert!(cluster.check_operator_rbac() > 0);
+    cluster.kubectl_ok(&["delete", "emp", "drain"]).await;
+    delete_topology(&names).await;
+}
