@@ -295,3 +295,24 @@ pub fn rabbitmqctl(node: Option<&str>, args: &[&str]) -> Result<String, String> 
         ))
     }
 }
+
+/// The shared node's management API (tests: guest, enabled by `scripts/test-servers.sh`).
+pub const SHARED_MANAGEMENT: &str = "http://127.0.0.1:15672";
+
+/// How many deliveries of `queue` on the shared node the broker marked as redelivered (a
+/// job given back or left unacked by a consumer that went away), as its management API
+/// counts them. The figures refresh every 5 s: read after the last change has settled.
+pub async fn redelivered(queue: &str) -> u64 {
+    let url = format!("{SHARED_MANAGEMENT}/api/queues/%2F/{queue}");
+    let body: serde_json::Value = reqwest::Client::new()
+        .get(&url)
+        .basic_auth("guest", Some("guest"))
+        .send()
+        .await
+        .and_then(|r| r.error_for_status())
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+        .json()
+        .await
+        .expect("a queue object");
+    body["message_stats"]["redeliver"].as_u64().unwrap_or(0)
+}

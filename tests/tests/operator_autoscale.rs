@@ -167,3 +167,94 @@ async fn drain_within_clears_a_backlog_of_minutes_in_about_that_time() {
     cluster.kubectl_ok(&["delete", "emp", "drain"]).await;
     delete_topology(&names).await;
 }
+
+/// The run: 5,000 jobs into a pipeline with min 0 and max 5 and an SMTP server that
+/// answers slowly. The workers rise from 0 to 5 in one step within two 1 s polls; as the
+/// backlog falls they are removed one by one while jobs remain (each removal a SIGTERM to a
+/// worker holding a prefetch of jobs); every job is delivered exactly once with
+/// deduplication off, the broker counts no redelivery, and the pipeline is back at 0 after
+/// the scale-down window.
+#[tokio::test]
+async fn five_thousand_jobs_scale_up_in_one_step_and_down_without_a_redelivery() {
+    const N: usize = 5_000;
+    let (cluster, smtp, _operator) = with_operator(SmtpOptions {
+        delay_ms: 100,
+        ..SmtpOptions::default()
+    })
+    .await;
+    assert!(cluster.apply(ADMIN_SECRET).await.status.success());
+    let names = Names::new("e2e5000");
+    let pipeline = sending_pipeline(
+        "burst",
+        &names,
+        smtp.port,
+        "    minReplicas: 0\n    maxReplicas: 5\n    targetBacklogPerReplica: 1000\n    activationBacklog: 10\n    pollInterval: 1s\n    scaleDownStabilization: 3s\n",
+    );
+    assert!(cluster.apply(&pipeline).await.status.success());
+    wait_condition(&cluster, "burst", "TopologyReady", "True", "Declared").await;
+    let deployments: Api<Deployment> = Api::default_namespaced(cluster.client.clone());
+    let replicas = || async {
+        deployments
+            .get_opt("burst-worker")
+            .await
+            .ok()
+            .flatten()
+            .and_then(|d| d.spec?.replicas)
+    };
+    eventually(Cluster::SETTLE, "no work, no workers", || async {
+        (replicas().await == Some(0)).then_some(())
+    })
+    .await;
+
+    let run = unique("burst");
+    amqp::publish_numbered(SHARED_URL, &names.exchange, &run, 0..N).await;
+    let published = Instant::now();
+    // (seconds since the publish, replicas, jobs ready) at every change of the count.
+    let mut seen: Vec<(f64, Option<i32>, u32)> = Vec::new();
+    let drained = loop {
+        let now = replicas().await;
+        let ready = amqp::ready(SHARED_URL, &names.queue).await;
+        if seen.last().map(|s| s.1) != Some(now) {
+            seen.push((published.elapsed().as_secs_f64(), now, ready));
+        }
+        if ready == 0 && smtp.count().await >= N {
+            break published.elapsed();
+        }
+        assert!(
+            published.elapsed() < Duration::from_secs(240),
+            "not drained in 4 minutes: {ready} ready, {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    println!("{N} jobs drained in {drained:?}; (s, replicas, ready) {seen:?}");
+    assert_eq!(
+        seen.iter().take(2).map(|s| s.1).collect::<Vec<_>>(),
+        vec![Some(0), Some(5)],
+        "0 -> 5 in one step: {seen:?}"
+    );
+    assert!(
+        seen[1].0 <= 2.0,
+        "within two 1 s polls of the publish: {seen:?}"
+    );
+    let removed_with_work = seen
+        .windows(2)
+        .filter(|w| w[1].1 < w[0].1 && w[1].2 > 0)
+        .count();
+    assert!(
+        removed_with_work >= 2,
+        "replicas were removed while jobs remained: {seen:?}"
+    );
+    eventually(Duration::from_secs(30), "back to zero", || async {
+        (replicas().await == Some(0)).then_some(())
+    })
+    .await;
+    assert_eq!(smtp.tally(&run, N).await, Tally::EXACT);
+    // The management API's figures trail by up to 5 s.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let redelivered = amqp::redelivered(&names.queue).await;
+    println!("redelivered during the run: {redelivered}");
+    assert_eq!(redelivered, 0, "no job was given back by a removed worker");
+    assert!(cluster.check_operator_rbac() > 0);
+    cluster.kubectl_ok(&["delete", "emp", "burst"]).await;
+    delete_topology(&names).await;
+}
