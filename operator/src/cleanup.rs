@@ -249,10 +249,8 @@ async fn scale_workers(
         namespace: namespace.to_string(),
         name: name.to_string(),
     };
-    DeploymentScale {
-        client: ctx.client.clone(),
-    }
-    .scale(&workload, replicas)
-    .await
-    .map_err(|ActuatorError::Kube(e)| Error::Kube(e))
+    DeploymentScale::new(ctx.client.clone())
+        .scale(&workload, replicas)
+        .await
+        .map_err(|ActuatorError::Kube(e)| Error::Kube(e))
 }

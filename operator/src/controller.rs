@@ -22,6 +22,42 @@ use crate::crd::EmailPipeline;
 use crate::dereference::{refers_to_config_map, refers_to_secret};
 use crate::reconcile::{error_policy, reconcile, Context};
 
+/// The controllers' caches of one kind (one per watched namespace, or one for all).
+pub struct Caches<K: kube::Resource<DynamicType = ()> + 'static>(std::sync::Mutex<Vec<Store<K>>>);
+
+impl<K: kube::Resource<DynamicType = ()> + Clone + 'static> Default for Caches<K> {
+    fn default() -> Self {
+        Caches(std::sync::Mutex::default())
+    }
+}
+
+impl<K: kube::Resource<DynamicType = ()> + Clone + 'static> Caches<K> {
+    /// Adds a controller's cache.
+    pub fn register(&self, store: Store<K>) {
+        self.0.lock().expect("caches lock").push(store);
+    }
+
+    /// Every object in every cache now.
+    pub fn all(&self) -> Vec<Arc<K>> {
+        self.0
+            .lock()
+            .expect("caches lock")
+            .iter()
+            .flat_map(|store| store.state())
+            .collect()
+    }
+
+    /// The object `namespace/name`, if a cache holds it.
+    pub fn get(&self, namespace: &str, name: &str) -> Option<Arc<K>> {
+        let key = kube::runtime::reflector::ObjectRef::new(name).within(namespace);
+        self.0
+            .lock()
+            .expect("caches lock")
+            .iter()
+            .find_map(|store| store.get(&key))
+    }
+}
+
 /// The pipelines in the namespace of `object` that `refers` says refer to it.
 fn referring<K: ResourceExt>(
     store: &Store<EmailPipeline>,
@@ -78,8 +114,16 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, stop: Cancellatio
     let store = controller.store();
     ctx.pipelines.register(store.clone());
     let secrets_store = store.clone();
+    // The worker Deployments are cached whole (not metadata only): the scaler reads their
+    // replicas here instead of asking the API server at every look.
+    let (deployments, deployment_writer) = reflector::store();
+    ctx.deployments.register(deployments);
+    let deployment_changes = watcher(scoped::<Deployment>(&client, &namespace), owned.clone())
+        .default_backoff()
+        .reflect(deployment_writer)
+        .touched_objects();
     controller
-        .owns(scoped::<Deployment>(&client, &namespace), owned.clone())
+        .owns_stream(deployment_changes)
         .owns(scoped::<Service>(&client, &namespace), owned.clone())
         .owns(scoped::<PodDisruptionBudget>(&client, &namespace), owned)
         // Only the Secrets' metadata is watched: which one changed is all the mapping

@@ -194,6 +194,7 @@ async fn serve(run: Run) -> anyhow::Result<()> {
         own_namespace: run.lease_namespace.clone(),
         kept: Default::default(),
         pipelines: Default::default(),
+        deployments: Default::default(),
         broker_urls: Default::default(),
     });
     let work = stop.child_token();

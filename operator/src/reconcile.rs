@@ -13,10 +13,10 @@ use kube::api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder};
 use kube::runtime::finalizer::{self, finalizer, Event};
-use kube::runtime::reflector::Store;
 use kube::{Api, Client, Resource, ResourceExt};
 
 use crate::build::{self, Inputs};
+use crate::controller::Caches;
 use crate::crd::{DeletionPolicy, EmailPipeline, EmailPipelineStatus, Intake};
 use crate::dereference::{dereference, Referenced};
 use crate::error::Error;
@@ -55,30 +55,14 @@ pub struct Context {
     pub kept: Kept,
     /// Every pipeline the controllers see (see `sharing`, `scaling`).
     pub pipelines: Pipelines,
+    /// The controllers' caches of the worker Deployments (the scaler reads replicas here).
+    pub deployments: Arc<Caches<Deployment>>,
     /// Each pipeline's broker, for the scaler.
     pub broker_urls: BrokerUrls,
 }
 
-/// The controllers' caches of pipelines (one per watched namespace, or one for all).
-#[derive(Default)]
-pub struct Pipelines(std::sync::Mutex<Vec<Store<EmailPipeline>>>);
-
-impl Pipelines {
-    /// Adds a controller's cache.
-    pub fn register(&self, store: Store<EmailPipeline>) {
-        self.0.lock().expect("pipelines lock").push(store);
-    }
-
-    /// Every pipeline in every cache now.
-    pub fn all(&self) -> Vec<Arc<EmailPipeline>> {
-        self.0
-            .lock()
-            .expect("pipelines lock")
-            .iter()
-            .flat_map(|store| store.state())
-            .collect()
-    }
-}
+/// The controllers' caches of pipelines.
+pub type Pipelines = Caches<EmailPipeline>;
 
 impl Context {
     /// Where Delete pipelines' broker connections are kept for their cleanup.

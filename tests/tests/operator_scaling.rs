@@ -206,9 +206,7 @@ async fn the_actuator_scales_through_scale_and_the_next_apply_keeps_the_count() 
             .expect("applied")
     };
     apply().await;
-    let actuator = DeploymentScale {
-        client: client.clone(),
-    };
+    let actuator = DeploymentScale::new(client.clone());
     let workload = Workload {
         namespace: "default".into(),
         name: "mail-worker".into(),
@@ -251,4 +249,111 @@ async fn the_actuator_scales_through_scale_and_the_next_apply_keeps_the_count() 
         .scale(&gone, 2)
         .await
         .expect("a missing workload is left alone");
+}
+
+/// The scaler's actuator reads from the controllers' Deployment cache, not the API server:
+/// its own change stands until the watch brings it back, and a change made by someone else
+/// afterwards is seen as soon as the watch brings that.
+#[tokio::test]
+async fn the_cached_actuator_reads_the_watch_and_trusts_its_own_change_until_it_echoes() {
+    use futures::StreamExt;
+    use k8s_openapi::api::apps::v1::Deployment;
+    use kube::api::{Api, Patch, PatchParams, PostParams};
+    use kube::runtime::{reflector, watcher, WatchStreamExt};
+    use mailpipe_operator::controller::Caches;
+    use mailpipe_operator::scaling::actuator::{Actuator, DeploymentScale, Workload};
+
+    let server = mailpipe_kube_api::KubeApiServer::start()
+        .await
+        .expect("the test server");
+    let client = server.client();
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), "default");
+    let deployment: Deployment = serde_json::from_value(serde_json::json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "mail-worker"},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {"app": "w"}},
+            "template": {"metadata": {"labels": {"app": "w"}},
+                "spec": {"containers": [{"name": "worker", "image": "example.com/w:1"}]}}
+        }
+    }))
+    .unwrap();
+    deployments
+        .create(&PostParams::default(), &deployment)
+        .await
+        .expect("created");
+    let (store, writer) = reflector::store();
+    let caches = std::sync::Arc::new(Caches::default());
+    caches.register(store.clone());
+    let watch = tokio::spawn(
+        watcher(deployments.clone(), watcher::Config::default())
+            .reflect(writer)
+            .for_each(|_| futures::future::ready(())),
+    );
+    let actuator = DeploymentScale::cached(client.clone(), caches);
+    let workload = Workload {
+        namespace: "default".into(),
+        name: "mail-worker".into(),
+    };
+    // Requests for the one Deployment (a GET of it or of its /scale), not the watch's.
+    let requests = || {
+        server
+            .store()
+            .lock()
+            .expect("store lock")
+            .requests()
+            .iter()
+            .filter(|line| line.contains("deployments/mail-worker"))
+            .count()
+    };
+    let desired = || async {
+        actuator
+            .replicas(&workload)
+            .await
+            .unwrap()
+            .map(|r| r.desired)
+    };
+    eventually(Duration::from_secs(5), "the cache filled", || async {
+        (desired().await == Some(1)).then_some(())
+    })
+    .await;
+    let before = requests();
+    for _ in 0..20 {
+        assert_eq!(desired().await, Some(1));
+    }
+    assert_eq!(requests(), before, "reads do not reach the API server");
+
+    actuator.scale(&workload, 4).await.expect("scaled");
+    assert_eq!(desired().await, Some(4), "its own change stands at once");
+    eventually(
+        Duration::from_secs(5),
+        "the watch brings the change",
+        || async {
+            let cached = store
+                .get(&reflector::ObjectRef::new("mail-worker").within("default"))
+                .and_then(|d| d.spec.as_ref()?.replicas);
+            (cached == Some(4)).then_some(())
+        },
+    )
+    .await;
+    // Someone else scales it (kubectl scale): seen as soon as the watch brings it.
+    deployments
+        .patch_scale(
+            "mail-worker",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"replicas": 2}})),
+        )
+        .await
+        .expect("scaled by someone else");
+    eventually(Duration::from_secs(5), "the outside change", || async {
+        (desired().await == Some(2)).then_some(())
+    })
+    .await;
+    let gone = Workload {
+        namespace: "default".into(),
+        name: "no-such-worker".into(),
+    };
+    assert_eq!(actuator.replicas(&gone).await.unwrap(), None);
+    watch.abort();
 }

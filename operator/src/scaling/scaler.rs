@@ -133,9 +133,7 @@ const STATS_FRESH: Duration = Duration::from_secs(15);
 pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
     let brokers = Brokers::default();
     let mut managements = Managements::default();
-    let actuator = DeploymentScale {
-        client: ctx.client.clone(),
-    };
+    let actuator = DeploymentScale::cached(ctx.client.clone(), ctx.deployments.clone());
     let started = Instant::now();
     let mut tracked: HashMap<String, Tracked> = HashMap::new();
     loop {
