@@ -88,6 +88,15 @@ where
     }
 }
 
+/// Cached objects keep no managedFields: nothing here reads them, and they are a large part
+/// of each object (three managers' field sets on a pipeline, two on a Deployment).
+fn forget_managed_fields<K: ResourceExt>(object: &mut K) {
+    object.managed_fields_mut().clear();
+}
+
+/// Reconciles running at once, per controller.
+const RECONCILES_AT_ONCE: u16 = 16;
+
 /// Runs the controller for one namespace (`None`: all) until `stop`.
 pub async fn run(ctx: Arc<Context>, namespace: Option<String>, stop: CancellationToken) {
     let client = ctx.client.clone();
@@ -102,6 +111,7 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, stop: Cancellatio
         watcher::Config::default(),
     )
     .default_backoff()
+    .modify(forget_managed_fields)
     .reflect(writer)
     .applied_objects()
     .predicate_filter(
@@ -110,7 +120,10 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, stop: Cancellatio
             .combine(predicates::finalizers),
         Default::default(),
     );
-    let controller = Controller::for_stream(pipelines, reader);
+    // At most this many reconciles at once: each may hold a broker connection while it
+    // declares a topology, and 200 pipelines applied together would open 200 at a time.
+    let controller = Controller::for_stream(pipelines, reader)
+        .with_config(kube::runtime::controller::Config::default().concurrency(RECONCILES_AT_ONCE));
     let store = controller.store();
     ctx.pipelines.register(store.clone());
     let secrets_store = store.clone();
@@ -120,6 +133,7 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, stop: Cancellatio
     ctx.deployments.register(deployments);
     let deployment_changes = watcher(scoped::<Deployment>(&client, &namespace), owned.clone())
         .default_backoff()
+        .modify(forget_managed_fields)
         .reflect(deployment_writer)
         .touched_objects();
     controller

@@ -316,3 +316,24 @@ pub async fn redelivered(queue: &str) -> u64 {
         .expect("a queue object");
     body["message_stats"]["redeliver"].as_u64().unwrap_or(0)
 }
+
+/// Connections the shared broker lists under `name` (operators of other tests run
+/// scalers of their own on it, under the default name).
+pub fn connections_named(name: &str) -> usize {
+    rabbitmqctl(None, &["list_connections", "client_properties"])
+        .expect("rabbitmqctl")
+        .lines()
+        .filter(|l| l.contains(name))
+        .count()
+}
+
+/// Removes every ready message of `queue` at once.
+pub async fn purge(url: &str, queue: &str) {
+    let connection = connect(url).await;
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .queue_purge(queue.into(), lapin::options::QueuePurgeOptions::default())
+        .await
+        .expect("queue.purge");
+    let _ = connection.close(200, "purged".into()).await;
+}

@@ -169,11 +169,12 @@ async fn drain_within_clears_a_backlog_of_minutes_in_about_that_time() {
 }
 
 /// The run: 5,000 jobs into a pipeline with min 0 and max 5 and an SMTP server that
-/// answers slowly. The workers rise from 0 to 5 in one step within two 1 s polls; as the
-/// backlog falls they are removed one by one while jobs remain (each removal a SIGTERM to a
-/// worker holding a prefetch of jobs); every job is delivered exactly once with
-/// deduplication off, the broker counts no redelivery, and the pipeline is back at 0 after
-/// the scale-down window.
+/// answers slowly. The jobs wait while the pause annotation holds the workers at 0 (the
+/// status still shows the backlog); once it is removed the workers go from 0 to 5 in one
+/// step within two 1 s polls; as the backlog falls they are removed one by one while jobs
+/// remain (each removal a SIGTERM to a worker holding a prefetch of jobs); every job is
+/// delivered exactly once with deduplication off, the broker counts no redelivery, and the
+/// pipeline is back at 0 after the scale-down window.
 #[tokio::test]
 async fn five_thousand_jobs_scale_up_in_one_step_and_down_without_a_redelivery() {
     const N: usize = 5_000;
@@ -189,6 +190,11 @@ async fn five_thousand_jobs_scale_up_in_one_step_and_down_without_a_redelivery()
         &names,
         smtp.port,
         "    minReplicas: 0\n    maxReplicas: 5\n    targetBacklogPerReplica: 1000\n    activationBacklog: 10\n    pollInterval: 1s\n    scaleDownStabilization: 3s\n",
+    )
+    .replacen(
+        "  name: burst\n",
+        "  name: burst\n  annotations:\n    mailpipe.dev/paused-replicas: \"0\"\n",
+        1,
     );
     assert!(cluster.apply(&pipeline).await.status.success());
     wait_condition(&cluster, "burst", "TopologyReady", "True", "Declared").await;
@@ -201,38 +207,38 @@ async fn five_thousand_jobs_scale_up_in_one_step_and_down_without_a_redelivery()
             .flatten()
             .and_then(|d| d.spec?.replicas)
     };
-    eventually(Cluster::SETTLE, "no work, no workers", || async {
+    eventually(Cluster::SETTLE, "paused at no workers", || async {
         (replicas().await == Some(0)).then_some(())
     })
     .await;
-
     let run = unique("burst");
-    // The publish runs beside the watch: the scaler may act before it ends.
-    let publish = {
-        let (exchange, run) = (names.exchange.clone(), run.clone());
-        tokio::spawn(async move {
-            amqp::publish_numbered(SHARED_URL, &exchange, &run, 0..N).await;
-        })
-    };
+    amqp::publish_numbered(SHARED_URL, &names.exchange, &run, 0..N).await;
+    eventually(
+        Cluster::SETTLE,
+        "the backlog shown while paused",
+        || async { (status(&cluster, "burst", "backlog").await == N.to_string()).then_some(()) },
+    )
+    .await;
+    wait_condition(&cluster, "burst", "Scaling", "True", "Paused").await;
+    assert_eq!(replicas().await, Some(0), "the pause held");
+
+    cluster
+        .kubectl_ok(&["annotate", "emp", "burst", "mailpipe.dev/paused-replicas-"])
+        .await;
     let started = Instant::now();
-    // (seconds since the publish began, replicas, jobs ready) at every change of the count.
-    let mut seen: Vec<(f64, Option<i32>, u32)> = vec![(0.0, Some(0), 0)];
-    // When the backlog was first seen to call for 5 replicas (more than 4 x 1,000 jobs).
-    let mut crossed: Option<Instant> = None;
-    let mut five: Option<Instant> = None;
+    // (seconds since the pause ended, replicas, jobs ready) at every change of the count.
+    let mut seen: Vec<(f64, Option<i32>, u32)> = vec![(0.0, Some(0), N as u32)];
+    let mut five: Option<Duration> = None;
     let drained = loop {
         let now = replicas().await;
         let ready = amqp::ready(SHARED_URL, &names.queue).await;
-        if ready > 4_000 && crossed.is_none() {
-            crossed = Some(Instant::now());
-        }
         if now == Some(5) && five.is_none() {
-            five = Some(Instant::now());
+            five = Some(started.elapsed());
         }
         if seen.last().map(|s| s.1) != Some(now) {
             seen.push((started.elapsed().as_secs_f64(), now, ready));
         }
-        if publish.is_finished() && ready == 0 && smtp.count().await >= N {
+        if ready == 0 && smtp.count().await >= N {
             break started.elapsed();
         }
         assert!(
@@ -241,22 +247,18 @@ async fn five_thousand_jobs_scale_up_in_one_step_and_down_without_a_redelivery()
         );
         tokio::time::sleep(Duration::from_millis(if five.is_none() { 50 } else { 250 })).await;
     };
-    publish.await.expect("published");
-    let reaction = five
-        .zip(crossed)
-        .map(|(five, crossed)| five.saturating_duration_since(crossed));
     println!(
-        "{N} jobs drained in {drained:?}; 5 replicas {reaction:?} after the backlog called for them; (s, replicas, ready) {seen:?}"
+        "{N} jobs drained in {drained:?}; 5 replicas {five:?} after the pause ended; (s, replicas, ready) {seen:?}"
     );
     assert_eq!(
         seen.iter().take(2).map(|s| s.1).collect::<Vec<_>>(),
         vec![Some(0), Some(5)],
         "0 -> 5 in one step: {seen:?}"
     );
-    let reaction = reaction.expect("the backlog crossed 4,000 and 5 replicas ran");
+    let five = five.expect("5 replicas ran");
     assert!(
-        reaction <= Duration::from_secs(2),
-        "within two 1 s polls of the backlog calling for them: {reaction:?}"
+        five <= Duration::from_secs(2),
+        "within two 1 s polls of the pause ending: {five:?}"
     );
     let removed_with_work = seen
         .windows(2)

@@ -33,16 +33,6 @@ async fn declared(url: &str, names: &Names) -> RabbitSettings {
     settings
 }
 
-/// Connections the shared broker lists under `name` (operators of other tests run
-/// scalers of their own on it, under the default name).
-fn connections_named(name: &str) -> usize {
-    amqp::rabbitmqctl(None, &["list_connections", "client_properties"])
-        .expect("rabbitmqctl")
-        .lines()
-        .filter(|l| l.contains(name))
-        .count()
-}
-
 #[tokio::test]
 async fn the_reader_counts_work_apart_from_delayed_and_dead_jobs_over_one_connection() {
     let name = mailpipe_tests::unique("scaler-reader");
@@ -97,7 +87,7 @@ async fn the_reader_counts_work_apart_from_delayed_and_dead_jobs_over_one_connec
         "60 readings of two pipelines, one connection"
     );
     assert_eq!(
-        connections_named(&name),
+        amqp::connections_named(&name),
         1,
         "the broker sees one scaler connection"
     );
@@ -119,6 +109,22 @@ async fn the_reader_counts_work_apart_from_delayed_and_dead_jobs_over_one_connec
         1,
         "a missing queue does not cost the connection"
     );
+    // The 404 closed the reader's channel: the next reading opens another and goes on.
+    // The work queue alone: one passive declare, the other queues left unknown.
+    let work = brokers
+        .read_work_queue(SHARED_URL, None, &a, &plan)
+        .await
+        .expect("a reading after the 404");
+    assert_eq!(
+        work,
+        QueueBacklog {
+            ready: 7,
+            consumers: 0,
+            delayed: 0,
+            dead_letter: None,
+        }
+    );
+    assert_eq!(brokers.opened(), 1);
     for n in [&first, &second] {
         amqp::delete_plan(SHARED_URL, &n.plan(&RetryPolicy::default())).await;
     }

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use lapin::Connection;
+use lapin::{Channel, Connection};
 use mailpipe_contract::amqp;
 use mailpipe_contract::naming;
 use mailpipe_contract::topology::{RabbitSettings, TopologyPlan};
@@ -75,10 +75,12 @@ impl Reading {
     }
 }
 
-/// One broker's connection, or when to try again.
+/// One broker's connection and the channel its readings go over, or when to try again.
 #[derive(Default)]
 struct Link {
     connection: Option<Connection>,
+    /// Kept from reading to reading; a failed passive declare closes it (a new one follows).
+    channel: Option<Channel>,
     failures: u32,
     retry_at: Option<Instant>,
 }
@@ -132,6 +134,29 @@ impl Brokers {
         settings: &RabbitSettings,
         plan: &TopologyPlan,
     ) -> Result<QueueBacklog, TopologyError> {
+        self.read(url, ca, settings, plan, Reach::AllQueues).await
+    }
+
+    /// The work queue alone (one passive declare): `delayed` and `dead_letter` are left 0
+    /// and unknown. The scaler decides on this and refreshes the rest less often.
+    pub async fn read_work_queue(
+        &self,
+        url: &str,
+        ca: Option<&str>,
+        settings: &RabbitSettings,
+        plan: &TopologyPlan,
+    ) -> Result<QueueBacklog, TopologyError> {
+        self.read(url, ca, settings, plan, Reach::WorkQueue).await
+    }
+
+    async fn read(
+        &self,
+        url: &str,
+        ca: Option<&str>,
+        settings: &RabbitSettings,
+        plan: &TopologyPlan,
+        reach: Reach,
+    ) -> Result<QueueBacklog, TopologyError> {
         let link = self
             .links
             .lock()
@@ -146,6 +171,7 @@ impl Brokers {
             .is_some_and(|c| !c.status().connected())
         {
             link.connection = None;
+            link.channel = None;
         }
         if link.connection.is_none() {
             if let Some(at) = link.retry_at.filter(|at| *at > Instant::now()) {
@@ -170,18 +196,20 @@ impl Brokers {
                 }
             }
         }
-        let connection = link.connection.as_ref().expect("connected above");
-        let read = tokio::time::timeout(READ_TIMEOUT, count(connection, settings, plan)).await;
+        let read =
+            tokio::time::timeout(READ_TIMEOUT, count(&mut link, settings, plan, reach)).await;
         match read {
             Ok(Ok(backlog)) => Ok(backlog),
             Ok(Err(TopologyError::Unreachable(why))) => {
                 // The connection is suspect: the next read opens a new one.
                 link.connection = None;
+                link.channel = None;
                 Err(TopologyError::Unreachable(why))
             }
             Ok(Err(other)) => Err(other),
             Err(_) => {
                 link.connection = None;
+                link.channel = None;
                 Err(TopologyError::Unreachable(format!(
                     "no answer within {READ_TIMEOUT:?}"
                 )))
@@ -193,10 +221,18 @@ impl Brokers {
 /// How long one reading may take before its connection counts as lost.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Which queues a reading covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reach {
+    AllQueues,
+    WorkQueue,
+}
+
 async fn count(
-    connection: &Connection,
+    link: &mut Link,
     settings: &RabbitSettings,
     plan: &TopologyPlan,
+    reach: Reach,
 ) -> Result<QueueBacklog, TopologyError> {
     let dead_letter = settings
         .dead_letter
@@ -207,12 +243,26 @@ async fn count(
         delayed: 0,
         dead_letter: None,
     };
-    // A failed passive declare closes its channel: one channel per queue.
-    for queue in &plan.queues {
-        let channel = connection.create_channel().await.map_err(classify)?;
-        let depth = amqp::depth(&channel, &queue.name).await;
-        let _ = channel.close(200, "counted".into()).await;
-        let (messages, consumers) = match depth.map_err(classify) {
+    let queues = plan
+        .queues
+        .iter()
+        .filter(|q| reach == Reach::AllQueues || q.name == settings.queue);
+    for queue in queues {
+        let channel = match link.channel.as_ref().filter(|c| c.status().connected()) {
+            Some(channel) => channel.clone(),
+            None => {
+                let connection = link.connection.as_ref().expect("connected before counting");
+                let channel = connection.create_channel().await.map_err(classify)?;
+                link.channel = Some(channel.clone());
+                channel
+            }
+        };
+        let depth = amqp::depth(&channel, &queue.name).await.map_err(classify);
+        if depth.is_err() {
+            // A failed passive declare closes the channel.
+            link.channel = None;
+        }
+        let (messages, consumers) = match depth {
             Ok(depth) => depth,
             // A delay queue of an earlier backoff setting may be gone: nothing in it.
             Err(TopologyError::Missing(_)) if queue.name != settings.queue => continue,

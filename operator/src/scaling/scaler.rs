@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::actuator::{Actuator, DeploymentScale, Workload};
-use super::observe::{Brokers, Reading};
+use super::observe::{Brokers, QueueBacklog, Reading};
 use super::policy::{Decision, History, Observation, Policy, Target};
 use super::rate::{self, RateMeter, SAMPLE_INTERVAL};
 use crate::crd::EmailPipeline;
@@ -104,11 +104,15 @@ struct Tracked {
     history: History,
     next_at: Instant,
     /// The status fields last written.
-    written: Option<serde_json::Value>,
+    shown: Option<Shown>,
+    /// The pipeline's spec validated, for the generation it was validated at.
+    valid: Option<(Option<i64>, Option<Arc<ValidatedPipeline>>)>,
     /// The per-replica send rate measured so far.
     meter: RateMeter,
     /// The management API's last figures of the work queue, and when they were read.
     stats: Option<(Instant, QueueStats)>,
+    /// The last reading of every queue (delay and dead-letter queues included), and when.
+    detail: Option<(Instant, QueueBacklog)>,
 }
 
 /// Management API clients, one per API (and CA).
@@ -125,6 +129,23 @@ impl Managements {
         Ok(&self.0[&key])
     }
 }
+
+/// While a pipeline carries this annotation, the scaler holds its workers at the count it
+/// gives (`"0"` stops them) and still reports the backlog; removing it hands the count back.
+pub const PAUSED_REPLICAS: &str = "mailpipe.dev/paused-replicas";
+
+/// The count the pause annotation fixes, if it is present and a count.
+fn paused_replicas(pipeline: &EmailPipeline) -> Result<Option<u32>, String> {
+    match pipeline.annotations().get(PAUSED_REPLICAS) {
+        None => Ok(None),
+        Some(text) => text.trim().parse().map(Some).map_err(|_| {
+            format!("annotation {PAUSED_REPLICAS}: {text:?} is not a replica count; ignored")
+        }),
+    }
+}
+
+/// How often the delay and dead-letter queues are read (the work queue: every look).
+const DETAIL_EVERY: Duration = Duration::from_secs(5);
 
 /// The management API's figures are in flight counts for this long after they were read.
 const STATS_FRESH: Duration = Duration::from_secs(15);
@@ -156,7 +177,8 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
             let entry = tracked.entry(uid.clone()).or_insert_with(|| Tracked {
                 history: History::default(),
                 next_at: now,
-                written: None,
+                shown: None,
+                valid: None,
                 // A rate measured before this operator started, as the status kept it.
                 meter: RateMeter::starting_at(
                     pipeline
@@ -166,17 +188,28 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
                         .and_then(|text| text.parse().ok()),
                 ),
                 stats: None,
+                detail: None,
             });
-            // Only a pipeline that is due is validated: the loop wakes four times a second.
             if entry.next_at > now {
                 continue;
             }
-            let name = pipeline.name_any();
-            let Ok(valid) = validate(&name, &namespace, &pipeline.spec) else {
+            // Validated once per generation (a spec change bumps it); a spec that does not
+            // validate is the reconcile's to report, and waits for a change.
+            let generation = pipeline.metadata.generation;
+            if entry.valid.as_ref().is_none_or(|(at, _)| *at != generation) {
+                let name = pipeline.name_any();
+                let valid = validate(&name, &namespace, &pipeline.spec)
+                    .ok()
+                    .map(Arc::new);
+                entry.valid = Some((generation, valid));
+            }
+            let Some(valid) = entry.valid.as_ref().and_then(|(_, v)| v.clone()) else {
                 entry.next_at = now + INVALID_RETRY;
                 continue;
             };
-            entry.next_at = now + valid.poll_interval;
+            // On a fixed schedule (the loop wakes every 250 ms and must not add that to
+            // each interval), but never owing looks after a stall.
+            entry.next_at = (entry.next_at + valid.poll_interval).max(now);
             let at = now - started;
             let links = Links {
                 brokers: &brokers,
@@ -233,10 +266,27 @@ async fn tick(
                 // The reconcile has not read the pipeline's Secrets yet.
                 return;
             };
-            match brokers
-                .read_queues(&access.url, access.ca.as_deref(), settings, plan)
-                .await
-            {
+            // The decision needs the work queue alone (one passive declare); the delay and
+            // dead-letter queues, for the status, are read every few seconds.
+            let detail = tracked
+                .detail
+                .filter(|(read, _)| read.elapsed() < DETAIL_EVERY)
+                .map(|(_, backlog)| backlog);
+            let read = match detail {
+                Some(detail) => brokers
+                    .read_work_queue(&access.url, access.ca.as_deref(), settings, plan)
+                    .await
+                    .map(|work| QueueBacklog {
+                        delayed: detail.delayed,
+                        dead_letter: detail.dead_letter,
+                        ..work
+                    }),
+                None => brokers
+                    .read_queues(&access.url, access.ca.as_deref(), settings, plan)
+                    .await
+                    .inspect(|full| tracked.detail = Some((Instant::now(), *full))),
+            };
+            match read {
                 Ok(backlog) => {
                     tracked.meter.observe(at, backlog.consumers, backlog.ready);
                     // Then the management API's figures: unacknowledged jobs and the ack
@@ -277,7 +327,13 @@ async fn tick(
         }),
         current: current.desired,
         rate_per_replica: tracked.meter.rate(),
-        paused: None,
+        paused: match paused_replicas(pipeline) {
+            Ok(paused) => paused,
+            Err(why) => {
+                tracing::warn!(pipeline = %name, "{why}");
+                None
+            }
+        },
         partitions: reading.as_ref().and_then(Reading::partitions),
     };
     let policy = policy_of(valid, valid.smtp_pool_size);
@@ -316,31 +372,58 @@ async fn tick(
         .replicas
         .with_label_values(&[namespace, name, "desired"])
         .set(i64::from(decision.replicas));
-    // The scaler's status fields, written when they change.
-    let mut fields = serde_json::json!({"desiredReplicas": decision.replicas});
-    if let Some(Reading::Queue(backlog)) = &reading {
-        fields["backlog"] = serde_json::json!(backlog.ready);
-        if let Some(depth) = backlog.dead_letter {
-            fields["deadLetterDepth"] = serde_json::json!(depth);
-        }
-    }
-    if let Some(held) = in_flight {
-        fields["inFlight"] = serde_json::json!(held);
-    }
+    // The scaler's status fields, written when they change (compared in this cheap form
+    // first: most looks at most pipelines change nothing).
+    let rate_text = tracked.meter.rate().map(rate::status_text);
+    let eta_seconds = decision
+        .time_to_drain
+        .map(|eta| eta.as_secs_f64().ceil() as i64);
     if let Some(rate) = tracked.meter.rate() {
-        fields["sendRatePerReplica"] = serde_json::json!(rate::status_text(rate));
         ctx.metrics
             .send_rate_per_replica
             .with_label_values(&[namespace, name])
             .set(rate);
     }
-    if let Some(eta) = decision.time_to_drain {
-        let seconds = eta.as_secs_f64().ceil() as i64;
-        fields["timeToDrainSeconds"] = serde_json::json!(seconds);
+    if let Some(seconds) = eta_seconds {
         ctx.metrics
             .time_to_drain
             .with_label_values(&[namespace, name])
             .set(seconds);
+    }
+    let backlog = match &reading {
+        Some(Reading::Queue(backlog)) => Some(*backlog),
+        _ => None,
+    };
+    let shown = Shown {
+        desired: decision.replicas,
+        backlog: backlog.map(|b| b.ready),
+        dead_letter: backlog.and_then(|b| b.dead_letter),
+        in_flight,
+        rate: rate_text.clone(),
+        eta: eta_seconds,
+        reason: decision.reason.as_str(),
+        message: scaling_message(&decision, &observation),
+        readable: observation.work.is_some(),
+        generation: pipeline.metadata.generation,
+    };
+    if !scaled && tracked.shown.as_ref() == Some(&shown) {
+        return;
+    }
+    let mut fields = serde_json::json!({"desiredReplicas": decision.replicas});
+    if let Some(ready) = shown.backlog {
+        fields["backlog"] = serde_json::json!(ready);
+    }
+    if let Some(depth) = shown.dead_letter {
+        fields["deadLetterDepth"] = serde_json::json!(depth);
+    }
+    if let Some(held) = in_flight {
+        fields["inFlight"] = serde_json::json!(held);
+    }
+    if let Some(text) = rate_text {
+        fields["sendRatePerReplica"] = serde_json::json!(text);
+    }
+    if let Some(seconds) = eta_seconds {
+        fields["timeToDrainSeconds"] = serde_json::json!(seconds);
     }
     let last_scale = pipeline
         .status
@@ -351,26 +434,7 @@ async fn tick(
         (false, Some(time)) => fields["lastScaleTime"] = serde_json::json!(time),
         (false, None) => {}
     }
-    fields["conditions"] =
-        serde_json::json!([scaling_condition(pipeline, &decision, &observation)]);
-    let unchanged = tracked.written.as_ref().is_some_and(|w| {
-        let strip = |v: &serde_json::Value| {
-            let mut v = v.clone();
-            if let Some(map) = v.as_object_mut() {
-                map.remove("lastScaleTime");
-            }
-            if let Some(conditions) = v["conditions"].as_array_mut() {
-                for c in conditions.iter_mut().filter_map(|c| c.as_object_mut()) {
-                    c.remove("lastTransitionTime");
-                }
-            }
-            v
-        };
-        strip(w) == strip(&fields)
-    });
-    if unchanged && !scaled {
-        return;
-    }
+    fields["conditions"] = serde_json::json!([scaling_condition(pipeline, &shown)]);
     let api: Api<EmailPipeline> = Api::namespaced(ctx.client.clone(), namespace);
     let patch = serde_json::json!({
         "apiVersion": "mailpipe.dev/v1alpha1",
@@ -385,7 +449,7 @@ async fn tick(
         )
         .await
     {
-        Ok(_) => tracked.written = Some(fields),
+        Ok(_) => tracked.shown = Some(shown),
         Err(error) => tracing::warn!(pipeline = %name, "cannot write the scaling status: {error}"),
     }
 }
@@ -408,15 +472,25 @@ async fn read_stats(
     Ok(())
 }
 
-/// The `Scaling` condition: True with the decision's reason while the backlog can be read,
-/// False while it cannot. Its transition time holds while its status does.
-fn scaling_condition(
-    pipeline: &EmailPipeline,
-    decision: &Decision,
-    observation: &Observation,
-) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
-    let readable = observation.work.is_some();
-    let message = match observation.work {
+/// What the scaler last wrote to a pipeline's status, in a form cheap to compare.
+#[derive(Debug, Clone, PartialEq)]
+struct Shown {
+    desired: u32,
+    backlog: Option<u64>,
+    dead_letter: Option<u64>,
+    in_flight: Option<u64>,
+    rate: Option<String>,
+    eta: Option<i64>,
+    reason: &'static str,
+    message: String,
+    readable: bool,
+    /// The condition's observedGeneration.
+    generation: Option<i64>,
+}
+
+/// The `Scaling` condition's message for a decision.
+fn scaling_message(decision: &Decision, observation: &Observation) -> String {
+    match observation.work {
         Some(work) => {
             let jobs = work.ready + work.in_flight;
             match decision.time_to_drain {
@@ -429,7 +503,15 @@ fn scaling_condition(
             }
         }
         None => format!("the backlog cannot be read; {} replicas", decision.replicas),
-    };
+    }
+}
+
+/// The `Scaling` condition: True with the decision's reason while the backlog can be read,
+/// False while it cannot. Its transition time holds while its status does.
+fn scaling_condition(
+    pipeline: &EmailPipeline,
+    shown: &Shown,
+) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
     let previous = pipeline
         .status
         .as_ref()
@@ -437,8 +519,13 @@ fn scaling_condition(
         .unwrap_or_default();
     crate::status::set_conditions(
         &previous,
-        &[("Scaling", readable, decision.reason.as_str(), message)],
-        pipeline.metadata.generation,
+        &[(
+            "Scaling",
+            shown.readable,
+            shown.reason,
+            shown.message.clone(),
+        )],
+        shown.generation,
         crate::status::now(),
     )
     .into_iter()
@@ -475,6 +562,29 @@ mod tests {
         }))
         .expect("a spec");
         validate("w", "m", &spec).expect("valid")
+    }
+
+    #[test]
+    fn the_pause_annotation_gives_a_count_or_is_refused() {
+        let with = |value: Option<&str>| {
+            let mut pipeline = EmailPipeline::new("w", serde_json::from_value(serde_json::json!({
+                "source": {"rabbitmq": {"connectionSecret": {"name": "amqp", "key": "url"}, "queue": "q"}},
+                "smtp": {"host": "smtp.example.com", "from": {"address": "noreply@example.com"}},
+            })).unwrap());
+            if let Some(value) = value {
+                pipeline
+                    .annotations_mut()
+                    .insert(PAUSED_REPLICAS.into(), value.into());
+            }
+            paused_replicas(&pipeline)
+        };
+        assert_eq!(with(None), Ok(None));
+        assert_eq!(with(Some("0")), Ok(Some(0)));
+        assert_eq!(with(Some(" 3 ")), Ok(Some(3)));
+        assert!(with(Some("three"))
+            .unwrap_err()
+            .contains("not a replica count"));
+        assert!(with(Some("-1")).is_err());
     }
 
     #[test]
