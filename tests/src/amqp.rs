@@ -127,6 +127,16 @@ pub async fn publish_routed(
 
 /// Messages ready in `queue` (not counting unacknowledged ones).
 pub async fn ready(url: &str, queue: &str) -> u32 {
+    depth(url, queue).await.0
+}
+
+/// Consumers of `queue` now.
+pub async fn consumers(url: &str, queue: &str) -> u32 {
+    depth(url, queue).await.1
+}
+
+/// Ready messages and consumers of `queue`.
+async fn depth(url: &str, queue: &str) -> (u32, u32) {
     let connection = connect(url).await;
     let channel = connection.create_channel().await.expect("channel");
     let declared = channel
@@ -141,7 +151,7 @@ pub async fn ready(url: &str, queue: &str) -> u32 {
         .await
         .unwrap_or_else(|e| panic!("queue {queue} should exist: {e}"));
     let _ = connection.close(200, "counted".into()).await;
-    declared.message_count()
+    (declared.message_count(), declared.consumer_count())
 }
 
 /// Whether `queue` exists on the broker at `url`.

@@ -207,8 +207,11 @@ async fn five_thousand_jobs_scale_up_in_one_step_and_down_without_a_redelivery()
             .flatten()
             .and_then(|d| d.spec?.replicas)
     };
+    // The API server's default of one replica may have started a worker before the pause
+    // took effect: wait until it has gone, so nothing is consumed while paused.
     eventually(Cluster::SETTLE, "paused at no workers", || async {
-        (replicas().await == Some(0)).then_some(())
+        (replicas().await == Some(0) && amqp::consumers(SHARED_URL, &names.queue).await == 0)
+            .then_some(())
     })
     .await;
     let run = unique("burst");
