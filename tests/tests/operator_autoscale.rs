@@ -216,12 +216,20 @@ async fn five_thousand_jobs_scale_up_in_one_step_and_down_without_a_redelivery()
     .await;
     let run = unique("burst");
     amqp::publish_numbered(SHARED_URL, &names.exchange, &run, 0..N).await;
-    eventually(
-        Cluster::SETTLE,
-        "the backlog shown while paused",
-        || async { (status(&cluster, "burst", "backlog").await == N.to_string()).then_some(()) },
-    )
-    .await;
+    let waited = Instant::now();
+    loop {
+        let shown = status(&cluster, "burst", "backlog").await;
+        if shown == N.to_string() {
+            break;
+        }
+        assert!(
+            waited.elapsed() < Cluster::SETTLE,
+            "the status shows the backlog while paused: status {shown:?}, queue {}, sent {}",
+            amqp::ready(SHARED_URL, &names.queue).await,
+            smtp.count().await
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     wait_condition(&cluster, "burst", "Scaling", "True", "Paused").await;
     assert_eq!(replicas().await, Some(0), "the pause held");
 
