@@ -1,11 +1,15 @@
 //! scaler (client and broker required): the scaling loop, apart from the reconcile. The
-//! leader looks at each pipeline every `scaling.pollInterval`: reads its backlog over the
-//! broker's shared connection (`observe`), asks the pure `policy` for a replica count, and
-//! sets it through the `actuator`; it never re-applies the pipeline's children.
+//! leader looks at each pipeline every `scaling.pollInterval`: reads its work queue over the
+//! broker's shared connection (`observe`; the other queues every 5 s, and where the pipeline
+//! names a management API, the unacknowledged jobs and the ack rate that `rate` turns into a
+//! per-replica send rate), asks the pure `policy` for a replica count, and sets it through
+//! the `actuator` (which reads counts from the controllers' Deployment watch); it never
+//! re-applies the pipeline's children. The pause annotation holds the count.
 //!
-//! Its status fields (`desiredReplicas`, `backlog`, `deadLetterDepth`, `lastScaleTime`, the
-//! `Scaling` condition) are written by a field manager of their own, `mailpipe-operator-scaler`, and only when they
-//! change: the reconcile leaves them out of what it applies, so neither writer erases the
+//! Its status fields (`desiredReplicas`, `backlog`, `inFlight`, `deadLetterDepth`,
+//! `sendRatePerReplica`, `timeToDrainSeconds`, `lastScaleTime`, the `Scaling` condition)
+//! are written by a field manager of their own, `mailpipe-operator-scaler`, and only when
+//! they change: the reconcile leaves them out of what it applies, so neither writer erases the
 //! other's fields, and status writes trigger no reconcile. A pipeline being deleted is left
 //! to its cleanup (which stops its workers itself).
 
