@@ -18,11 +18,11 @@
 
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::apps::v1::Deployment;
-use kube::Api;
 use mailpipe_tests::amqp::{self, Names, SHARED_URL};
 use mailpipe_tests::cluster::Cluster;
-use mailpipe_tests::pipelines::{delete_topology, manifest, wait_condition, IDLE, SECRET};
+use mailpipe_tests::pipelines::{
+    delete_topology, manifest, wait_condition, worker_replicas, IDLE, SECRET,
+};
 use mailpipe_tests::{eventually, unique};
 
 /// The scaling block that replaces the example's bounds.
@@ -34,40 +34,6 @@ fn scaled(text: &str, scaling: &str) -> String {
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let rank = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[rank.min(sorted.len() - 1)]
-}
-
-/// CPU seconds (user + system) and current and peak RSS in KiB of process `pid`.
-fn usage(pid: u32) -> (f64, u64, u64) {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces) start after its ')'.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    // utime and stime are fields 14 and 15 (1-based), 11 and 12 after the ')'.
-    let hz: f64 = std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100.0);
-    let cpu = (ticks(11) + ticks(12)) / hz;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let kib = |key: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(key))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    (cpu, kib("VmRSS:"), kib("VmHWM:"))
 }
 
 /// A sample's value in a Prometheus text exposition (the first line starting with `series`).
@@ -96,7 +62,6 @@ async fn main() -> anyhow::Result<()> {
             .success(),
         "the broker Secret"
     );
-    let deployments: Api<Deployment> = Api::default_namespaced(cluster.client.clone());
 
     // 1. Reaction.
     let names = Names::new("benchreact");
@@ -106,14 +71,7 @@ async fn main() -> anyhow::Result<()> {
     );
     anyhow::ensure!(cluster.apply(&pipeline).await.status.success(), "apply");
     wait_condition(&cluster, "react", "TopologyReady", "True", "Declared").await;
-    let replicas = || async {
-        deployments
-            .get_opt("react-worker")
-            .await
-            .ok()
-            .flatten()
-            .and_then(|d| d.spec?.replicas)
-    };
+    let replicas = || worker_replicas(&cluster, "react");
     eventually(Duration::from_secs(60), "one replica", || async {
         (replicas().await == Some(1)).then_some(())
     })
@@ -178,7 +136,7 @@ async fn main() -> anyhow::Result<()> {
             )
         })
         .collect();
-    let (cpu_before, rss_before, _) = usage(operator.proc.pid());
+    let before = mailpipe_bench::procfs::usage(operator.proc.pid())?;
     let applied = Instant::now();
     anyhow::ensure!(
         cluster
@@ -205,17 +163,17 @@ async fn main() -> anyhow::Result<()> {
         },
     )
     .await;
-    let (cpu_ready, _, _) = usage(operator.proc.pid());
+    let ready = mailpipe_bench::procfs::usage(operator.proc.pid())?;
     // Steady state: every pipeline polled every second.
     let looks_before = sample(
         &operator.metrics().await,
         "mailpipe_operator_scale_decision_duration_seconds_count",
     );
     let window = Duration::from_secs(30);
-    let (cpu_start, _, _) = usage(operator.proc.pid());
+    let start_usage = mailpipe_bench::procfs::usage(operator.proc.pid())?;
     let start = Instant::now();
     tokio::time::sleep(window).await;
-    let (cpu_end, rss, peak) = usage(operator.proc.pid());
+    let end = mailpipe_bench::procfs::usage(operator.proc.pid())?;
     let elapsed = start.elapsed().as_secs_f64();
     let looks = (sample(
         &operator.metrics().await,
@@ -244,14 +202,14 @@ async fn main() -> anyhow::Result<()> {
     println!(
         "all Ready {:.1} s after one kubectl apply (operator CPU meanwhile {:.1} s; RSS before {:.1} MiB)",
         all_ready.as_secs_f64(),
-        cpu_ready - cpu_before,
-        rss_before as f64 / 1024.0
+        ready.cpu_seconds - before.cpu_seconds,
+        before.rss_kib as f64 / 1024.0
     );
     println!(
         "steady state over {elapsed:.0} s: operator CPU {:.3} cores, scaler looks {looks:.0}/s, RSS {:.1} MiB (peak {:.1} MiB), scaler broker connections {connections}",
-        (cpu_end - cpu_start) / elapsed,
-        rss as f64 / 1024.0,
-        peak as f64 / 1024.0
+        (end.cpu_seconds - start_usage.cpu_seconds) / elapsed,
+        end.rss_kib as f64 / 1024.0,
+        end.peak_rss_kib as f64 / 1024.0
     );
 
     cluster

@@ -199,28 +199,6 @@ async fn lettre_pool(port: u16, stats: &sink::SinkStats, n: usize) -> anyhow::Re
     .await
 }
 
-/// CPU seconds (user+sys) and peak RSS (KiB) of a live process, from /proc.
-fn proc_usage(pid: u32) -> anyhow::Result<(f64, u64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest)
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
-    let clock_ticks = 100.0; // USER_HZ on Linux
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let hwm = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    Ok((ticks / clock_ticks, hwm))
-}
-
 struct WorkerRun {
     jobs_per_second: f64,
     cpu_us_per_job: f64,
@@ -257,7 +235,11 @@ async fn worker(port: u16, stats: &sink::SinkStats, n: usize) -> anyhow::Result<
         .lock()
         .expect("lock")
         .expect("messages arrived");
-    let (cpu_seconds, peak_rss_kib) = proc_usage(worker.pid())?;
+    let mailpipe_bench::procfs::Usage {
+        cpu_seconds,
+        peak_rss_kib,
+        ..
+    } = mailpipe_bench::procfs::usage(worker.pid())?;
     worker.signal(Signal::SIGTERM);
     worker.wait_exit(Duration::from_secs(30));
     amqp::delete_plan(SHARED_URL, &names.plan(&RetryPolicy::default())).await;

@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use lapin::options::{
     BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
-    ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
+    ExchangeDeleteOptions, QueueDeleteOptions,
 };
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::AMQPValue;
 use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties};
 use mailpipe_contract::topology::{RabbitSettings, TopologyPlan};
 use mailpipe_contract::RetryPolicy;
@@ -139,19 +139,11 @@ pub async fn consumers(url: &str, queue: &str) -> u32 {
 async fn depth(url: &str, queue: &str) -> (u32, u32) {
     let connection = connect(url).await;
     let channel = connection.create_channel().await.expect("channel");
-    let declared = channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
+    let depth = mailpipe_contract::amqp::depth(&channel, queue)
         .await
         .unwrap_or_else(|e| panic!("queue {queue} should exist: {e}"));
     let _ = connection.close(200, "counted".into()).await;
-    (declared.message_count(), declared.consumer_count())
+    depth
 }
 
 /// Whether `queue` exists on the broker at `url`.

@@ -107,3 +107,28 @@ pub async fn wait_condition(
     )
     .await;
 }
+
+/// `spec.replicas` of pipeline `pipeline`'s worker Deployment (`None` while it is missing).
+pub async fn worker_replicas(cluster: &Cluster, pipeline: &str) -> Option<i32> {
+    let deployments: kube::Api<k8s_openapi::api::apps::v1::Deployment> =
+        kube::Api::default_namespaced(cluster.client.clone());
+    deployments
+        .get_opt(&format!("{pipeline}-worker"))
+        .await
+        .ok()
+        .flatten()
+        .and_then(|d| d.spec?.replicas)
+}
+
+/// A status field of pipeline `pipeline` as kubectl prints it (empty when unset).
+pub async fn status_field(cluster: &Cluster, pipeline: &str, field: &str) -> String {
+    cluster
+        .kubectl_ok(&[
+            "get",
+            "emp",
+            pipeline,
+            "-o",
+            &format!("jsonpath={{.status.{field}}}"),
+        ])
+        .await
+}

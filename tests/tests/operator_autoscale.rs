@@ -4,12 +4,12 @@
 
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::apps::v1::Deployment;
-use kube::Api;
 use mailpipe_tests::amqp::{self, Names, SHARED_URL};
 use mailpipe_tests::cluster::Cluster;
 use mailpipe_tests::jobs::Tally;
-use mailpipe_tests::pipelines::{delete_topology, manifest, wait_condition, with_operator};
+use mailpipe_tests::pipelines::{
+    delete_topology, manifest, status_field, wait_condition, with_operator, worker_replicas,
+};
 use mailpipe_tests::smtp::SmtpOptions;
 use mailpipe_tests::{eventually, unique};
 
@@ -47,19 +47,6 @@ fn sending_pipeline(name: &str, names: &Names, smtp_port: u16, scaling: &str) ->
     text
 }
 
-/// A status field of pipeline `name` (empty when unset).
-async fn status(cluster: &Cluster, name: &str, field: &str) -> String {
-    cluster
-        .kubectl_ok(&[
-            "get",
-            "emp",
-            name,
-            "-o",
-            &format!("jsonpath={{.status.{field}}}"),
-        ])
-        .await
-}
-
 /// `drainWithin: 30s` against an SMTP server that takes 250 ms a message: once the
 /// pipeline has shown its per-replica rate, a backlog one replica would need three minutes
 /// for is cleared in 30 s +- 20% by as many replicas as that rate calls for, the status
@@ -91,7 +78,7 @@ async fn drain_within_clears_a_backlog_of_minutes_in_about_that_time() {
         Duration::from_secs(40),
         "a measured rate in the status",
         || async {
-            status(&cluster, "drain", "sendRatePerReplica")
+            status_field(&cluster, "drain", "sendRatePerReplica")
                 .await
                 .parse()
                 .ok()
@@ -105,20 +92,14 @@ async fn drain_within_clears_a_backlog_of_minutes_in_about_that_time() {
     let backlog = (rate * 180.0) as usize;
     let published = Instant::now();
     amqp::publish_numbered(SHARED_URL, &names.exchange, &run, WARM..WARM + backlog).await;
-    let deployments: Api<Deployment> = Api::default_namespaced(cluster.client.clone());
     let mut replicas_seen = Vec::new();
     let mut estimates = Vec::new();
     let drained = loop {
-        let replicas = deployments
-            .get_opt("drain-worker")
-            .await
-            .ok()
-            .flatten()
-            .and_then(|d| d.spec?.replicas);
+        let replicas = worker_replicas(&cluster, "drain").await;
         if replicas_seen.last() != Some(&replicas) {
             replicas_seen.push(replicas);
         }
-        if let Ok(eta) = status(&cluster, "drain", "timeToDrainSeconds")
+        if let Ok(eta) = status_field(&cluster, "drain", "timeToDrainSeconds")
             .await
             .parse::<u64>()
         {
@@ -145,7 +126,7 @@ async fn drain_within_clears_a_backlog_of_minutes_in_about_that_time() {
         estimates.iter().any(|(_, eta)| *eta > 0 && *eta <= 40),
         "the status showed the time to drain on the way: {estimates:?}"
     );
-    let after: f64 = status(&cluster, "drain", "sendRatePerReplica")
+    let after: f64 = status_field(&cluster, "drain", "sendRatePerReplica")
         .await
         .parse()
         .expect("a rate");
@@ -198,15 +179,7 @@ async fn five_thousand_jobs_scale_up_in_one_step_and_down_without_a_redelivery()
     );
     assert!(cluster.apply(&pipeline).await.status.success());
     wait_condition(&cluster, "burst", "TopologyReady", "True", "Declared").await;
-    let deployments: Api<Deployment> = Api::default_namespaced(cluster.client.clone());
-    let replicas = || async {
-        deployments
-            .get_opt("burst-worker")
-            .await
-            .ok()
-            .flatten()
-            .and_then(|d| d.spec?.replicas)
-    };
+    let replicas = || worker_replicas(&cluster, "burst");
     // The API server's default of one replica may have started a worker before the pause
     // took effect: wait until it has gone, so nothing is consumed while paused.
     eventually(Cluster::SETTLE, "paused at no workers", || async {
@@ -218,7 +191,7 @@ async fn five_thousand_jobs_scale_up_in_one_step_and_down_without_a_redelivery()
     amqp::publish_numbered(SHARED_URL, &names.exchange, &run, 0..N).await;
     let waited = Instant::now();
     loop {
-        let shown = status(&cluster, "burst", "backlog").await;
+        let shown = status_field(&cluster, "burst", "backlog").await;
         if shown == N.to_string() {
             break;
         }

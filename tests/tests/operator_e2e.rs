@@ -13,7 +13,8 @@ use mailpipe_tests::amqp::{self, Names, SHARED_URL};
 use mailpipe_tests::cluster::Cluster;
 use mailpipe_tests::eventually;
 use mailpipe_tests::pipelines::{
-    condition, delete_topology, manifest, wait_condition, with_operator, IDLE, SECRET,
+    condition, delete_topology, manifest, status_field, wait_condition, with_operator,
+    worker_replicas, IDLE, SECRET,
 };
 use mailpipe_tests::smtp::{SmtpOptions, SmtpServer};
 
@@ -971,15 +972,7 @@ async fn a_backlog_scales_the_workers_up_in_one_step_and_an_empty_queue_back_to_
         );
     assert!(cluster.apply(&pipeline).await.status.success());
     wait_condition(&cluster, "scale", "TopologyReady", "True", "Declared").await;
-    let deployments: Api<Deployment> = Api::default_namespaced(cluster.client.clone());
-    let replicas = || async {
-        deployments
-            .get_opt("scale-worker")
-            .await
-            .ok()
-            .flatten()
-            .and_then(|d| d.spec?.replicas)
-    };
+    let replicas = || worker_replicas(&cluster, "scale");
     eventually(Cluster::SETTLE, "no work, no workers", || async {
         (replicas().await == Some(0)).then_some(())
     })
@@ -1005,20 +998,7 @@ async fn a_backlog_scales_the_workers_up_in_one_step_and_an_empty_queue_back_to_
         "within two 1 s polls: {took:?}"
     );
     assert_eq!(seen, vec![Some(0), Some(4)], "in one step");
-    let status = |field: &'static str| {
-        let cluster = &cluster;
-        async move {
-            cluster
-                .kubectl_ok(&[
-                    "get",
-                    "emp",
-                    "scale",
-                    "-o",
-                    &format!("jsonpath={{.status.{field}}}"),
-                ])
-                .await
-        }
-    };
+    let status = |field: &'static str| status_field(&cluster, "scale", field);
     eventually(Cluster::SETTLE, "the scaler's status", || async {
         (status("backlog").await == "35" && status("desiredReplicas").await == "4").then_some(())
     })

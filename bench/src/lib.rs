@@ -1,0 +1,4 @@
+//! What the benchmarks share.
+#![forbid(unsafe_code)]
+
+pub mod procfs;
