@@ -25,9 +25,11 @@ use mailpipe_tests::pipelines::{
 };
 use mailpipe_tests::{eventually, unique};
 
-/// The scaling block that replaces the example's bounds.
+/// The example with `scaling` replacing its bounds, and 160 SMTP connections so that 10
+/// replicas of 16 concurrent jobs are worth running.
 fn scaled(text: &str, scaling: &str) -> String {
     text.replace(IDLE.0, IDLE.1)
+        .replacen("    tls: none\n", "    tls: none\n    poolSize: 160\n", 1)
         .replacen("    minReplicas: 1\n    maxReplicas: 5\n", scaling, 1)
 }
 

@@ -156,6 +156,7 @@ async fn raw_smtp(port: u16, stats: &sink::SinkStats, n: usize) -> anyhow::Resul
         insecure_skip_verify: false,
         credentials: None,
         pool_size: CONNECTIONS as u32,
+        budget_queue: None,
         rate_limit: None,
         timeout: Duration::from_secs(30),
         data_timeout: Duration::from_secs(600),

@@ -44,8 +44,11 @@ pub const SMTP_USERNAME: &str = "MAILPIPE_SMTP_USERNAME";
 pub const SMTP_PASSWORD: &str = "MAILPIPE_SMTP_PASSWORD";
 /// File holding the SMTP password.
 pub const SMTP_PASSWORD_FILE: &str = "MAILPIPE_SMTP_PASSWORD_FILE";
-/// Most SMTP connections this worker keeps open.
+/// Most SMTP connections this worker keeps open; with a budget queue, the connections of
+/// all the pipeline's workers together.
 pub const SMTP_POOL_SIZE: &str = "MAILPIPE_SMTP_POOL_SIZE";
+/// The queue of tokens through which the pipeline's workers share its SMTP connections.
+pub const SMTP_BUDGET_QUEUE: &str = "MAILPIPE_SMTP_BUDGET_QUEUE";
 /// Messages per second this worker sends at most.
 pub const SMTP_RATE_LIMIT: &str = "MAILPIPE_SMTP_RATE_LIMIT";
 /// Timeout of one SMTP command (capped by RFC 5321's value for each).

@@ -28,6 +28,12 @@ pub fn dead_letter_queue(work_queue: &str) -> String {
     format!("{work_queue}.dlq")
 }
 
+/// The queue holding one token per SMTP connection of the pipeline's budget, through which
+/// its workers share `spec.smtp.poolSize` (see the worker's `mailer/budget.rs`).
+pub fn smtp_budget_queue(work_queue: &str) -> String {
+    format!("{work_queue}.smtp-budget")
+}
+
 /// Headers the worker writes on retried and dead-lettered messages.
 pub mod headers {
     /// The attempt the message is on, counting from 1 (absent on a first delivery).

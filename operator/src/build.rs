@@ -24,7 +24,7 @@ use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec}
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use mailpipe_contract::{env, labels};
+use mailpipe_contract::{env, labels, naming};
 use sha2::{Digest, Sha256};
 
 use crate::crd::SecretKeyRef;
@@ -187,6 +187,11 @@ fn environment(pipeline: &ValidatedPipeline) -> Environment {
                 out.vars.push(value(env::MAX_PRIORITY, priority));
             }
             out.vars.push(value(env::PREFETCH, connection.prefetch));
+            // The workers share spec.smtp.poolSize through the budget's token queue.
+            out.vars.push(value(
+                env::SMTP_BUDGET_QUEUE,
+                naming::smtp_budget_queue(&settings.queue),
+            ));
         }
         ValidatedSource::Kafka(_) => {}
     }
@@ -227,7 +232,7 @@ fn environment(pipeline: &ValidatedPipeline) -> Environment {
         );
     }
     out.vars
-        .push(value(env::SMTP_POOL_SIZE, pipeline.pool_per_replica));
+        .push(value(env::SMTP_POOL_SIZE, pipeline.smtp_pool_size));
     if let Some(rate) = pipeline.rate_per_replica {
         out.vars.push(value(env::SMTP_RATE_LIMIT, rate));
     }

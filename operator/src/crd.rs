@@ -259,7 +259,9 @@ pub struct Smtp {
     pub credentials_secret: Option<Credentials>,
     /// The sender used when a job names none.
     pub from: Sender,
-    /// SMTP connections for the whole pipeline, shared out among the replicas.
+    /// SMTP connections for the whole pipeline: all replicas together never hold more (they
+    /// share them at run time through the token queue `<queue>.smtp-budget`, so one replica
+    /// alone may use them all), and no more replicas run than there are connections.
     #[serde(default = "default_pool_size")]
     #[schemars(range(min = 1, max = 1000))]
     pub pool_size: u32,

@@ -393,7 +393,8 @@ pub(crate) fn topology_of(
                 referenced.amqp_ca.clone(),
                 settings.clone(),
                 plan.clone(),
-            );
+            )
+            .with_smtp_budget(valid.smtp_pool_size);
             Ok(Some(match &referenced.management_url {
                 Some(base) => topology.with_management(base)?,
                 None => topology,

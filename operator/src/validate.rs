@@ -135,9 +135,6 @@ pub struct ValidatedPipeline {
     pub retry: RetryPolicy,
     /// How long a stopping worker finishes in-flight sends: the grace period less 5 s.
     pub shutdown_timeout: Duration,
-    /// SMTP connections each replica may keep, so the pipeline stays within its cap at
-    /// its largest size.
-    pub pool_per_replica: u32,
     /// Messages per second each replica may send, so the pipeline stays within its limit.
     pub rate_per_replica: Option<u32>,
     pub poll_interval: Duration,
@@ -393,7 +390,6 @@ pub fn validate(
         smtp_pool_size: pool_size,
         retry,
         shutdown_timeout: grace - Duration::from_secs(5),
-        pool_per_replica: pool / replicas,
         rate_per_replica,
         poll_interval: duration("spec.scaling.pollInterval", &scaling.poll_interval)?,
         scale_up_stabilization: duration(
@@ -437,7 +433,7 @@ mod tests {
         let valid = validate("welcome", "mail", &spec(json!({}))).unwrap();
         assert_eq!(valid.retry, RetryPolicy::default());
         assert_eq!(valid.shutdown_timeout, Duration::from_secs(55));
-        assert_eq!(valid.pool_per_replica, 4);
+        assert_eq!(valid.smtp_pool_size, 20);
         assert_eq!(valid.rate_per_replica, None);
         assert_eq!(valid.source_label(), "rabbitmq/welcome");
         let ValidatedSource::Rabbit { settings, plan, .. } = &valid.source else {
@@ -455,7 +451,7 @@ mod tests {
     }
 
     #[test]
-    fn the_pool_and_the_rate_are_shared_out_among_the_largest_replica_count() {
+    fn the_rate_is_shared_out_among_the_largest_replica_count_and_the_pool_caps_it() {
         let valid = validate(
             "w",
             "m",
@@ -464,9 +460,10 @@ mod tests {
             ),
         )
         .unwrap();
+        // The connections are shared at run time (the budget's tokens), the rate is not.
         assert_eq!(
-            (valid.pool_per_replica, valid.rate_per_replica),
-            (10, Some(25))
+            (valid.smtp_pool_size, valid.rate_per_replica),
+            (40, Some(25))
         );
         let small = validate(
             "w",

@@ -107,6 +107,7 @@ fn the_worker_deployment_carries_the_spec_as_contract_env_and_secrets_as_files()
                             {"name": "MAILPIPE_ROUTING_KEY", "value": "welcome"},
                             {"name": "MAILPIPE_MAX_PRIORITY", "value": "5"},
                             {"name": "MAILPIPE_PREFETCH", "value": "64"},
+                            {"name": "MAILPIPE_SMTP_BUDGET_QUEUE", "value": "welcome.smtp-budget"},
                             {"name": "MAILPIPE_CONCURRENCY", "value": "8"},
                             {"name": "MAILPIPE_SMTP_HOST", "value": "smtp.example.com"},
                             {"name": "MAILPIPE_SMTP_PORT", "value": "465"},
@@ -114,8 +115,9 @@ fn the_worker_deployment_carries_the_spec_as_contract_env_and_secrets_as_files()
                             {"name": "MAILPIPE_SMTP_CA_FILE", "value": "/etc/mailpipe/smtp-ca/ca.crt"},
                             {"name": "MAILPIPE_SMTP_USERNAME", "valueFrom": {"secretKeyRef": {"key": "username", "name": "smtp"}}},
                             {"name": "MAILPIPE_SMTP_PASSWORD_FILE", "value": "/etc/mailpipe/smtp-credentials/password"},
-                            // 20 connections and 50 messages/s shared by at most 5 replicas.
-                            {"name": "MAILPIPE_SMTP_POOL_SIZE", "value": "4"},
+                            // 20 connections shared at run time through the budget queue;
+                            // 50 messages/s split among at most 5 replicas.
+                            {"name": "MAILPIPE_SMTP_POOL_SIZE", "value": "20"},
                             {"name": "MAILPIPE_SMTP_RATE_LIMIT", "value": "10"},
                             {"name": "MAILPIPE_FROM_ADDRESS", "value": "noreply@example.com"},
                             {"name": "MAILPIPE_FROM_NAME", "value": "Example"},

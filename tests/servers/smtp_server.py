@@ -15,7 +15,8 @@ before the 250 is sent, so a test counting after a kill or a restart misses noth
 client was told was accepted; tests read that file.
 
 Control API (HTTP on 127.0.0.1): POST /fault {"code": 451, "text": "..."} or
-{"drop": true}, DELETE /fault.
+{"drop": true}, DELETE /fault; GET /connections {"open": N, "peak": M} (the most
+connections open at once since the start or the last POST /connections/reset).
 On start it prints one JSON line: {"smtp_port": N, "control_port": M}.
 """
 import argparse
@@ -31,6 +32,23 @@ from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 LOCK = threading.Lock()
 DEFERRED = set()
 FAULT = {"code": None, "text": "", "drop": False}
+OPEN = set()
+PEAK = {"peak": 0}
+
+
+class CountingSMTP(SMTP):
+    """Counts open connections (by protocol instance, which STARTTLS keeps)."""
+
+    def connection_made(self, transport):
+        with LOCK:
+            OPEN.add(id(self))
+            PEAK["peak"] = max(PEAK["peak"], len(OPEN))
+        super().connection_made(transport)
+
+    def connection_lost(self, exc):
+        with LOCK:
+            OPEN.discard(id(self))
+        super().connection_lost(exc)
 
 
 class Handler:
@@ -96,7 +114,18 @@ class Control(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def do_GET(self):
+        if self.path != "/connections":
+            return self.reply(404, {"error": "not found"})
+        with LOCK:
+            body = {"open": len(OPEN), "peak": PEAK["peak"]}
+        self.reply(200, body)
+
     def do_POST(self):
+        if self.path == "/connections/reset":
+            with LOCK:
+                PEAK["peak"] = len(OPEN)
+            return self.reply(200, {"open": len(OPEN), "peak": PEAK["peak"]})
         if self.path != "/fault":
             return self.reply(404, {"error": "not found"})
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -143,7 +172,7 @@ async def main():
                            auth_require_tls=args.tls == "starttls")
         if args.tls == "starttls":
             options.update(tls_context=context, require_starttls=True)
-        return SMTP(Handler(args.delay_ms, store), **options)
+        return CountingSMTP(Handler(args.delay_ms, store), **options)
 
     loop = asyncio.get_running_loop()
     server = await loop.create_server(

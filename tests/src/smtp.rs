@@ -59,6 +59,15 @@ pub struct Received {
     pub data: String,
 }
 
+/// The server's connection count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub struct Connections {
+    /// Open now.
+    pub open: u32,
+    /// The most open at once.
+    pub peak: u32,
+}
+
 #[derive(Deserialize)]
 struct Ports {
     smtp_port: u16,
@@ -223,6 +232,28 @@ impl SmtpServer {
     pub async fn clear_fault(&self) {
         self.http
             .delete(self.control("/fault"))
+            .send()
+            .await
+            .expect("SMTP control API answers");
+    }
+
+    /// Connections open now, and the most open at once since the start or the last
+    /// [`SmtpServer::reset_peak`].
+    pub async fn connections(&self) -> Connections {
+        self.http
+            .get(self.control("/connections"))
+            .send()
+            .await
+            .expect("SMTP control API answers")
+            .json()
+            .await
+            .expect("a JSON answer")
+    }
+
+    /// Starts counting the peak again from the connections open now.
+    pub async fn reset_peak(&self) {
+        self.http
+            .post(self.control("/connections/reset"))
             .send()
             .await
             .expect("SMTP control API answers");

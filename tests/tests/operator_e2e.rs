@@ -963,8 +963,10 @@ async fn a_backlog_scales_the_workers_up_in_one_step_and_an_empty_queue_back_to_
     let (cluster, smtp, operator) = with_operator(SmtpOptions::default()).await;
     let names = Names::new("e2escale");
     // Workers that never run: the backlog stays until the test takes it.
+    // 64 connections: 4 replicas of 16 concurrent jobs use them all.
     let pipeline = manifest("scale", &names, smtp.port, "Retain")
         .replace(IDLE.0, IDLE.1)
+        .replace("    tls: none\n", "    tls: none\n    poolSize: 64\n")
         .replace("minReplicas: 1", "minReplicas: 0")
         .replace(
             "maxReplicas: 5",

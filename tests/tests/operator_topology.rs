@@ -239,3 +239,89 @@ async fn pipelines_that_keep_the_default_exchange_do_not_get_each_others_jobs() 
         amqp::delete_plan(SHARED_URL, plan).await;
     }
 }
+
+/// A consumer of `queue` that acks nothing, as a worker holds its tokens.
+async fn consume(channel: &lapin::Channel, queue: &str) -> lapin::Consumer {
+    channel
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            lapin::options::BasicConsumeOptions::default(),
+            Default::default(),
+        )
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn the_smtp_budget_queue_holds_one_token_per_connection_and_follows_the_pool_size() {
+    use futures::StreamExt;
+    use lapin::options::BasicQosOptions;
+    use mailpipe_contract::naming::smtp_budget_queue;
+
+    let names = Names::new("optokens");
+    let (plain, settings) = topology(&names, QueueType::Classic);
+    let tokens = smtp_budget_queue(&settings.queue);
+    let topology = plain.with_smtp_budget(5);
+    topology.ensure().await.expect("declared");
+    assert_eq!(
+        amqp::ready(SHARED_URL, &tokens).await,
+        5,
+        "one token per connection"
+    );
+    topology.ensure().await.expect("again");
+    assert_eq!(
+        amqp::ready(SHARED_URL, &tokens).await,
+        5,
+        "not filled twice"
+    );
+
+    // A worker holds 2 tokens: they are not missing, nothing is added.
+    let holder = amqp::connect(SHARED_URL).await;
+    let channel = holder.create_channel().await.unwrap();
+    channel
+        .basic_qos(2, BasicQosOptions { global: true })
+        .await
+        .unwrap();
+    let mut consumer = consume(&channel, &tokens).await;
+    for _ in 0..2 {
+        consumer.next().await.unwrap().unwrap();
+    }
+    topology.ensure().await.expect("with a holder");
+    assert_eq!(amqp::ready(SHARED_URL, &tokens).await, 3);
+
+    // Tokens lost while nobody consumes are put back (a fill cut short, a purge).
+    amqp::purge(SHARED_URL, &tokens).await;
+    drop(consumer);
+    let _ = holder.close(200, "gone".into()).await;
+    assert_eq!(
+        amqp::ready(SHARED_URL, &tokens).await,
+        2,
+        "the held two came back"
+    );
+    topology.ensure().await.expect("refilled");
+    assert_eq!(amqp::ready(SHARED_URL, &tokens).await, 5);
+
+    // A new pool size replaces the queue; a consumer of the old one is cancelled.
+    let holder = amqp::connect(SHARED_URL).await;
+    let channel = holder.create_channel().await.unwrap();
+    let mut consumer = consume(&channel, &tokens).await;
+    let (plain, _) = self::topology(&names, QueueType::Classic);
+    let bigger = plain.with_smtp_budget(8);
+    bigger.ensure().await.expect("replaced");
+    let mut held = 0;
+    while let Ok(Some(Ok(_))) =
+        tokio::time::timeout(std::time::Duration::from_secs(5), consumer.next()).await
+    {
+        held += 1;
+    }
+    assert_eq!(held, 5, "the old tokens, then the cancel ends the stream");
+    let _ = holder.close(200, "gone".into()).await;
+    assert_eq!(amqp::ready(SHARED_URL, &tokens).await, 8);
+
+    // Deleting the topology deletes the budget, tokens and all.
+    bigger.stop_intake().await.unwrap();
+    bigger.remove().await.expect("removed");
+    assert!(!amqp::queue_exists(SHARED_URL, &tokens).await);
+    assert_all_queues_gone(&settings).await;
+}

@@ -125,9 +125,14 @@ pub struct Args {
     /// SMTP user name (the password comes from MAILPIPE_SMTP_PASSWORD[_FILE]).
     #[arg(long, env = env::SMTP_USERNAME)]
     pub smtp_username: Option<String>,
-    /// Most SMTP connections this worker opens (providers limit them per account).
+    /// Most SMTP connections this worker opens (providers limit them per account); with
+    /// --smtp-budget-queue, the connections all workers of the pipeline open together.
     #[arg(long, env = env::SMTP_POOL_SIZE, default_value_t = 16)]
     pub smtp_pool_size: u32,
+    /// Share --smtp-pool-size with the pipeline's other workers through this queue of
+    /// tokens, one per connection (the operator declares and fills it).
+    #[arg(long, env = env::SMTP_BUDGET_QUEUE)]
+    pub smtp_budget_queue: Option<String>,
     /// Messages per second this worker sends at most (unlimited when unset).
     #[arg(long, env = env::SMTP_RATE_LIMIT)]
     pub smtp_rate_limit: Option<u32>,
@@ -206,6 +211,8 @@ pub struct SmtpConfig {
     pub insecure_skip_verify: bool,
     pub credentials: Option<(String, Secret)>,
     pub pool_size: u32,
+    /// The token queue of a budget shared with other workers.
+    pub budget_queue: Option<String>,
     pub rate_limit: Option<u32>,
     pub timeout: Duration,
     pub data_timeout: Duration,
@@ -405,6 +412,7 @@ impl Config {
                 insecure_skip_verify: args.smtp_insecure_skip_verify,
                 credentials,
                 pool_size: args.smtp_pool_size,
+                budget_queue: args.smtp_budget_queue.filter(|q| !q.is_empty()),
                 rate_limit: args.smtp_rate_limit,
                 timeout: args.smtp_timeout,
                 data_timeout: args.smtp_data_timeout,

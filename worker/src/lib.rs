@@ -85,45 +85,102 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), StartErr
             .is_some_and(|i| i.on_unavailable == config::OnRedisUnavailable::Pause),
         metrics.clone(),
     );
-    match config.mode {
-        Mode::Send => {
-            if config.smtp.insecure_skip_verify {
-                tracing::error!(
-                    host = %config.smtp.host,
-                    "SMTP certificate verification is OFF: anyone between the worker and the server can read and change the mail"
-                );
-            }
-            let mailer = SmtpMailer::new(&config.smtp, metrics.clone())?;
-            let server = format!("{}:{}", config.smtp.host, config.smtp.port);
-            let probed = tokio::select! {
-                biased;
-                _ = stop.cancelled() => return Ok(()),
-                probed = mailer.probe() => probed,
-            };
-            match probed {
-                Ok(()) => {
-                    health.set(Component::Smtp, true);
-                    tracing::info!(%server, tls = ?config.smtp.tls, "SMTP server reachable");
-                }
-                Err(error) if matches!(error.reason, "smtp_auth" | "smtp_tls") => {
-                    return Err(StartError::SmtpRefused {
-                        server,
-                        detail: error.detail,
-                    });
-                }
-                Err(error) => {
-                    health.report_down(Component::Smtp);
-                    tracing::warn!(%server, reason = error.reason, detail = %error.detail, "SMTP server not reachable yet; consuming starts once it answers");
-                }
-            }
-            serve(config, mailer, renderer, metrics, health, stop).await
-        }
+    // Served before anything waits on the SMTP server, so liveness holds meanwhile.
+    let http_stop = CancellationToken::new();
+    let http = http::serve(
+        config.http_addr,
+        metrics.clone(),
+        health.clone(),
+        http_stop.clone(),
+    )
+    .await
+    .map_err(|source| StartError::Http {
+        addr: config.http_addr,
+        source,
+    })?;
+    tracing::info!(addr = %config.http_addr, "serving /metrics, /healthz, /readyz");
+    let served = match config.mode {
+        Mode::Send => send(config, renderer, metrics, health, stop).await,
         Mode::Log => {
             health.set(Component::Smtp, true);
             tracing::info!("log mode: messages are rendered and logged, not sent");
             serve(config, LogMailer, renderer, metrics, health, stop).await
         }
+    };
+    http_stop.cancel();
+    let _ = http.await;
+    served
+}
+
+/// Send mode: the SMTP transport (with its share of the pipeline's connection budget, when
+/// it has one), checked once, then the pipeline.
+async fn send(
+    config: Config,
+    renderer: Renderer,
+    metrics: Metrics,
+    health: Arc<Health>,
+    stop: CancellationToken,
+) -> Result<(), StartError> {
+    if config.smtp.insecure_skip_verify {
+        tracing::error!(
+            host = %config.smtp.host,
+            "SMTP certificate verification is OFF: anyone between the worker and the server can read and change the mail"
+        );
     }
+    let mailer = SmtpMailer::new(&config.smtp, metrics.clone())?;
+    let server = format!("{}:{}", config.smtp.host, config.smtp.port);
+    // With a shared budget the pool's slots come with its tokens, taken from the
+    // start (the probe below needs one) and given back after the last send.
+    let budget_stop = CancellationToken::new();
+    let budget = match &config.smtp.budget_queue {
+        Some(queue) => {
+            let budget = mailer::budget::Budget {
+                queue: queue.clone(),
+                total: config.smtp.pool_size,
+                cap: config.smtp.pool_size.min(config.concurrency as u32),
+            };
+            let tls = source::rabbitmq::broker_tls(&config.amqp)?;
+            Some(tokio::spawn(mailer::budget::run(
+                config.amqp.clone(),
+                tls,
+                budget,
+                mailer.pool(),
+                budget_stop.clone(),
+            )))
+        }
+        None => None,
+    };
+    let probed = tokio::select! {
+        biased;
+        _ = stop.cancelled() => {
+            budget_stop.cancel();
+            return Ok(());
+        }
+        probed = mailer.probe() => probed,
+    };
+    match probed {
+        Ok(()) => {
+            health.set(Component::Smtp, true);
+            tracing::info!(%server, tls = ?config.smtp.tls, "SMTP server reachable");
+        }
+        Err(error) if matches!(error.reason, "smtp_auth" | "smtp_tls") => {
+            budget_stop.cancel();
+            return Err(StartError::SmtpRefused {
+                server,
+                detail: error.detail,
+            });
+        }
+        Err(error) => {
+            health.report_down(Component::Smtp);
+            tracing::warn!(%server, reason = error.reason, detail = %error.detail, "SMTP server not reachable yet; consuming starts once it answers");
+        }
+    }
+    let served = serve(config, mailer, renderer, metrics, health, stop).await;
+    budget_stop.cancel();
+    if let Some(budget) = budget {
+        let _ = budget.await;
+    }
+    served
 }
 
 async fn serve<M: Mailer>(
@@ -141,19 +198,6 @@ async fn serve<M: Mailer>(
         .transpose()?;
     let plan = config.amqp.settings.plan(&config.retry);
     let source = RabbitSource::new(config.amqp.clone(), plan, health.clone(), metrics.clone())?;
-    let http_stop = CancellationToken::new();
-    let http = http::serve(
-        config.http_addr,
-        metrics.clone(),
-        health.clone(),
-        http_stop.clone(),
-    )
-    .await
-    .map_err(|source| StartError::Http {
-        addr: config.http_addr,
-        source,
-    })?;
-    tracing::info!(addr = %config.http_addr, "serving /metrics, /healthz, /readyz");
     let pipeline = Arc::new(Pipeline {
         mailer,
         renderer,
@@ -184,8 +228,6 @@ async fn serve<M: Mailer>(
     )
     .await;
     let _ = watcher.await;
-    http_stop.cancel();
-    let _ = http.await;
     tracing::info!(
         given_back = drained.given_back,
         abandoned = drained.abandoned,

@@ -14,7 +14,9 @@
 //!    the work is at most `activation_backlog`; a running pipeline goes to 0 (when
 //!    `min_replicas` is 0) only once there is no work at all.
 //! 5. **Bounds**: `min_replicas..=max_replicas`, then the caps: the SMTP connection budget
-//!    (a replica needs at least one connection of `pool_size`) and the partition count.
+//!    (the workers share `pool_size` connections at run time, each using at most its
+//!    concurrency: more replicas than it takes to use the whole budget would only wait for
+//!    connections) and the partition count.
 //! 6. **Stabilization**, with the HPA's semantics: scaling up takes the lowest
 //!    recommendation of the scale-up window, scaling down the highest of the scale-down
 //!    window, so a dip or a spike shorter than the window changes nothing. With a drain
@@ -54,6 +56,8 @@ pub struct Policy {
     pub fallback_after: Duration,
     /// The SMTP connections all replicas together may hold (`smtp.poolSize`).
     pub connection_budget: u32,
+    /// The most connections one replica uses (its concurrency, within the budget).
+    pub connections_per_replica: u32,
 }
 
 /// What the scaler saw at one tick.
@@ -152,13 +156,14 @@ pub struct History {
     last_read: Option<Duration>,
 }
 
-/// SMTP connections each of `replicas` may hold so that together they stay within
-/// `budget` and few replicas can still use all of it (at least one each).
-pub fn connections_per_replica(budget: u32, replicas: u32) -> u32 {
-    (budget / replicas.max(1)).max(1)
-}
-
 impl Policy {
+    /// Replicas that together can use the whole SMTP connection budget: beyond them a
+    /// replica only waits for connections the others hold.
+    pub fn replicas_worth_running(&self) -> u32 {
+        let budget = self.connection_budget.max(1);
+        budget.div_ceil(self.connections_per_replica.clamp(1, budget))
+    }
+
     fn raw(&self, work: u64, rate: Option<f64>) -> (u32, Reason) {
         let (by_target, reason) = match &self.target {
             Target::PerReplica(per) => (work.div_ceil((*per).max(1)), Reason::Target),
@@ -194,8 +199,8 @@ impl Policy {
         if out.0 > self.max_replicas {
             out = (self.max_replicas, Reason::MaxReplicas);
         }
-        if out.0 > self.connection_budget.max(1) {
-            out = (self.connection_budget.max(1), Reason::ConnectionBudget);
+        if out.0 > self.replicas_worth_running() {
+            out = (self.replicas_worth_running(), Reason::ConnectionBudget);
         }
         if let Some(p) = partitions.filter(|p| out.0 > *p) {
             out = (p, Reason::Partitions);
@@ -323,6 +328,7 @@ mod tests {
             fallback_replicas: None,
             fallback_after: Duration::from_secs(30),
             connection_budget: 20,
+            connections_per_replica: 1,
         }
     }
 
@@ -404,6 +410,7 @@ mod tests {
         assert_eq!(decide(&p, seen(0, 0, 5)).reason, Reason::MinReplicas);
         let budget = Policy {
             connection_budget: 4,
+            connections_per_replica: 1,
             ..policy()
         };
         let d = decide(&budget, seen(0, 5_000, 1));
@@ -415,14 +422,27 @@ mod tests {
     }
 
     #[test]
-    fn connections_are_shared_so_few_replicas_use_the_whole_budget() {
-        assert_eq!(connections_per_replica(20, 1), 20);
-        assert_eq!(connections_per_replica(20, 3), 6);
-        assert_eq!(connections_per_replica(20, 20), 1);
-        assert_eq!(connections_per_replica(20, 0), 20);
-        for replicas in 1..=20 {
-            assert!(connections_per_replica(20, replicas) * replicas <= 20);
-        }
+    fn replicas_beyond_what_uses_the_whole_connection_budget_are_not_worth_running() {
+        let worth = |budget, per_replica| {
+            Policy {
+                connection_budget: budget,
+                connections_per_replica: per_replica,
+                ..policy()
+            }
+            .replicas_worth_running()
+        };
+        assert_eq!(worth(20, 16), 2, "16 + 4");
+        assert_eq!(worth(20, 4), 5);
+        assert_eq!(worth(64, 4), 16);
+        assert_eq!(worth(4, 16), 1, "one replica uses it all");
+        assert_eq!(worth(20, 0), 20);
+        let p = Policy {
+            connection_budget: 20,
+            connections_per_replica: 8,
+            ..policy()
+        };
+        let d = decide(&p, seen(0, 5_000, 1));
+        assert_eq!((d.replicas, d.reason), (3, Reason::ConnectionBudget));
     }
 
     #[test]

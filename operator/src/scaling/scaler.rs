@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::actuator::{Actuator, DeploymentScale, Workload};
 use super::observe::{Brokers, QueueBacklog, Reading};
-use super::policy::{Decision, History, Observation, Policy, Target};
+use super::policy::{Decision, History, Observation, Policy, Reason, Target};
 use super::rate::{self, RateMeter, SAMPLE_INTERVAL};
 use crate::crd::EmailPipeline;
 use crate::reconcile::{publish_for, Context};
@@ -82,7 +82,7 @@ impl BrokerUrls {
 }
 
 /// The rules of a validated pipeline (the drain objective applies once a rate is measured).
-pub fn policy_of(valid: &ValidatedPipeline, connection_budget: u32) -> Policy {
+pub fn policy_of(valid: &ValidatedPipeline) -> Policy {
     let scaling = &valid.scaling;
     Policy {
         min_replicas: scaling.min_replicas,
@@ -99,7 +99,8 @@ pub fn policy_of(valid: &ValidatedPipeline, connection_budget: u32) -> Policy {
         max_step: scaling.max_step,
         fallback_replicas: scaling.fallback_replicas,
         fallback_after: FALLBACK_AFTER,
-        connection_budget,
+        connection_budget: valid.smtp_pool_size,
+        connections_per_replica: valid.worker.concurrency.min(valid.smtp_pool_size),
     }
 }
 
@@ -340,7 +341,7 @@ async fn tick(
         },
         partitions: reading.as_ref().and_then(Reading::partitions),
     };
-    let policy = policy_of(valid, valid.smtp_pool_size);
+    let policy = policy_of(valid);
     let decision = policy.decide(&observation, &mut tracked.history);
     let scaled = decision.replicas != current.desired;
     if scaled {
@@ -406,7 +407,7 @@ async fn tick(
         rate: rate_text.clone(),
         eta: eta_seconds,
         reason: decision.reason.as_str(),
-        message: scaling_message(&decision, &observation),
+        message: scaling_message(&decision, &observation, &policy),
         readable: observation.work.is_some(),
         generation: pipeline.metadata.generation,
     };
@@ -493,21 +494,26 @@ struct Shown {
 }
 
 /// The `Scaling` condition's message for a decision.
-fn scaling_message(decision: &Decision, observation: &Observation) -> String {
-    match observation.work {
-        Some(work) => {
-            let jobs = work.ready + work.in_flight;
-            match decision.time_to_drain {
-                Some(eta) => format!(
-                    "{} replicas for {jobs} jobs, about {}s to drain",
-                    decision.replicas,
-                    eta.as_secs()
-                ),
-                None => format!("{} replicas for {jobs} jobs", decision.replicas),
-            }
-        }
-        None => format!("the backlog cannot be read; {} replicas", decision.replicas),
+fn scaling_message(decision: &Decision, observation: &Observation, policy: &Policy) -> String {
+    let Some(work) = observation.work else {
+        return format!("the backlog cannot be read; {} replicas", decision.replicas);
+    };
+    let jobs = work.ready + work.in_flight;
+    let mut message = match decision.time_to_drain {
+        Some(eta) => format!(
+            "{} replicas for {jobs} jobs, about {}s to drain",
+            decision.replicas,
+            eta.as_secs()
+        ),
+        None => format!("{} replicas for {jobs} jobs", decision.replicas),
+    };
+    if decision.reason == Reason::ConnectionBudget {
+        message.push_str(&format!(
+            "; they use all {} SMTP connections of spec.smtp.poolSize ({} each at most, the concurrency): more would only wait for one",
+            policy.connection_budget, policy.connections_per_replica
+        ));
     }
+    message
 }
 
 /// The `Scaling` condition: True with the decision's reason while the backlog can be read,
@@ -596,7 +602,7 @@ mod tests {
         let v = valid(serde_json::json!({"minReplicas": 0, "maxReplicas": 4,
             "targetBacklogPerReplica": 10, "activationBacklog": 3, "maxStep": 2,
             "fallbackReplicas": 1, "scaleDownStabilization": "30s"}));
-        let p = policy_of(&v, 20);
+        let p = policy_of(&v);
         assert_eq!(
             (p.min_replicas, p.max_replicas, p.activation_backlog),
             (0, 4, 3)
@@ -604,11 +610,11 @@ mod tests {
         assert_eq!(p.target, Target::PerReplica(10));
         assert_eq!((p.max_step, p.fallback_replicas), (Some(2), Some(1)));
         assert_eq!(p.scale_down_stabilization, Duration::from_secs(30));
-        assert_eq!(p.connection_budget, 20);
+        assert_eq!((p.connection_budget, p.connections_per_replica), (20, 16));
         let table = valid(serde_json::json!({"thresholds": [
             {"backlog": 0, "replicas": 1}, {"backlog": 1000, "replicas": 5}]}));
         assert_eq!(
-            policy_of(&table, 20).target,
+            policy_of(&table).target,
             Target::Thresholds(vec![(0, 1), (1000, 5)])
         );
     }

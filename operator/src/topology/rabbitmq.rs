@@ -1,11 +1,22 @@
 //! RabbitMQ: the contract's topology plan (exchange, work queue, per-delay retry queues,
 //! dead-letter exchange and queue; quorum queues with at-least-once dead-lettering) declared
 //! over AMQP with the same code the worker uses, so the two never disagree on arguments.
+//!
+//! Beside the plan, the SMTP connection budget: a classic queue `<queue>.smtp-budget`
+//! holding one token per connection of `spec.smtp.poolSize`, which the workers hold while
+//! they may use a connection (see the worker's `mailer/budget.rs`). Its `x-max-length` is
+//! the budget, so a changed `poolSize` is seen as a refused redeclaration: the queue is then
+//! replaced (the workers' consumers are cancelled and they take the new tokens). Tokens are
+//! topped up only while no worker consumes (none can hold one then): a first fill, a fill
+//! cut short, or tokens lost. Classic, because the workers change their prefetch under a
+//! running consumer (per-channel QoS), which quorum queues do not support.
 
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::tcp::OwnedTLSConfig;
-use lapin::{Channel, Connection, ConnectionProperties};
-use mailpipe_contract::amqp;
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use mailpipe_contract::topology::{RabbitSettings, TopologyPlan};
+use mailpipe_contract::{amqp, naming};
 
 use super::{Backlog, BrokerTopology, Census, TopologyError};
 
@@ -16,6 +27,8 @@ pub struct RabbitTopology {
     settings: RabbitSettings,
     plan: TopologyPlan,
     management: Option<super::management::Management>,
+    /// Tokens of the SMTP connection budget (`spec.smtp.poolSize`), when the workers share one.
+    smtp_budget: Option<u32>,
 }
 
 impl std::fmt::Debug for RabbitTopology {
@@ -75,7 +88,68 @@ impl RabbitTopology {
             settings,
             plan,
             management: None,
+            smtp_budget: None,
         }
+    }
+
+    /// Keeps the SMTP connection budget's token queue with `total` tokens.
+    pub fn with_smtp_budget(mut self, total: u32) -> RabbitTopology {
+        self.smtp_budget = Some(total);
+        self
+    }
+
+    /// Declares the budget's token queue (replacing it when the budget changed) and fills it
+    /// when no worker consumes it.
+    async fn ensure_budget(
+        &self,
+        connection: &Connection,
+        total: u32,
+    ) -> Result<(), TopologyError> {
+        let queue = naming::smtp_budget_queue(&self.settings.queue);
+        let channel = Self::channel(connection).await?;
+        let (ready, consumers) = match declare_budget(&channel, &queue, total).await {
+            Ok(counts) => counts,
+            Err(error) => match classify(error) {
+                TopologyError::Conflict(_) => {
+                    // Another budget: the refusal closed the channel.
+                    let channel = Self::channel(connection).await?;
+                    amqp::delete_queue(&channel, &queue)
+                        .await
+                        .map_err(classify)?;
+                    declare_budget(&channel, &queue, total)
+                        .await
+                        .map_err(classify)?
+                }
+                other => return Err(other),
+            },
+        };
+        if consumers > 0 || ready >= total {
+            return Ok(());
+        }
+        let publisher = Self::channel(connection).await?;
+        publisher
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(classify)?;
+        for _ in ready..total {
+            let confirm = publisher
+                .basic_publish(
+                    "".into(),
+                    queue.as_str().into(),
+                    BasicPublishOptions::default(),
+                    b"smtp-connection",
+                    BasicProperties::default().with_delivery_mode(2),
+                )
+                .await
+                .map_err(classify)?;
+            if !confirm.await.map_err(classify)?.is_ack() {
+                return Err(TopologyError::Unreachable(format!(
+                    "the broker refused a token of {queue}"
+                )));
+            }
+        }
+        let _ = publisher.close(200, "budget filled".into()).await;
+        Ok(())
     }
 
     /// Creates the connection URL's virtual host through the management API at `base`
@@ -126,12 +200,19 @@ impl BrokerTopology for RabbitTopology {
             management.ensure_vhost(&self.url).await?;
         }
         let connection = self.connect().await?;
-        let channel = Self::channel(&connection).await?;
-        let declared = amqp::declare(&channel, &self.plan, false)
-            .await
-            .map_err(classify);
+        let ensured = async {
+            let channel = Self::channel(&connection).await?;
+            amqp::declare(&channel, &self.plan, false)
+                .await
+                .map_err(classify)?;
+            match self.smtp_budget {
+                Some(total) => self.ensure_budget(&connection, total).await,
+                None => Ok(()),
+            }
+        }
+        .await;
         let _ = connection.close(200, "topology ensured".into()).await;
-        declared
+        ensured
     }
 
     async fn backlog(&self) -> Result<Backlog, TopologyError> {
@@ -261,6 +342,15 @@ impl BrokerTopology for RabbitTopology {
                     Err(other) => return Err(other),
                 }
             }
+            // The budget's tokens are no jobs: the queue goes whatever it holds.
+            let channel = Self::channel(&connection).await?;
+            match amqp::delete_queue(&channel, &naming::smtp_budget_queue(work))
+                .await
+                .map_err(classify)
+            {
+                Ok(()) | Err(TopologyError::Missing(_)) => {}
+                Err(other) => return Err(other),
+            }
             for exchange in &self.plan.exchanges {
                 let channel = Self::channel(&connection).await?;
                 // Only when nothing else is bound to it: another team's queue may be.
@@ -278,4 +368,27 @@ impl BrokerTopology for RabbitTopology {
         let _ = connection.close(200, "topology deleted".into()).await;
         result
     }
+}
+
+/// Declares the budget's token queue: classic, durable, at most `total` tokens; returns its
+/// ready tokens and consumers. A queue declared with another budget refuses it (406).
+async fn declare_budget(
+    channel: &Channel,
+    queue: &str,
+    total: u32,
+) -> Result<(u32, u32), lapin::Error> {
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), amqp::long("classic"));
+    args.insert("x-max-length".into(), AMQPValue::LongLongInt(total.into()));
+    let declared = channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            args,
+        )
+        .await?;
+    Ok((declared.message_count(), declared.consumer_count()))
 }

@@ -5,7 +5,9 @@
 //! ([`smtp`]), the log transport ([`log`]), and later a pipelining transport (RFC 2920) that
 //! needs exactly the same two things.
 
+pub mod budget;
 pub mod log;
+pub mod pool;
 pub mod smtp;
 pub mod tls;
 pub mod transaction;

@@ -1,7 +1,7 @@
 //! SMTP delivery: lettre speaks the protocol, this module owns the connections.
 //!
-//! A pool of at most `pool_size` connections (providers limit connections per account) is
-//! reused across sends. The pool opens each TCP connection itself with `TCP_NODELAY` and
+//! A pool of at most `pool_size` connections (providers limit connections per account), or
+//! of this worker's share of the pipeline's budget (`budget.rs`), is reused across sends. The pool opens each TCP connection itself with `TCP_NODELAY` and
 //! hands it to lettre's `AsyncSmtpConnection`: lettre writes a message body and its final
 //! `.` in two writes, and with Nagle's algorithm on, the second one waits for the server's
 //! delayed ACK (about 40 ms on Linux), which capped a 16-connection lettre transport at about
@@ -22,7 +22,7 @@
 //! the transaction sent again at once; after the message was handed over it never is.
 //! lettre's errors are mapped to a classified [`SendError`] here and in `transaction.rs`.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lettre::transport::smtp::authentication::{Credentials, Mechanism};
@@ -31,8 +31,8 @@ use lettre::transport::smtp::client::{
 };
 use lettre::transport::smtp::extension::ClientId;
 use tokio::net::TcpStream;
-use tokio::sync::Semaphore;
 
+use super::pool::{Counted, Pool, Slot};
 use super::tls::ImplicitTls;
 use super::transaction::{self, reply_code, Timeouts};
 use super::{Delivered, Mailer, Outgoing, SendError};
@@ -54,10 +54,12 @@ pub struct SmtpMailer {
     credentials: Option<Credentials>,
     hello: ClientId,
     timeouts: Timeouts,
-    idle: Mutex<Vec<(AsyncSmtpConnection, Instant)>>,
-    permits: Arc<Semaphore>,
+    pool: Arc<SmtpPool>,
     metrics: Metrics,
 }
+
+/// The pool of SMTP connections.
+pub type SmtpPool = Pool<AsyncSmtpConnection>;
 
 /// The SMTP transport cannot be built from the configuration.
 #[derive(Debug, thiserror::Error)]
@@ -77,7 +79,8 @@ pub enum BuildError {
 }
 
 impl SmtpMailer {
-    /// Prepares the pool; connections open on the first send or probe.
+    /// Prepares the pool; connections open on the first send or probe. With a shared
+    /// budget the pool starts with no slot: they come with the budget's tokens.
     pub fn new(config: &SmtpConfig, metrics: Metrics) -> Result<SmtpMailer, BuildError> {
         let (tls_parameters, implicit_tls) = match config.tls {
             TlsMode::None => (None, None),
@@ -88,16 +91,14 @@ impl SmtpMailer {
             .credentials
             .as_ref()
             .map(|(user, password)| Credentials::new(user.clone(), password.expose().to_string()));
-        for state in ["busy", "idle"] {
-            metrics
-                .smtp_pool_connections
-                .with_label_values(&[state])
-                .set(0);
-        }
         metrics
             .smtp_pool_connections
-            .with_label_values(&["max"])
-            .set(config.pool_size.into());
+            .with_label_values(&["busy"])
+            .set(0);
+        let slots = match config.budget_queue {
+            Some(_) => 0,
+            None => config.pool_size as usize,
+        };
         Ok(SmtpMailer {
             host: config.host.clone(),
             port: config.port,
@@ -106,10 +107,14 @@ impl SmtpMailer {
             credentials,
             hello: ClientId::default(),
             timeouts: Timeouts::new(config.timeout, config.data_timeout),
-            idle: Mutex::new(Vec::new()),
-            permits: Arc::new(Semaphore::new(config.pool_size as usize)),
+            pool: Arc::new(Pool::new(slots, metrics.clone())),
             metrics,
         })
+    }
+
+    /// The pool, for the budget to grant and withdraw slots.
+    pub fn pool(&self) -> Arc<SmtpPool> {
+        self.pool.clone()
     }
 
     /// Opens, secures and authenticates a new connection. Every failure here means the
@@ -180,20 +185,15 @@ impl SmtpMailer {
 
     /// An idle connection that still answers, or a new one (always new with `fresh`);
     /// `true` when it was reused.
-    async fn checkout(&self, fresh: bool) -> Result<(AsyncSmtpConnection, bool), SendError> {
+    async fn checkout(
+        &self,
+        fresh: bool,
+    ) -> Result<(Counted<AsyncSmtpConnection>, bool), SendError> {
         loop {
-            let candidate = if fresh {
-                None
-            } else {
-                self.idle.lock().expect("pool lock").pop()
-            };
+            let candidate = if fresh { None } else { self.pool.take_idle() };
             let Some((mut connection, since)) = candidate else {
-                return Ok((self.open().await?, false));
+                return Ok((self.pool.counted(self.open().await?), false));
             };
-            self.metrics
-                .smtp_pool_connections
-                .with_label_values(&["idle"])
-                .dec();
             let idle_for = since.elapsed();
             if idle_for > CLOSE_AFTER_IDLE {
                 connection.abort().await;
@@ -206,26 +206,9 @@ impl SmtpMailer {
         }
     }
 
-    fn checkin(&self, connection: AsyncSmtpConnection) {
-        if connection.has_broken() {
-            return;
-        }
-        self.idle
-            .lock()
-            .expect("pool lock")
-            .push((connection, Instant::now()));
-        self.metrics
-            .smtp_pool_connections
-            .with_label_values(&["idle"])
-            .inc();
-    }
-
-    /// A place in the pool (at most `pool_size` connections in use at once).
-    async fn permit(&self) -> tokio::sync::SemaphorePermit<'_> {
-        self.permits
-            .acquire()
-            .await
-            .expect("the pool semaphore is never closed")
+    /// A slot in the pool (at most as many connections in use at once as slots).
+    async fn permit(&self) -> Slot<'_, AsyncSmtpConnection> {
+        self.pool.slot().await
     }
 
     async fn answers_noop(&self, connection: &mut AsyncSmtpConnection) -> bool {
@@ -234,23 +217,37 @@ impl SmtpMailer {
             .unwrap_or(false)
     }
 
-    /// One transaction on a pooled connection (a new one with `fresh`); the connection goes
-    /// back to the pool only when it succeeded. A failure says whether the connection was a
-    /// reused one.
-    async fn transact(
-        &self,
+    /// One transaction on a pooled connection (a new one with `fresh`), under `slot`: the
+    /// connection goes back to the pool with the slot only when it succeeded. A failure
+    /// gives the slot back for another try and says whether the connection was a reused
+    /// one.
+    async fn transact<'a>(
+        &'a self,
+        slot: Slot<'a, AsyncSmtpConnection>,
         message: &Outgoing,
         fresh: bool,
-    ) -> Result<Delivered, (SendError, bool)> {
-        let (mut connection, reused) = self.checkout(fresh).await.map_err(|e| (e, false))?;
+    ) -> Result<Delivered, (SendError, bool, Slot<'a, AsyncSmtpConnection>)> {
+        let (mut connection, reused) = match self.checkout(fresh).await {
+            Ok(checked_out) => checked_out,
+            Err(error) => return Err((error, false, slot)),
+        };
         match transaction::send(&mut connection, message, &self.timeouts).await {
             Ok(delivered) => {
-                self.checkin(connection);
+                checkin(slot, connection);
                 Ok(delivered)
             }
-            Err(error) => Err((error, reused)),
+            Err(error) => Err((error, reused, slot)),
         }
     }
+}
+
+/// Gives the slot back with its connection, which stays in the pool for reuse unless it
+/// broke. One step, so the pool never counts the connection both idle and busy.
+fn checkin(slot: Slot<'_, AsyncSmtpConnection>, connection: Counted<AsyncSmtpConnection>) {
+    if connection.has_broken() {
+        return;
+    }
+    slot.release_with(connection);
 }
 
 /// A failure of the TLS layer, named so that a person can act on it.
@@ -381,7 +378,7 @@ fn error_chain(error: &dyn std::error::Error) -> String {
 impl Mailer for SmtpMailer {
     async fn send(&self, message: &Outgoing) -> Result<Delivered, SendError> {
         let started = Instant::now();
-        let _permit = self.permit().await;
+        let slot = self.permit().await;
         let busy = self
             .metrics
             .smtp_pool_connections
@@ -392,17 +389,17 @@ impl Mailer for SmtpMailer {
         // shorter than ours): the server stored nothing, so the transaction goes once more
         // on a new connection at once. A reply, even an error, is final, and so is anything
         // after the message was handed over.
-        let result = match self.transact(message, false).await {
-            Err((error, true)) if error.is_server_trouble() && error.code.is_none() => {
+        let result = match self.transact(slot, message, false).await {
+            Err((error, true, slot)) if error.is_server_trouble() && error.code.is_none() => {
                 tracing::debug!(
                     reason = error.reason,
                     "a pooled SMTP connection failed before the message; using a new one"
                 );
-                self.transact(message, true).await
+                self.transact(slot, message, true).await
             }
             other => other,
         }
-        .map_err(|(error, _)| error);
+        .map_err(|(error, _, _)| error);
         busy.dec();
         if result
             .as_ref()
@@ -417,10 +414,10 @@ impl Mailer for SmtpMailer {
     }
 
     async fn probe(&self) -> Result<(), SendError> {
-        let _permit = self.permit().await;
+        let slot = self.permit().await;
         let (mut connection, _) = self.checkout(false).await?;
         if self.answers_noop(&mut connection).await {
-            self.checkin(connection);
+            checkin(slot, connection);
             Ok(())
         } else {
             Err(SendError::unavailable(

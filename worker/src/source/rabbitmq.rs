@@ -73,6 +73,32 @@ pub struct SetupError {
     source: std::io::Error,
 }
 
+/// The TLS settings of the broker connection (the CA file, when one is given, read once).
+pub(crate) fn broker_tls(config: &AmqpConfig) -> Result<OwnedTLSConfig, SetupError> {
+    let cert_chain = match &config.ca_file {
+        Some(path) => Some(std::fs::read_to_string(path).map_err(|source| SetupError {
+            path: path.display().to_string(),
+            source,
+        })?),
+        None => None,
+    };
+    Ok(OwnedTLSConfig {
+        identity: None,
+        cert_chain,
+    })
+}
+
+/// Opens a connection to the broker, listed by the broker as `name`.
+pub(crate) async fn open(
+    config: &AmqpConfig,
+    tls: &OwnedTLSConfig,
+    name: &str,
+) -> Result<Connection, lapin::Error> {
+    let properties = ConnectionProperties::default().with_connection_name(name.into());
+    let runtime = lapin::runtime::default_runtime()?;
+    Connection::connect_with_config(config.url.expose(), properties, tls.clone(), runtime).await
+}
+
 impl RabbitSource {
     /// Prepares the source; it connects on the first `next`.
     pub fn new(
@@ -81,20 +107,10 @@ impl RabbitSource {
         health: Arc<Health>,
         metrics: Metrics,
     ) -> Result<RabbitSource, SetupError> {
-        let cert_chain = match &config.ca_file {
-            Some(path) => Some(std::fs::read_to_string(path).map_err(|source| SetupError {
-                path: path.display().to_string(),
-                source,
-            })?),
-            None => None,
-        };
         Ok(RabbitSource {
+            tls: broker_tls(&config)?,
             config,
             plan,
-            tls: OwnedTLSConfig {
-                identity: None,
-                cert_chain,
-            },
             health,
             metrics,
             live: None,
@@ -105,16 +121,7 @@ impl RabbitSource {
     }
 
     async fn connect(&self) -> Result<Live, lapin::Error> {
-        let properties =
-            ConnectionProperties::default().with_connection_name("mailpipe-worker".into());
-        let runtime = lapin::runtime::default_runtime()?;
-        let connection = Connection::connect_with_config(
-            self.config.url.expose(),
-            properties,
-            self.tls.clone(),
-            runtime,
-        )
-        .await?;
+        let connection = open(&self.config, &self.tls, "mailpipe-worker").await?;
         let setup = connection.create_channel().await?;
         amqp::declare(
             &setup,
