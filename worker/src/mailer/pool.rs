@@ -216,7 +216,8 @@ impl<C> Pool<C> {
     }
 
     /// Slots now.
-    pub fn slots(&self) -> usize {
+    #[cfg(test)]
+    fn slots(&self) -> usize {
         self.lock().slots
     }
 
