@@ -60,12 +60,14 @@ async fn drain_within_clears_a_backlog_of_minutes_in_about_that_time() {
     .await;
     assert!(cluster.apply(ADMIN_SECRET).await.status.success());
     let names = Names::new("e2edrain");
-    // The target alone would keep one replica: the drain objective decides.
+    // The target alone would keep one replica: the drain objective decides. About 6
+    // replicas drain it in time; the maximum leaves room to catch up on a busy machine
+    // (workers slow to start, slower together than one alone).
     let pipeline = sending_pipeline(
         "drain",
         &names,
         smtp.port,
-        "    minReplicas: 1\n    maxReplicas: 8\n    targetBacklogPerReplica: 1000000\n    drainWithin: 30s\n    pollInterval: 1s\n    scaleDownStabilization: 5s\n",
+        "    minReplicas: 1\n    maxReplicas: 12\n    targetBacklogPerReplica: 1000000\n    drainWithin: 30s\n    pollInterval: 1s\n    scaleDownStabilization: 5s\n",
     );
     assert!(cluster.apply(&pipeline).await.status.success());
     wait_condition(&cluster, "drain", "TopologyReady", "True", "Declared").await;
@@ -131,8 +133,10 @@ async fn drain_within_clears_a_backlog_of_minutes_in_about_that_time() {
         .parse()
         .expect("a rate");
     println!("per-replica rate after the drain: {after}/s");
+    // A rate taken across the scale-up would show one replica's acks over six or more
+    // replicas (2-3 a second); replicas sharing a busy machine may honestly send less.
     assert!(
-        (12.0..=17.0).contains(&after),
+        (8.0..=17.0).contains(&after),
         "a scale-up does not corrupt the measured rate: {after}"
     );
     let peak = replicas_seen.iter().flatten().max().copied().unwrap_or(0);

@@ -955,7 +955,8 @@ async fn a_second_pipeline_naming_a_bound_fanout_exchange_is_refused() {
 }
 
 /// The scaler, a loop of its own beside the reconcile: a backlog raises the worker
-/// Deployment in one step to the count the target calls for, within two poll intervals;
+/// Deployment in one step to the count the target calls for, within two poll intervals of
+/// the pause annotation's removal (the jobs wait under it, so no look sees half of them);
 /// once the queue is empty the workers go back to the minimum (0) after the scale-down
 /// window. The scaler's status fields and the reconcile's stand side by side.
 #[tokio::test]
@@ -964,6 +965,8 @@ async fn a_backlog_scales_the_workers_up_in_one_step_and_an_empty_queue_back_to_
     let names = Names::new("e2escale");
     // Workers that never run: the backlog stays until the test takes it.
     // 64 connections: 4 replicas of 16 concurrent jobs use them all.
+    // The jobs are published while the pause annotation holds the workers at 0: a scaler
+    // look in the middle of the publishing would rightly see a part of the backlog.
     let pipeline = manifest("scale", &names, smtp.port, "Retain")
         .replace(IDLE.0, IDLE.1)
         .replace("    tls: none\n", "    tls: none\n    poolSize: 64\n")
@@ -971,6 +974,11 @@ async fn a_backlog_scales_the_workers_up_in_one_step_and_an_empty_queue_back_to_
         .replace(
             "maxReplicas: 5",
             "maxReplicas: 4\n    targetBacklogPerReplica: 10\n    pollInterval: 1s\n    scaleDownStabilization: 5s",
+        )
+        .replacen(
+            "  name: scale\n",
+            "  name: scale\n  annotations:\n    mailpipe.dev/paused-replicas: \"0\"\n",
+            1,
         );
     assert!(cluster.apply(&pipeline).await.status.success());
     wait_condition(&cluster, "scale", "TopologyReady", "True", "Declared").await;
@@ -981,7 +989,17 @@ async fn a_backlog_scales_the_workers_up_in_one_step_and_an_empty_queue_back_to_
     .await;
 
     amqp::publish_numbered(SHARED_URL, &names.exchange, "scale", 0..35).await;
-    let published = std::time::Instant::now();
+    eventually(
+        Cluster::SETTLE,
+        "the paused scaler sees the backlog",
+        || async { (status_field(&cluster, "scale", "backlog").await == "35").then_some(()) },
+    )
+    .await;
+    assert_eq!(replicas().await, Some(0), "the pause held");
+    cluster
+        .kubectl_ok(&["annotate", "emp", "scale", "mailpipe.dev/paused-replicas-"])
+        .await;
+    let unpaused = std::time::Instant::now();
     let seen = std::sync::Mutex::new(Vec::new());
     let reached = eventually(Duration::from_secs(10), "four workers", || async {
         let now = replicas().await;
@@ -993,8 +1011,8 @@ async fn a_backlog_scales_the_workers_up_in_one_step_and_an_empty_queue_back_to_
     })
     .await;
     let seen = seen.into_inner().unwrap();
-    let took = reached - published;
-    println!("35 jobs -> 4 workers in {took:?}, counts seen {seen:?}");
+    let took = reached - unpaused;
+    println!("35 jobs, pause ended -> 4 workers in {took:?}, counts seen {seen:?}");
     assert!(
         took < Duration::from_secs(3),
         "within two 1 s polls: {took:?}"

@@ -6,10 +6,16 @@
 //! 2. **Unreadable backlog**: after `fallback_after` without a reading, `fallback_replicas`
 //!    (when set); until then, the current count is kept.
 //! 3. **Raw recommendation**: the larger of the target's (`ceil(work / per replica)`, or
-//!    the threshold table's row) and the drain objective's (`ceil(work / (rate *
-//!    drain_within))`, with the per-replica rate the pipeline has shown, when known).
-//!    "Work" is what a new replica could take now: ready plus in flight; retry copies
-//!    waiting out their delay are not work yet.
+//!    the threshold table's row) and the drain objective's (`ceil(work / (rate * time
+//!    left))`, with the per-replica rate the pipeline has shown, when known). The drain
+//!    objective keeps a deadline: `drain_within` from when jobs began to wait (or from when
+//!    the work last grew by more than a quarter over what the deadline was set for), so a drain that falls behind
+//!    (replicas slower together than the rate measured alone, slow to start) gets more
+//!    replicas as its deadline nears instead of aiming `drain_within` from every look; the
+//!    time left counts as at least a quarter of `drain_within`, so a late drain asks for
+//!    a bounded step, not for every replica allowed. The deadline is dropped once no job
+//!    waits. "Work" is what a new replica could take now: ready plus in flight; retry
+//!    copies waiting out their delay are not work yet.
 //! 4. **Activation** (scale from and to zero, as KEDA does): from 0, nothing starts while
 //!    the work is at most `activation_backlog`; a running pipeline goes to 0 (when
 //!    `min_replicas` is 0) only once there is no work at all.
@@ -154,9 +160,16 @@ pub struct History {
     recommendations: VecDeque<(Duration, u32)>,
     /// When the backlog was last read.
     last_read: Option<Duration>,
+    /// The drain under way: since when jobs have waited and the work then (the drain
+    /// objective's deadline is `drain_within` after it).
+    drain: Option<(Duration, u64)>,
 }
 
 impl Policy {
+    /// The least time left a drain is planned for, as a fraction of `drain_within`: past
+    /// its deadline a drain asks for what clears its work in a quarter of `drain_within`.
+    const LATE_DRAIN_FRACTION: u32 = 4;
+
     /// Replicas that together can use the whole SMTP connection budget: beyond them a
     /// replica only waits for connections the others hold.
     pub fn replicas_worth_running(&self) -> u32 {
@@ -164,7 +177,7 @@ impl Policy {
         budget.div_ceil(self.connections_per_replica.clamp(1, budget))
     }
 
-    fn raw(&self, work: u64, rate: Option<f64>) -> (u32, Reason) {
+    fn raw(&self, work: u64, rate: Option<f64>, left: Duration) -> (u32, Reason) {
         let (by_target, reason) = match &self.target {
             Target::PerReplica(per) => (work.div_ceil((*per).max(1)), Reason::Target),
             Target::Thresholds(rows) => {
@@ -177,8 +190,8 @@ impl Policy {
             }
         };
         let by_drain = match (self.drain_within, rate) {
-            (Some(within), Some(rate)) if rate > 0.0 && work > 0 => {
-                (work as f64 / (rate * within.as_secs_f64().max(0.001))).ceil() as u64
+            (Some(_), Some(rate)) if rate > 0.0 && work > 0 => {
+                (work as f64 / (rate * left.as_secs_f64().max(0.001))).ceil() as u64
             }
             _ => 0,
         };
@@ -242,12 +255,25 @@ impl Policy {
         };
         history.last_read = Some(seen.at);
         let total = work.total();
+        history.drain = match history.drain {
+            _ if work.ready == 0 => None,
+            // Jobs moving between ready and in flight (a prefetch, an in-flight figure a
+            // few seconds old) are not new work: only a quarter more moves the deadline.
+            Some((since, planned)) if total <= planned + planned / 4 => Some((since, planned)),
+            _ => Some((seen.at, total)),
+        };
+        let left = self.drain_within.map_or(Duration::ZERO, |within| {
+            let since = history.drain.map_or(seen.at, |(since, _)| since);
+            (since + within)
+                .saturating_sub(seen.at)
+                .max(within / Self::LATE_DRAIN_FRACTION)
+        });
         let (raw, reason) = if seen.current == 0 && total <= self.activation_backlog {
             (0, Reason::BelowActivation)
         } else if total == 0 {
             (0, Reason::Idle)
         } else {
-            let (n, reason) = self.raw(total, seen.rate_per_replica);
+            let (n, reason) = self.raw(total, seen.rate_per_replica, left);
             // Work that is there always gets a replica, however small against the target.
             (n.max(1), reason)
         };
@@ -498,8 +524,85 @@ mod tests {
             assert_eq!((secs, d.replicas), (secs, 6), "{d:?}");
         }
         // Past the drain time, what was recommended within it goes out of the window.
-        assert_eq!(p.decide(&at(31, 10, 6), &mut h).replicas, 5);
-        assert_eq!(p.decide(&at(61, 10, 5), &mut h).replicas, 1);
+        assert_eq!(p.decide(&at(31, 10, 6), &mut h).replicas, 6);
+        assert_eq!(p.decide(&at(51, 10, 6), &mut h).replicas, 1);
+    }
+
+    /// Ticks of a drain at 16 jobs a second per replica (as measured) while the replicas
+    /// really send `actual` each: the workers follow every decision a tick later.
+    fn drain_run(p: &Policy, backlog: u64, actual: f64, ticks: u64) -> (Vec<u32>, Option<u64>) {
+        let mut h = History::default();
+        let (mut current, mut left, mut counts, mut done) = (1u32, backlog as f64, vec![], None);
+        for t in 0..ticks {
+            let mut o = seen(t, left.ceil() as u64, current);
+            o.rate_per_replica = Some(16.0);
+            let d = p.decide(&o, &mut h);
+            if counts.last() != Some(&d.replicas) {
+                counts.push(d.replicas);
+            }
+            left = (left - actual * f64::from(current)).max(0.0);
+            if left == 0.0 && done.is_none() {
+                done = Some(t + 1);
+            }
+            current = d.replicas;
+        }
+        (counts, done)
+    }
+
+    #[test]
+    fn a_drain_that_falls_behind_gets_more_replicas_as_its_deadline_nears() {
+        let p = Policy {
+            drain_within: Some(Duration::from_secs(30)),
+            target: Target::PerReplica(1_000_000),
+            max_replicas: 20,
+            ..policy()
+        };
+        // On schedule the count barely moves: 6 replicas at 16 a second clear 2,880 jobs in
+        // 30 s (a seventh makes up for the first second at one).
+        let (counts, done) = drain_run(&p, 2_880, 16.0, 40);
+        assert_eq!(counts, vec![6, 7], "{done:?}");
+        assert!(done.is_some_and(|s| (26..=31).contains(&s)), "{done:?}");
+        // Replicas that together send only 11 a second each (measured 16 alone, and the
+        // rate never corrected here): asking "enough for 30 s from now" at every look would
+        // stay at 6 or 7 and take 40-odd seconds; the deadline adds replicas as it nears.
+        let (counts, done) = drain_run(&p, 2_880, 11.0, 60);
+        assert!(
+            counts.windows(2).take_while(|w| w[1] > w[0]).count() >= 3,
+            "{counts:?}"
+        );
+        assert!(
+            done.is_some_and(|s| s <= 35),
+            "done at {done:?}: {counts:?}"
+        );
+    }
+
+    #[test]
+    fn a_late_drain_asks_for_a_bounded_step_and_new_work_sets_a_new_deadline() {
+        let p = Policy {
+            drain_within: Some(Duration::from_secs(40)),
+            target: Target::PerReplica(1_000_000),
+            max_replicas: 100,
+            scale_down_stabilization: Duration::ZERO,
+            ..policy()
+        };
+        let mut h = History::default();
+        let at = |secs, ready, current| {
+            let mut o = seen(secs, ready, current);
+            o.rate_per_replica = Some(10.0);
+            o
+        };
+        assert_eq!(p.decide(&at(0, 800, 1), &mut h).replicas, 2);
+        // Long past the deadline with 800 still waiting: cleared in a quarter of 40 s.
+        assert_eq!(p.decide(&at(100, 800, 2), &mut h).replicas, 8);
+        // A few more jobs counted (a prefetch moving, an in-flight figure refreshed) are no
+        // new work: the deadline stays.
+        assert_eq!(p.decide(&at(101, 900, 8), &mut h).replicas, 9);
+        // Work beyond what the deadline was set for gets drain_within of its own.
+        assert_eq!(p.decide(&at(102, 4_000, 9), &mut h).replicas, 10);
+        assert_eq!(p.decide(&at(122, 2_000, 10), &mut h).replicas, 10);
+        // Nothing waiting ends the drain: the next backlog starts a deadline of its own.
+        p.decide(&at(130, 0, 10), &mut h);
+        assert_eq!(p.decide(&at(200, 800, 1), &mut h).replicas, 2);
     }
 
     #[test]
