@@ -6,5 +6,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/mailpipe/target}"
 bash scripts/test-servers.sh
-cargo build --release --locked -q -p mailpipe-operator -p mailpipe-bench
+cargo build --release --locked -q -p mailpipe-operator -p mailpipe-worker -p mailpipe-bench
 exec "$CARGO_TARGET_DIR/release/scaler-reaction" "$@"

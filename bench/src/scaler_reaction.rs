@@ -174,7 +174,24 @@ async fn main() -> anyhow::Result<()> {
     let window = Duration::from_secs(30);
     let start_usage = mailpipe_bench::procfs::usage(operator.proc.pid())?;
     let start = Instant::now();
+    // MAILPIPE_BENCH_PERF=FILE: a `perf record` of the operator over the window (call
+    // graphs; `perf report -i FILE` shows where its CPU goes).
+    let profile = std::env::var_os("MAILPIPE_BENCH_PERF").map(|file| {
+        std::process::Command::new("perf")
+            .args(["record", "-F", "499", "-g", "-p"])
+            .arg(operator.proc.pid().to_string())
+            .arg("-o")
+            .arg(file)
+            .args(["--", "sleep"])
+            .arg(window.as_secs().to_string())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+    });
     tokio::time::sleep(window).await;
+    if let Some(profile) = profile {
+        profile?.wait()?;
+    }
     let end = mailpipe_bench::procfs::usage(operator.proc.pid())?;
     let elapsed = start.elapsed().as_secs_f64();
     let looks = (sample(

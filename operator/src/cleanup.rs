@@ -127,7 +127,7 @@ pub async fn cleanup(
         )
         .await;
     }
-    let topology = match topology_of(&valid, &referenced) {
+    let topology = match topology_of(&valid, &referenced, ctx) {
         Ok(topology) => topology,
         Err(error) => return waiting(error.category(), error.to_string(), stopped_at).await,
     };

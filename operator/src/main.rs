@@ -196,6 +196,7 @@ async fn serve(run: Run) -> anyhow::Result<()> {
         pipelines: Default::default(),
         deployments: Default::default(),
         broker_urls: Default::default(),
+        connections: Default::default(),
     });
     let work = stop.child_token();
     let namespaces: Vec<Option<String>> = if run.namespaces.is_empty() {

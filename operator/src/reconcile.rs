@@ -24,7 +24,7 @@ use crate::keep::{Keeper, Kept};
 use crate::metrics::Metrics;
 use crate::scaling::scaler::{BrokerAccess, BrokerUrls};
 use crate::status::{self, set_conditions, ConditionUpdate};
-use crate::topology::rabbitmq::RabbitTopology;
+use crate::topology::rabbitmq::{Connections, RabbitTopology};
 use crate::topology::{BrokerTopology, TopologyError};
 use crate::validate::{validate, ValidatedPipeline, ValidatedSource};
 use crate::MANAGER;
@@ -59,6 +59,8 @@ pub struct Context {
     pub deployments: Arc<Caches<Deployment>>,
     /// Each pipeline's broker, for the scaler.
     pub broker_urls: BrokerUrls,
+    /// The reconciles' broker connections, one per broker.
+    pub connections: Arc<Connections>,
 }
 
 /// The controllers' caches of pipelines.
@@ -385,6 +387,7 @@ async fn topology_failed(
 pub(crate) fn topology_of(
     valid: &ValidatedPipeline,
     referenced: &Referenced,
+    ctx: &Context,
 ) -> Result<Option<RabbitTopology>, TopologyError> {
     match &valid.source {
         ValidatedSource::Rabbit { settings, plan, .. } => {
@@ -394,7 +397,8 @@ pub(crate) fn topology_of(
                 settings.clone(),
                 plan.clone(),
             )
-            .with_smtp_budget(valid.smtp_pool_size);
+            .with_smtp_budget(valid.smtp_pool_size)
+            .sharing(ctx.connections.clone());
             Ok(Some(match &referenced.management_url {
                 Some(base) => topology.with_management(base)?,
                 None => topology,
@@ -448,7 +452,7 @@ async fn apply(
     };
 
     // ensure topology (broker required).
-    let topology = match topology_of(&valid, &referenced) {
+    let topology = match topology_of(&valid, &referenced, ctx) {
         Ok(Some(topology)) => topology,
         Ok(None) => {
             let message =

@@ -1,24 +1,13 @@
 //! topology (broker client required): the `BrokerTopology` seam. The reconciler ensures a
-//! pipeline's exchanges, queues and bindings (or topics) exist, reads the backlog the scaler
-//! and the status need, and deletes the topology when the pipeline goes with
-//! `deletionPolicy: Delete`, only when nothing is left in it.
+//! pipeline's exchanges, queues and bindings (or topics) exist, and deletes the topology
+//! when the pipeline goes with `deletionPolicy: Delete`, only when a census found nothing
+//! left in it. The scaler reads backlogs itself (`scaling::observe`).
 //! Implementations: `rabbitmq` (here); Kafka comes with the Kafka issue.
 
 pub mod management;
 pub mod rabbitmq;
 
 use std::future::Future;
-
-/// What a pipeline's broker holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Backlog {
-    /// Jobs waiting in the work queue (or the consumer group's lag).
-    pub ready: u64,
-    /// Consumers attached now.
-    pub consumers: u32,
-    /// Jobs in the dead-letter queue, when there is one.
-    pub dead_letter: Option<u64>,
-}
 
 /// Every queue of a topology with what it holds, for a deletion to decide on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,8 +84,6 @@ impl TopologyError {
 pub trait BrokerTopology {
     /// Declares what is missing; what exists with the same arguments is left alone.
     fn ensure(&self) -> impl Future<Output = Result<(), TopologyError>> + Send;
-    /// The backlog now.
-    fn backlog(&self) -> impl Future<Output = Result<Backlog, TopologyError>> + Send;
     /// Every queue with its ready jobs, and the work queue's consumers.
     fn census(&self) -> impl Future<Output = Result<Census, TopologyError>> + Send;
     /// Removes a binding of the work queue the spec no longer asks for (its exchange or

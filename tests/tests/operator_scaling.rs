@@ -130,6 +130,65 @@ async fn the_reader_counts_work_apart_from_delayed_and_dead_jobs_over_one_connec
     }
 }
 
+/// The scaler reads every due pipeline at once: the readings share the one connection,
+/// each on a channel of its own, and keep a bounded set of channels open between looks.
+#[tokio::test]
+async fn readings_at_once_share_the_connection_on_a_bounded_set_of_channels() {
+    let name = mailpipe_tests::unique("scaler-many");
+    let brokers = Brokers::named(&name);
+    let names: Vec<Names> = (0..4).map(|_| Names::new("scalemany")).collect();
+    let mut pipelines = Vec::new();
+    for (i, n) in names.iter().enumerate() {
+        let settings = declared(SHARED_URL, n).await;
+        amqp::publish_numbered(SHARED_URL, &n.exchange, "many", 0..i + 1).await;
+        let plan = settings.plan(&RetryPolicy::default());
+        pipelines.push((settings, plan));
+    }
+    for _ in 0..3 {
+        let reads = futures::future::join_all((0..100).map(|k| {
+            let (settings, plan) = &pipelines[k % 4];
+            brokers.read_work_queue(SHARED_URL, None, settings, plan)
+        }))
+        .await;
+        for (k, read) in reads.into_iter().enumerate() {
+            assert_eq!(read.expect("a reading").ready, (k % 4 + 1) as u64);
+        }
+    }
+    assert_eq!(brokers.opened(), 1, "one connection for every reading");
+    // Channels beyond those kept idle are closed as their readings end.
+    let channels = || {
+        let listing = amqp::rabbitmqctl(
+            None,
+            &[
+                "-q",
+                "list_connections",
+                "channels",
+                "client_properties",
+                "--no-table-headers",
+            ],
+        )
+        .expect("rabbitmqctl");
+        listing
+            .lines()
+            .filter(|l| l.contains(&name))
+            .filter_map(|l| l.split_whitespace().next()?.parse::<u32>().ok())
+            .collect::<Vec<_>>()
+    };
+    let kept = eventually(
+        Duration::from_secs(10),
+        "at most 32 channels kept",
+        || async {
+            let open = channels();
+            (open.len() == 1 && (1..=32).contains(&open[0])).then_some(open[0])
+        },
+    )
+    .await;
+    println!("{kept} channels kept between looks");
+    for (_, plan) in &pipelines {
+        amqp::delete_plan(SHARED_URL, plan).await;
+    }
+}
+
 #[tokio::test]
 async fn private_broker_restart_costs_the_reader_one_reconnect_with_backoff() {
     let node = tokio::task::spawn_blocking(|| RabbitNode::start(None))

@@ -4,7 +4,7 @@
 use mailpipe_contract::topology::{QueueType, RabbitSettings};
 use mailpipe_contract::RetryPolicy;
 use mailpipe_operator::topology::rabbitmq::RabbitTopology;
-use mailpipe_operator::topology::{Backlog, BrokerTopology, TopologyError};
+use mailpipe_operator::topology::{BrokerTopology, TopologyError};
 use mailpipe_tests::amqp::{self, Names, SHARED_URL};
 
 fn topology(names: &Names, queue_type: QueueType) -> (RabbitTopology, RabbitSettings) {
@@ -51,17 +51,14 @@ async fn topology_is_ensured_measured_and_deleted_only_when_empty() {
     }
 
     amqp::publish_numbered(SHARED_URL, &names.exchange, "optopo", 0..7).await;
-    assert_eq!(
-        topology.backlog().await.unwrap(),
-        Backlog {
-            ready: 7,
-            consumers: 0,
-            dead_letter: Some(0)
-        }
-    );
-
     // The census names the queue that still holds jobs; nothing is deleted.
     let census = topology.census().await.unwrap();
+    let dead_letter = mailpipe_contract::naming::dead_letter_queue(&names.queue);
+    assert!(
+        census.queues.contains(&(names.queue.clone(), 7))
+            && census.queues.contains(&(dead_letter, 0)),
+        "{census:?}"
+    );
     assert_eq!(census.first_non_empty(), Some((names.queue.as_str(), 7)));
     assert_eq!(census.dead_letters(), None);
     assert_eq!(census.consumers, 0);
@@ -79,10 +76,11 @@ async fn topology_is_ensured_measured_and_deleted_only_when_empty() {
     assert_eq!(amqp::take_all(SHARED_URL, &names.queue).await.len(), 7);
     assert_eq!(topology.census().await.unwrap().first_non_empty(), None);
     topology.remove().await.unwrap();
-    match topology.backlog().await {
-        Err(TopologyError::Missing(what)) => assert!(what.contains(&names.queue), "{what}"),
-        other => panic!("the queue should be gone: {other:?}"),
-    }
+    assert_eq!(
+        topology.census().await.unwrap().queues,
+        vec![],
+        "every queue gone"
+    );
     assert_all_queues_gone(&settings).await;
 }
 
@@ -324,4 +322,103 @@ async fn the_smtp_budget_queue_holds_one_token_per_connection_and_follows_the_po
     bigger.remove().await.expect("removed");
     assert!(!amqp::queue_exists(SHARED_URL, &tokens).await);
     assert_all_queues_gone(&settings).await;
+}
+
+/// The reconciles' connections: pipelines on one broker share one connection; each
+/// operation closes the channels it opened (a refused declaration included), and a
+/// connection the broker closed is replaced by the next operation.
+#[tokio::test]
+async fn pipelines_on_one_broker_share_one_connection_and_leave_no_channel_open() {
+    use mailpipe_operator::topology::rabbitmq::Connections;
+    use std::sync::Arc;
+    let vhost = mailpipe_tests::unique("mpshare");
+    let url = format!("amqp://guest:guest@127.0.0.1:5672/{vhost}");
+    let management = "http://guest:guest@127.0.0.1:15672";
+    let connections = Arc::new(Connections::default());
+    let on_vhost = |names: &Names, queue_type| {
+        let settings = RabbitSettings {
+            exchange: names.exchange.clone(),
+            queue: names.queue.clone(),
+            queue_type,
+            ..RabbitSettings::default()
+        };
+        let plan = settings.plan(&RetryPolicy::default());
+        RabbitTopology::new(url.clone(), None, settings, plan)
+            .with_smtp_budget(4)
+            .with_management(management)
+            .unwrap()
+            .sharing(connections.clone())
+    };
+    let names: Vec<Names> = (0..3).map(|_| Names::new("opshare")).collect();
+    let topologies: Vec<RabbitTopology> = names
+        .iter()
+        .map(|n| on_vhost(n, QueueType::Classic))
+        .collect();
+    futures::future::try_join_all(topologies.iter().map(|t| t.ensure()))
+        .await
+        .expect("three pipelines declared at once");
+    for topology in &topologies {
+        let census = topology.census().await.unwrap();
+        assert_eq!((census.first_non_empty(), census.consumers), (None, 0));
+    }
+    // A refused declaration closes its channel, not the connection the others use.
+    let error = on_vhost(&names[0], QueueType::Quorum)
+        .ensure()
+        .await
+        .unwrap_err();
+    assert!(matches!(error, TopologyError::Conflict(_)), "{error:?}");
+    topologies[1]
+        .ensure()
+        .await
+        .expect("the connection lives on");
+    assert_eq!(
+        connections.opened(),
+        1,
+        "one connection for every operation"
+    );
+
+    // What the broker lists in the vhost: one connection, no channel left open.
+    let listed = || {
+        amqp::rabbitmqctl(
+            None,
+            &[
+                "-q",
+                "list_connections",
+                "vhost",
+                "pid",
+                "channels",
+                "--no-table-headers",
+            ],
+        )
+        .expect("rabbitmqctl")
+        .lines()
+        .filter(|l| l.split_whitespace().next() == Some(vhost.as_str()))
+        .map(str::to_string)
+        .collect::<Vec<_>>()
+    };
+    let lines = listed();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let fields: Vec<&str> = lines[0].split_whitespace().collect();
+    assert_eq!(fields.get(2), Some(&"0"), "no channel open: {lines:?}");
+
+    // The broker closes it (a restart, an administrator): the next operation reconnects.
+    amqp::rabbitmqctl(None, &["close_connection", fields[1], "test"]).expect("closed");
+    mailpipe_tests::eventually(
+        std::time::Duration::from_secs(10),
+        "the next ensure on a new connection",
+        || async { topologies[2].ensure().await.ok() },
+    )
+    .await;
+    assert_eq!(connections.opened(), 2, "replaced once");
+
+    for topology in &topologies {
+        topology.remove().await.expect("removed");
+    }
+    let deleted = reqwest::Client::new()
+        .delete(format!("http://127.0.0.1:15672/api/vhosts/{vhost}"))
+        .basic_auth("guest", Some("guest"))
+        .send()
+        .await
+        .unwrap();
+    assert!(deleted.status().is_success());
 }

@@ -75,12 +75,19 @@ impl Reading {
     }
 }
 
-/// One broker's connection and the channel its readings go over, or when to try again.
+/// One broker's connection, the channels idle between readings, and when to try again.
 #[derive(Default)]
 struct Link {
-    connection: Option<Connection>,
-    /// Kept from reading to reading; a failed passive declare closes it (a new one follows).
-    channel: Option<Channel>,
+    /// The connection (held under this lock only to open or drop it; readings share it).
+    state: tokio::sync::Mutex<LinkState>,
+    /// Channels free for the next reading: readings run at once, each on a channel of its
+    /// own (a channel answers one declare at a time).
+    idle: Mutex<Vec<Channel>>,
+}
+
+#[derive(Default)]
+struct LinkState {
+    connection: Option<Arc<Connection>>,
     failures: u32,
     retry_at: Option<Instant>,
 }
@@ -88,12 +95,15 @@ struct Link {
 const FIRST_RETRY: Duration = Duration::from_millis(500);
 const LAST_RETRY: Duration = Duration::from_secs(30);
 
+/// The most channels kept idle per broker (readings beyond them open and close their own).
+const IDLE_CHANNELS: usize = 32;
+
 /// A broker: its URL (with credentials: never printed) and CA.
 type BrokerKey = (String, Option<String>);
 
 /// The scaler's broker connections, one per broker.
 pub struct Brokers {
-    links: Mutex<HashMap<BrokerKey, Arc<tokio::sync::Mutex<Link>>>>,
+    links: Mutex<HashMap<BrokerKey, Arc<Link>>>,
     opened: AtomicU64,
     /// The connection name the broker shows.
     name: String,
@@ -120,12 +130,6 @@ impl Brokers {
         self.opened.load(Ordering::Relaxed)
     }
 
-    async fn connect(&self, url: &str, ca: Option<&str>) -> Result<Connection, TopologyError> {
-        let connection = open(url, ca, &self.name).await?;
-        self.opened.fetch_add(1, Ordering::Relaxed);
-        Ok(connection)
-    }
-
     /// The queues of a RabbitMQ pipeline (`settings`, `plan`) on the broker at `url`.
     pub async fn read_queues(
         &self,
@@ -149,6 +153,59 @@ impl Brokers {
         self.read(url, ca, settings, plan, Reach::WorkQueue).await
     }
 
+    /// The live connection of `link`, opened (with backoff after failures) if needed.
+    async fn connection(
+        &self,
+        link: &Link,
+        url: &str,
+        ca: Option<&str>,
+    ) -> Result<Arc<Connection>, TopologyError> {
+        let mut state = link.state.lock().await;
+        if let Some(connection) = state.connection.as_ref().filter(|c| c.status().connected()) {
+            return Ok(connection.clone());
+        }
+        state.connection = None;
+        link.idle.lock().expect("idle channels lock").clear();
+        if let Some(at) = state.retry_at.filter(|at| *at > Instant::now()) {
+            return Err(TopologyError::Unreachable(format!(
+                "reconnecting in {:?}",
+                at - Instant::now()
+            )));
+        }
+        match open(url, ca, &self.name).await {
+            Ok(connection) => {
+                self.opened.fetch_add(1, Ordering::Relaxed);
+                let connection = Arc::new(connection);
+                state.connection = Some(connection.clone());
+                state.failures = 0;
+                state.retry_at = None;
+                Ok(connection)
+            }
+            Err(error) => {
+                let wait = FIRST_RETRY
+                    .saturating_mul(1 << state.failures.min(6))
+                    .min(LAST_RETRY);
+                state.failures += 1;
+                state.retry_at = Some(Instant::now() + wait);
+                Err(error)
+            }
+        }
+    }
+
+    /// Drops `connection` from `link` if it is still the link's (the next reading opens a
+    /// new one).
+    async fn lost(link: &Link, connection: &Arc<Connection>) {
+        let mut state = link.state.lock().await;
+        if state
+            .connection
+            .as_ref()
+            .is_some_and(|c| Arc::ptr_eq(c, connection))
+        {
+            state.connection = None;
+            link.idle.lock().expect("idle channels lock").clear();
+        }
+    }
+
     async fn read(
         &self,
         url: &str,
@@ -164,56 +221,39 @@ impl Brokers {
             .entry((url.to_string(), ca.map(str::to_string)))
             .or_default()
             .clone();
-        let mut link = link.lock().await;
-        if link
-            .connection
-            .as_ref()
-            .is_some_and(|c| !c.status().connected())
-        {
-            link.connection = None;
-            link.channel = None;
-        }
-        if link.connection.is_none() {
-            if let Some(at) = link.retry_at.filter(|at| *at > Instant::now()) {
-                return Err(TopologyError::Unreachable(format!(
-                    "reconnecting in {:?}",
-                    at - Instant::now()
-                )));
-            }
-            match self.connect(url, ca).await {
-                Ok(connection) => {
-                    link.connection = Some(connection);
-                    link.failures = 0;
-                    link.retry_at = None;
-                }
-                Err(error) => {
-                    let wait = FIRST_RETRY
-                        .saturating_mul(1 << link.failures.min(6))
-                        .min(LAST_RETRY);
-                    link.failures += 1;
-                    link.retry_at = Some(Instant::now() + wait);
-                    return Err(error);
-                }
-            }
-        }
-        let read =
-            tokio::time::timeout(READ_TIMEOUT, count(&mut link, settings, plan, reach)).await;
+        let connection = self.connection(&link, url, ca).await?;
+        let mut channel = link.idle.lock().expect("idle channels lock").pop();
+        let read = tokio::time::timeout(
+            READ_TIMEOUT,
+            count(&connection, &mut channel, settings, plan, reach),
+        )
+        .await;
+        let read = match read {
+            Ok(read) => read,
+            Err(_) => Err(TopologyError::Unreachable(format!(
+                "no answer within {READ_TIMEOUT:?}"
+            ))),
+        };
         match read {
-            Ok(Ok(backlog)) => Ok(backlog),
-            Ok(Err(TopologyError::Unreachable(why))) => {
-                // The connection is suspect: the next read opens a new one.
-                link.connection = None;
-                link.channel = None;
+            Ok(backlog) => {
+                if let Some(channel) = channel.filter(|c| c.status().connected()) {
+                    let mut idle = link.idle.lock().expect("idle channels lock");
+                    if idle.len() < IDLE_CHANNELS {
+                        idle.push(channel);
+                    } else {
+                        tokio::spawn(async move {
+                            let _ = channel.close(200, "enough idle channels".into()).await;
+                        });
+                    }
+                }
+                Ok(backlog)
+            }
+            Err(TopologyError::Unreachable(why)) => {
+                // The connection is suspect: the next reading opens a new one.
+                Self::lost(&link, &connection).await;
                 Err(TopologyError::Unreachable(why))
             }
-            Ok(Err(other)) => Err(other),
-            Err(_) => {
-                link.connection = None;
-                link.channel = None;
-                Err(TopologyError::Unreachable(format!(
-                    "no answer within {READ_TIMEOUT:?}"
-                )))
-            }
+            Err(other) => Err(other),
         }
     }
 }
@@ -228,8 +268,11 @@ enum Reach {
     WorkQueue,
 }
 
+/// Reads the queues `reach` covers over `channel` (opened on `connection` when there is
+/// none or a failed declare closed it; left `None` when the last declare failed).
 async fn count(
-    link: &mut Link,
+    connection: &Connection,
+    channel: &mut Option<Channel>,
     settings: &RabbitSettings,
     plan: &TopologyPlan,
     reach: Reach,
@@ -248,19 +291,14 @@ async fn count(
         .iter()
         .filter(|q| reach == Reach::AllQueues || q.name == settings.queue);
     for queue in queues {
-        let channel = match link.channel.as_ref().filter(|c| c.status().connected()) {
-            Some(channel) => channel.clone(),
-            None => {
-                let connection = link.connection.as_ref().expect("connected before counting");
-                let channel = connection.create_channel().await.map_err(classify)?;
-                link.channel = Some(channel.clone());
-                channel
-            }
+        let open = match channel.take().filter(|c| c.status().connected()) {
+            Some(open) => open,
+            None => connection.create_channel().await.map_err(classify)?,
         };
-        let depth = amqp::depth(&channel, &queue.name).await.map_err(classify);
-        if depth.is_err() {
-            // A failed passive declare closes the channel.
-            link.channel = None;
+        let depth = amqp::depth(&open, &queue.name).await.map_err(classify);
+        if depth.is_ok() {
+            // A failed passive declare closes the channel: only a good one is kept.
+            *channel = Some(open);
         }
         let (messages, consumers) = match depth {
             Ok(depth) => depth,

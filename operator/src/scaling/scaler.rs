@@ -17,9 +17,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::StreamExt;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::events::EventType;
 use kube::{Api, Resource, ResourceExt};
+use mailpipe_contract::topology::{RabbitSettings, TopologyPlan};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -171,6 +173,8 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
         let seen: std::collections::HashSet<String> =
             pipelines.iter().filter_map(|p| p.uid()).collect();
         tracked.retain(|uid, _| seen.contains(uid));
+        let now = Instant::now();
+        let mut due = Vec::new();
         for pipeline in pipelines {
             if pipeline.meta().deletion_timestamp.is_some() {
                 continue;
@@ -178,7 +182,6 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
             let (Some(uid), Some(namespace)) = (pipeline.uid(), pipeline.namespace()) else {
                 continue;
             };
-            let now = Instant::now();
             let entry = tracked.entry(uid.clone()).or_insert_with(|| Tracked {
                 history: History::default(),
                 next_at: now,
@@ -215,13 +218,45 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
             // On a fixed schedule (the loop wakes every 250 ms and must not add that to
             // each interval), but never owing looks after a stall.
             entry.next_at = (entry.next_at + valid.poll_interval).max(now);
-            let at = now - started;
+            due.push((pipeline, uid, valid));
+        }
+        // The backlogs of every pipeline due, read at once (each on a channel of its own:
+        // the broker answers them together, with far fewer wake-ups than one by one).
+        let reads: HashMap<String, Read> = {
+            let tracked = &tracked;
+            let brokers = &brokers;
+            futures::stream::iter(due.iter().filter_map(|(_, uid, valid)| {
+                let ValidatedSource::Rabbit { settings, plan, .. } = &valid.source else {
+                    return None;
+                };
+                // None: the reconcile has not read the pipeline's Secrets yet.
+                let access = ctx.broker_urls.get(uid)?;
+                let detail = tracked
+                    .get(uid)
+                    .and_then(|t| t.detail)
+                    .filter(|(read, _)| read.elapsed() < DETAIL_EVERY)
+                    .map(|(_, backlog)| backlog);
+                Some(async move {
+                    let read = read_backlog(brokers, &access, settings, plan, detail).await;
+                    (uid.clone(), read)
+                })
+            }))
+            .buffer_unordered(READS_AT_ONCE)
+            .collect()
+            .await
+        };
+        let mut reads = reads;
+        for (pipeline, uid, valid) in due {
+            let Some(entry) = tracked.get_mut(&uid) else {
+                continue;
+            };
             let links = Links {
-                brokers: &brokers,
                 managements: &mut managements,
                 actuator: &actuator,
             };
-            tick(&ctx, links, &pipeline, &valid, &uid, at, entry).await;
+            let read = reads.remove(&uid);
+            let at = now - started;
+            tick(&ctx, links, &pipeline, &valid, at, entry, read).await;
             ctx.metrics
                 .scale_decision_seconds
                 .with_label_values::<&str>(&[])
@@ -230,9 +265,47 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
     }
 }
 
+/// How many backlog readings one pass of the loop has under way at once.
+const READS_AT_ONCE: usize = 32;
+
+/// A pipeline's backlog as one pass read it.
+struct Read {
+    backlog: Result<QueueBacklog, TopologyError>,
+    /// Whether every queue was read (else the work queue, with `detail`'s other figures).
+    full: bool,
+}
+
+/// Reads a RabbitMQ pipeline's work queue, and its other queues when `detail` (their last
+/// reading) is not fresh.
+async fn read_backlog(
+    brokers: &Brokers,
+    access: &BrokerAccess,
+    settings: &RabbitSettings,
+    plan: &TopologyPlan,
+    detail: Option<QueueBacklog>,
+) -> Read {
+    let (url, ca) = (&access.url, access.ca.as_deref());
+    match detail {
+        Some(detail) => Read {
+            backlog: brokers
+                .read_work_queue(url, ca, settings, plan)
+                .await
+                .map(|work| QueueBacklog {
+                    delayed: detail.delayed,
+                    dead_letter: detail.dead_letter,
+                    ..work
+                }),
+            full: false,
+        },
+        None => Read {
+            backlog: brokers.read_queues(url, ca, settings, plan).await,
+            full: true,
+        },
+    }
+}
+
 /// What the scaler reaches the outside through.
 struct Links<'a> {
-    brokers: &'a Brokers,
     managements: &'a mut Managements,
     actuator: &'a DeploymentScale,
 }
@@ -242,18 +315,18 @@ async fn tick(
     links: Links<'_>,
     pipeline: &EmailPipeline,
     valid: &ValidatedPipeline,
-    uid: &str,
     at: Duration,
     tracked: &mut Tracked,
+    read: Option<Read>,
 ) {
     let (namespace, name) = (valid.namespace.as_str(), valid.name.as_str());
+    let uid = pipeline.uid().unwrap_or_default();
     let workload = Workload {
         namespace: namespace.to_string(),
         name: crate::build::worker_name(valid),
     };
     // No Deployment yet (or any more): nothing to scale.
     let Links {
-        brokers,
         managements,
         actuator,
     } = links;
@@ -266,32 +339,18 @@ async fn tick(
         }
     };
     let reading = match &valid.source {
-        ValidatedSource::Rabbit { settings, plan, .. } => {
-            let Some(access) = ctx.broker_urls.get(uid) else {
+        ValidatedSource::Rabbit { settings, .. } => {
+            let Some(access) = ctx.broker_urls.get(&uid) else {
                 // The reconcile has not read the pipeline's Secrets yet.
                 return;
             };
-            // The decision needs the work queue alone (one passive declare); the delay and
-            // dead-letter queues, for the status, are read every few seconds.
-            let detail = tracked
-                .detail
-                .filter(|(read, _)| read.elapsed() < DETAIL_EVERY)
-                .map(|(_, backlog)| backlog);
-            let read = match detail {
-                Some(detail) => brokers
-                    .read_work_queue(&access.url, access.ca.as_deref(), settings, plan)
-                    .await
-                    .map(|work| QueueBacklog {
-                        delayed: detail.delayed,
-                        dead_letter: detail.dead_letter,
-                        ..work
-                    }),
-                None => brokers
-                    .read_queues(&access.url, access.ca.as_deref(), settings, plan)
-                    .await
-                    .inspect(|full| tracked.detail = Some((Instant::now(), *full))),
+            let Some(Read { backlog, full }) = read else {
+                return;
             };
-            match read {
+            if let (Ok(backlog), true) = (&backlog, full) {
+                tracked.detail = Some((Instant::now(), *backlog));
+            }
+            match backlog {
                 Ok(backlog) => {
                     tracked.meter.observe(at, backlog.consumers, backlog.ready);
                     // Then the management API's figures: unacknowledged jobs and the ack

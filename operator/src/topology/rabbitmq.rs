@@ -11,6 +11,11 @@
 //! cut short, or tokens lost. Classic, because the workers change their prefetch under a
 //! running consumer (per-channel QoS), which quorum queues do not support.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::tcp::OwnedTLSConfig;
 use lapin::types::{AMQPValue, FieldTable};
@@ -18,7 +23,7 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use mailpipe_contract::topology::{RabbitSettings, TopologyPlan};
 use mailpipe_contract::{amqp, naming};
 
-use super::{Backlog, BrokerTopology, Census, TopologyError};
+use super::{BrokerTopology, Census, TopologyError};
 
 /// A pipeline's RabbitMQ topology, reached with the URL from its connection Secret.
 pub struct RabbitTopology {
@@ -29,6 +34,8 @@ pub struct RabbitTopology {
     management: Option<super::management::Management>,
     /// Tokens of the SMTP connection budget (`spec.smtp.poolSize`), when the workers share one.
     smtp_budget: Option<u32>,
+    /// The connections shared with other reconciles, when given (else one per operation).
+    connections: Option<Arc<Connections>>,
 }
 
 impl std::fmt::Debug for RabbitTopology {
@@ -89,7 +96,15 @@ impl RabbitTopology {
             plan,
             management: None,
             smtp_budget: None,
+            connections: None,
         }
+    }
+
+    /// Works over `connections`' connection to this broker (shared with the other
+    /// reconciles) instead of opening one per operation.
+    pub fn sharing(mut self, connections: Arc<Connections>) -> RabbitTopology {
+        self.connections = Some(connections);
+        self
     }
 
     /// Keeps the SMTP connection budget's token queue with `total` tokens.
@@ -100,19 +115,15 @@ impl RabbitTopology {
 
     /// Declares the budget's token queue (replacing it when the budget changed) and fills it
     /// when no worker consumes it.
-    async fn ensure_budget(
-        &self,
-        connection: &Connection,
-        total: u32,
-    ) -> Result<(), TopologyError> {
+    async fn ensure_budget(&self, session: &Session, total: u32) -> Result<(), TopologyError> {
         let queue = naming::smtp_budget_queue(&self.settings.queue);
-        let channel = Self::channel(connection).await?;
+        let channel = session.channel().await?;
         let (ready, consumers) = match declare_budget(&channel, &queue, total).await {
             Ok(counts) => counts,
             Err(error) => match classify(error) {
                 TopologyError::Conflict(_) => {
                     // Another budget: the refusal closed the channel.
-                    let channel = Self::channel(connection).await?;
+                    let channel = session.channel().await?;
                     amqp::delete_queue(&channel, &queue)
                         .await
                         .map_err(classify)?;
@@ -126,22 +137,29 @@ impl RabbitTopology {
         if consumers > 0 || ready >= total {
             return Ok(());
         }
-        let publisher = Self::channel(connection).await?;
+        let publisher = session.channel().await?;
         publisher
             .confirm_select(ConfirmSelectOptions::default())
             .await
             .map_err(classify)?;
+        // Every token published before any confirm is awaited: one round trip per fill,
+        // not one per token (200 pipelines of 160 tokens took most of a minute).
+        let mut confirms = Vec::with_capacity((total - ready) as usize);
         for _ in ready..total {
-            let confirm = publisher
-                .basic_publish(
-                    "".into(),
-                    queue.as_str().into(),
-                    BasicPublishOptions::default(),
-                    b"smtp-connection",
-                    BasicProperties::default().with_delivery_mode(2),
-                )
-                .await
-                .map_err(classify)?;
+            confirms.push(
+                publisher
+                    .basic_publish(
+                        "".into(),
+                        queue.as_str().into(),
+                        BasicPublishOptions::default(),
+                        b"smtp-connection",
+                        BasicProperties::default().with_delivery_mode(2),
+                    )
+                    .await
+                    .map_err(classify)?,
+            );
+        }
+        for confirm in confirms {
             if !confirm.await.map_err(classify)?.is_ack() {
                 return Err(TopologyError::Unreachable(format!(
                     "the broker refused a token of {queue}"
@@ -162,23 +180,27 @@ impl RabbitTopology {
         Ok(self)
     }
 
-    async fn connect(&self) -> Result<Connection, TopologyError> {
-        open(&self.url, self.ca.as_deref(), "mailpipe-operator").await
-    }
-
-    async fn channel(connection: &Connection) -> Result<Channel, TopologyError> {
-        connection.create_channel().await.map_err(classify)
+    async fn connect(&self) -> Result<Session, TopologyError> {
+        let (connection, shared) = match &self.connections {
+            Some(connections) => (connections.get(&self.url, self.ca.as_deref()).await?, true),
+            None => (
+                Arc::new(open(&self.url, self.ca.as_deref(), Connections::NAME).await?),
+                false,
+            ),
+        };
+        Ok(Session {
+            connection,
+            shared,
+            channels: std::sync::Mutex::default(),
+        })
     }
 
     /// Every queue of the plan with its depth. A failed passive declare closes the
     /// channel, so each queue gets a channel of its own.
-    async fn depths(
-        &self,
-        connection: &Connection,
-    ) -> Result<Vec<(String, u64, u32)>, TopologyError> {
+    async fn depths(&self, session: &Session) -> Result<Vec<(String, u64, u32)>, TopologyError> {
         let mut depths = Vec::new();
         for queue in &self.plan.queues {
-            let channel = Self::channel(connection).await?;
+            let channel = session.channel().await?;
             match amqp::depth(&channel, &queue.name).await {
                 Ok((messages, consumers)) => {
                     depths.push((queue.name.clone(), u64::from(messages), consumers))
@@ -199,52 +221,26 @@ impl BrokerTopology for RabbitTopology {
         if let Some(management) = &self.management {
             management.ensure_vhost(&self.url).await?;
         }
-        let connection = self.connect().await?;
+        let session = self.connect().await?;
         let ensured = async {
-            let channel = Self::channel(&connection).await?;
+            let channel = session.channel().await?;
             amqp::declare(&channel, &self.plan, false)
                 .await
                 .map_err(classify)?;
             match self.smtp_budget {
-                Some(total) => self.ensure_budget(&connection, total).await,
+                Some(total) => self.ensure_budget(&session, total).await,
                 None => Ok(()),
             }
         }
         .await;
-        let _ = connection.close(200, "topology ensured".into()).await;
+        session.end("topology ensured").await;
         ensured
     }
 
-    async fn backlog(&self) -> Result<Backlog, TopologyError> {
-        let connection = self.connect().await?;
-        let depths = self.depths(&connection).await;
-        let _ = connection.close(200, "measured".into()).await;
-        let depths = depths?;
-        let of = |name: &str| depths.iter().find(|(q, _, _)| q == name);
-        let (ready, consumers) = of(&self.settings.queue)
-            .map(|(_, messages, consumers)| (*messages, *consumers))
-            .ok_or_else(|| TopologyError::Missing(format!("queue {:?}", self.settings.queue)))?;
-        let dead_letter = self
-            .settings
-            .dead_letter
-            .then(|| {
-                of(&mailpipe_contract::naming::dead_letter_queue(
-                    &self.settings.queue,
-                ))
-                .map(|(_, m, _)| *m)
-            })
-            .flatten();
-        Ok(Backlog {
-            ready,
-            consumers,
-            dead_letter,
-        })
-    }
-
     async fn census(&self) -> Result<Census, TopologyError> {
-        let connection = self.connect().await?;
-        let depths = self.depths(&connection).await;
-        let _ = connection.close(200, "counted".into()).await;
+        let session = self.connect().await?;
+        let depths = self.depths(&session).await;
+        session.end("counted").await;
         let depths = depths?;
         let consumers = depths
             .iter()
@@ -266,21 +262,21 @@ impl BrokerTopology for RabbitTopology {
             queue: self.settings.queue.clone(),
             routing_key: routing_key.to_string(),
         };
-        let connection = self.connect().await?;
+        let session = self.connect().await?;
         let result = async {
-            let channel = Self::channel(&connection).await?;
+            let channel = session.channel().await?;
             match amqp::unbind(&channel, &binding).await.map_err(classify) {
                 Ok(()) | Err(TopologyError::Missing(_)) => Ok(()),
                 Err(other) => Err(other),
             }
         }
         .await;
-        let _ = connection.close(200, "binding retired".into()).await;
+        session.end("binding retired").await;
         result
     }
 
     async fn stop_intake(&self) -> Result<(), TopologyError> {
-        let connection = self.connect().await?;
+        let session = self.connect().await?;
         let result = async {
             for binding in self
                 .plan
@@ -288,7 +284,7 @@ impl BrokerTopology for RabbitTopology {
                 .iter()
                 .filter(|b| b.queue == self.settings.queue)
             {
-                let channel = Self::channel(&connection).await?;
+                let channel = session.channel().await?;
                 match amqp::unbind(&channel, binding).await.map_err(classify) {
                     Ok(()) | Err(TopologyError::Missing(_)) => {}
                     Err(other) => return Err(other),
@@ -297,12 +293,12 @@ impl BrokerTopology for RabbitTopology {
             Ok(())
         }
         .await;
-        let _ = connection.close(200, "intake stopped".into()).await;
+        session.end("intake stopped").await;
         result
     }
 
     async fn remove(&self) -> Result<(), TopologyError> {
-        let connection = self.connect().await?;
+        let session = self.connect().await?;
         let result = async {
             // Delay queues first (they dead-letter into the work queue), then the work queue
             // (it dead-letters into the dead-letter exchange), then the dead-letter queue.
@@ -325,7 +321,7 @@ impl BrokerTopology for RabbitTopology {
                     queue.args.get("x-queue-type"),
                     Some(mailpipe_contract::topology::ArgValue::Str(t)) if t == "quorum"
                 );
-                let channel = Self::channel(&connection).await?;
+                let channel = session.channel().await?;
                 let result = if quorum {
                     amqp::delete_queue(&channel, &queue.name).await
                 } else {
@@ -343,7 +339,7 @@ impl BrokerTopology for RabbitTopology {
                 }
             }
             // The budget's tokens are no jobs: the queue goes whatever it holds.
-            let channel = Self::channel(&connection).await?;
+            let channel = session.channel().await?;
             match amqp::delete_queue(&channel, &naming::smtp_budget_queue(work))
                 .await
                 .map_err(classify)
@@ -352,7 +348,7 @@ impl BrokerTopology for RabbitTopology {
                 Err(other) => return Err(other),
             }
             for exchange in &self.plan.exchanges {
-                let channel = Self::channel(&connection).await?;
+                let channel = session.channel().await?;
                 // Only when nothing else is bound to it: another team's queue may be.
                 match amqp::delete_exchange_if_unused(&channel, &exchange.name)
                     .await
@@ -365,8 +361,125 @@ impl BrokerTopology for RabbitTopology {
             Ok(())
         }
         .await;
-        let _ = connection.close(200, "topology deleted".into()).await;
+        session.end("topology deleted").await;
         result
+    }
+}
+
+/// The reconciles' broker connections: one per broker (URL, with its virtual host and
+/// credentials, and CA), opened when a reconcile first needs it, shared by every pipeline
+/// on that broker, replaced once lost, and closed after [`Connections::IDLE`] unused. Each
+/// operation opens its own channels on it and closes them when it ends (a refused
+/// declaration closes only its channel).
+pub struct Connections {
+    links: Mutex<HashMap<BrokerKey, Arc<tokio::sync::Mutex<Link>>>>,
+    opened: AtomicU64,
+}
+
+/// A broker: its URL (with credentials: never printed) and CA.
+type BrokerKey = (String, Option<String>);
+
+#[derive(Default)]
+struct Link {
+    connection: Option<Arc<Connection>>,
+    used: Option<tokio::time::Instant>,
+}
+
+impl Default for Connections {
+    fn default() -> Self {
+        Connections {
+            links: Mutex::default(),
+            opened: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Connections {
+    /// The name the broker lists the operator's topology connections under.
+    pub const NAME: &str = "mailpipe-operator";
+
+    /// A connection no operation used for this long is closed (its pipelines were deleted
+    /// or moved to another broker).
+    pub const IDLE: Duration = Duration::from_secs(300);
+
+    /// How many connections were opened so far (one per broker, plus one per reconnect).
+    pub fn opened(&self) -> u64 {
+        self.opened.load(Ordering::Relaxed)
+    }
+
+    /// The live connection to the broker at `url` (verified with `ca`), opened if needed.
+    pub async fn get(&self, url: &str, ca: Option<&str>) -> Result<Arc<Connection>, TopologyError> {
+        let link = {
+            let mut links = self.links.lock().expect("connections lock");
+            Self::close_idle(&mut links);
+            links
+                .entry((url.to_string(), ca.map(str::to_string)))
+                .or_default()
+                .clone()
+        };
+        let mut link = link.lock().await;
+        link.used = Some(tokio::time::Instant::now());
+        if let Some(connection) = link.connection.as_ref().filter(|c| c.status().connected()) {
+            return Ok(connection.clone());
+        }
+        let connection = Arc::new(open(url, ca, Self::NAME).await?);
+        self.opened.fetch_add(1, Ordering::Relaxed);
+        link.connection = Some(connection.clone());
+        Ok(connection)
+    }
+
+    /// Forgets (and closes) the connections nothing used for [`Connections::IDLE`] and no
+    /// operation holds.
+    fn close_idle(links: &mut HashMap<BrokerKey, Arc<tokio::sync::Mutex<Link>>>) {
+        links.retain(|_, link| {
+            let Ok(mut link) = link.try_lock() else {
+                return true;
+            };
+            let idle = link.used.is_none_or(|used| used.elapsed() >= Self::IDLE);
+            let held = link
+                .connection
+                .as_ref()
+                .is_some_and(|c| Arc::strong_count(c) > 1);
+            if !idle || held {
+                return true;
+            }
+            if let Some(connection) = link.connection.take() {
+                tokio::spawn(async move {
+                    let _ = connection.close(200, "no pipeline used it".into()).await;
+                });
+            }
+            false
+        });
+    }
+}
+
+/// One operation's use of a broker connection: the channels it opened, closed when it ends,
+/// and the connection, closed too when it was the operation's own.
+struct Session {
+    connection: Arc<Connection>,
+    shared: bool,
+    channels: Mutex<Vec<Channel>>,
+}
+
+impl Session {
+    async fn channel(&self) -> Result<Channel, TopologyError> {
+        let channel = self.connection.create_channel().await.map_err(classify)?;
+        self.channels
+            .lock()
+            .expect("session lock")
+            .push(channel.clone());
+        Ok(channel)
+    }
+
+    async fn end(self, why: &str) {
+        if !self.shared {
+            let _ = self.connection.close(200, why.into()).await;
+            return;
+        }
+        let channels = self.channels.into_inner().expect("session lock");
+        for channel in channels.iter().filter(|c| c.status().connected()) {
+            let _ = channel.close(200, why.into()).await;
+        }
     }
 }
 
