@@ -96,33 +96,59 @@ async fn drain_within_clears_a_backlog_of_minutes_in_about_that_time() {
     amqp::publish_numbered(SHARED_URL, &names.exchange, &run, WARM..WARM + backlog).await;
     let mut replicas_seen = Vec::new();
     let mut estimates = Vec::new();
-    let drained = loop {
-        let replicas = worker_replicas(&cluster, "drain").await;
-        if replicas_seen.last() != Some(&replicas) {
-            replicas_seen.push(replicas);
+    // (s since publish, the Scaling condition's reason and message) at every change.
+    let mut decisions: Vec<(u64, String)> = Vec::new();
+    let total = WARM + backlog;
+    let done = std::sync::atomic::AtomicBool::new(false);
+    // The drain ends with the last delivery, watched closely (a look at the status takes
+    // several kubectl calls: seconds on a busy machine).
+    let delivered = async {
+        loop {
+            if smtp.count().await >= total {
+                done.store(true, std::sync::atomic::Ordering::Relaxed);
+                return published.elapsed();
+            }
+            assert!(
+                published.elapsed() < Duration::from_secs(120),
+                "not drained after two minutes: {} of {total} sent",
+                smtp.count().await
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        if let Ok(eta) = status_field(&cluster, "drain", "timeToDrainSeconds")
-            .await
-            .parse::<u64>()
-        {
-            estimates.push((published.elapsed().as_secs(), eta));
-        }
-        let ready = amqp::ready(SHARED_URL, &names.queue).await;
-        if ready == 0 && amqp::unacked(None, &names.queue) == 0 {
-            break published.elapsed();
-        }
-        assert!(
-            published.elapsed() < Duration::from_secs(120),
-            "not drained after two minutes: {ready} ready, replicas {replicas_seen:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
     };
+    let watched = async {
+        while !done.load(std::sync::atomic::Ordering::Relaxed) {
+            let shown = cluster
+                .kubectl_ok(&[
+                    "get",
+                    "emp",
+                    "drain",
+                    "-o",
+                    "jsonpath={.status.timeToDrainSeconds}|{.status.conditions[?(@.type==\"Scaling\")].reason}: {.status.conditions[?(@.type==\"Scaling\")].message}",
+                ])
+                .await;
+            let (eta, decision) = shown.split_once('|').unwrap_or(("", &shown));
+            let since = published.elapsed().as_secs();
+            if decisions.last().map(|(_, d)| d.as_str()) != Some(decision) {
+                decisions.push((since, decision.to_string()));
+            }
+            if let Ok(eta) = eta.parse::<u64>() {
+                estimates.push((since, eta));
+            }
+            let replicas = worker_replicas(&cluster, "drain").await;
+            if replicas_seen.last() != Some(&replicas) {
+                replicas_seen.push(replicas);
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    };
+    let (drained, ()) = tokio::join!(delivered, watched);
     println!(
         "{backlog} jobs drained in {drained:?}; replicas {replicas_seen:?}; estimates (s since publish, eta) {estimates:?}"
     );
     assert!(
         drained >= Duration::from_secs(24) && drained <= Duration::from_secs(36),
-        "drained within 30 s +- 20%: {drained:?} (replicas {replicas_seen:?})"
+        "drained within 30 s +- 20%: {drained:?} (replicas {replicas_seen:?}); decisions {decisions:#?}"
     );
     assert!(
         estimates.iter().any(|(_, eta)| *eta > 0 && *eta <= 40),
@@ -145,7 +171,6 @@ async fn drain_within_clears_a_backlog_of_minutes_in_about_that_time() {
         "the backlog called for about 6 replicas: {replicas_seen:?}"
     );
 
-    let total = WARM + backlog;
     smtp.wait_for_count(total, Duration::from_secs(30)).await;
     assert_eq!(smtp.tally(&run, total).await, Tally::EXACT);
     assert!(cluster.check_operator_rbac() > 0);

@@ -8,8 +8,8 @@
 //! 3. **Raw recommendation**: the larger of the target's (`ceil(work / per replica)`, or
 //!    the threshold table's row) and the drain objective's (`ceil(work / (rate * time
 //!    left))`, with the per-replica rate the pipeline has shown, when known). The drain
-//!    objective keeps a deadline: `drain_within` from when jobs began to wait (or from when
-//!    the work last grew by more than a quarter over what the deadline was set for), so a drain that falls behind
+//!    objective keeps a deadline: `drain_within` from when its work began to wait, on
+//!    average (work beyond the most seen moves it by its share, see `Drain::after`), so a drain that falls behind
 //!    (replicas slower together than the rate measured alone, slow to start) gets more
 //!    replicas as its deadline nears instead of aiming `drain_within` from every look; the
 //!    time left counts as at least a quarter of `drain_within`, so a late drain asks for
@@ -160,9 +160,42 @@ pub struct History {
     recommendations: VecDeque<(Duration, u32)>,
     /// When the backlog was last read.
     last_read: Option<Duration>,
-    /// The drain under way: since when jobs have waited and the work then (the drain
-    /// objective's deadline is `drain_within` after it).
-    drain: Option<(Duration, u64)>,
+    /// The drain under way (the drain objective's deadline is `drain_within` after its
+    /// `since`).
+    drain: Option<Drain>,
+}
+
+/// A drain: since when its work has waited on average, and the most work it has had.
+#[derive(Debug, Clone, Copy)]
+struct Drain {
+    since: Duration,
+    most: u64,
+    /// The work at the last look.
+    last: u64,
+}
+
+impl Drain {
+    /// The drain after a look at `at` that saw `total` jobs of work: work beyond the most
+    /// seen is new, and moves `since` by its share of the work waiting now (a burst that
+    /// takes seconds to publish counts from its middle; a second burst mid-drain moves the
+    /// deadline by what it adds). Jobs moving between ready and in flight, or an in-flight
+    /// figure a few seconds old, do not exceed the most seen while the drain progresses.
+    fn after(self, at: Duration, total: u64) -> Drain {
+        if total <= self.most {
+            return Drain {
+                last: total,
+                ..self
+            };
+        }
+        let old = self.last.min(self.most) as f64;
+        let new = (total as f64 - old).max(0.0);
+        let since = (self.since.as_secs_f64() * old + at.as_secs_f64() * new) / (old + new);
+        Drain {
+            since: Duration::from_secs_f64(since.max(0.0)),
+            most: total,
+            last: total,
+        }
+    }
 }
 
 impl Policy {
@@ -257,13 +290,15 @@ impl Policy {
         let total = work.total();
         history.drain = match history.drain {
             _ if work.ready == 0 => None,
-            // Jobs moving between ready and in flight (a prefetch, an in-flight figure a
-            // few seconds old) are not new work: only a quarter more moves the deadline.
-            Some((since, planned)) if total <= planned + planned / 4 => Some((since, planned)),
-            _ => Some((seen.at, total)),
+            Some(drain) => Some(drain.after(seen.at, total)),
+            None => Some(Drain {
+                since: seen.at,
+                most: total,
+                last: total,
+            }),
         };
         let left = self.drain_within.map_or(Duration::ZERO, |within| {
-            let since = history.drain.map_or(seen.at, |(since, _)| since);
+            let since = history.drain.map_or(seen.at, |drain| drain.since);
             (since + within)
                 .saturating_sub(seen.at)
                 .max(within / Self::LATE_DRAIN_FRACTION)
@@ -577,11 +612,39 @@ mod tests {
     }
 
     #[test]
+    fn a_burst_published_over_seconds_counts_from_its_middle() {
+        let p = Policy {
+            drain_within: Some(Duration::from_secs(30)),
+            target: Target::PerReplica(1_000_000),
+            max_replicas: 50,
+            connection_budget: 100,
+            ..policy()
+        };
+        let mut h = History::default();
+        let at = |secs, ready, current| {
+            let mut o = seen(secs, ready, current);
+            o.rate_per_replica = Some(5.0);
+            o
+        };
+        // 3,000 jobs arrive over 4 s (750 a second) while one replica takes 10 a second.
+        for (secs, ready) in [(0, 750), (1, 1_490), (2, 2_230), (3, 2_970)] {
+            p.decide(&at(secs, ready, 1), &mut h);
+        }
+        // They waited since 1.5 s on average: 27.5 s left at 4 s for 2,960 jobs at 5 a
+        // second -> 22 replicas (counted from the last arrival: 21; from the first: 23).
+        let d = p.decide(&at(4, 2_960, 1), &mut h);
+        assert_eq!((d.replicas, d.reason), (22, Reason::DrainWithin));
+        let since = h.drain.expect("a drain").since.as_secs_f64();
+        assert!((1.4..1.6).contains(&since), "{since}");
+    }
+
+    #[test]
     fn a_late_drain_asks_for_a_bounded_step_and_new_work_sets_a_new_deadline() {
         let p = Policy {
             drain_within: Some(Duration::from_secs(40)),
             target: Target::PerReplica(1_000_000),
             max_replicas: 100,
+            connection_budget: 100,
             scale_down_stabilization: Duration::ZERO,
             ..policy()
         };
@@ -594,12 +657,20 @@ mod tests {
         assert_eq!(p.decide(&at(0, 800, 1), &mut h).replicas, 2);
         // Long past the deadline with 800 still waiting: cleared in a quarter of 40 s.
         assert_eq!(p.decide(&at(100, 800, 2), &mut h).replicas, 8);
-        // A few more jobs counted (a prefetch moving, an in-flight figure refreshed) are no
-        // new work: the deadline stays.
-        assert_eq!(p.decide(&at(101, 900, 8), &mut h).replicas, 9);
-        // Work beyond what the deadline was set for gets drain_within of its own.
-        assert_eq!(p.decide(&at(102, 4_000, 9), &mut h).replicas, 10);
-        assert_eq!(p.decide(&at(122, 2_000, 10), &mut h).replicas, 10);
+        // Fewer jobs, then as many again (a prefetch moving, an in-flight figure a few
+        // seconds old): no new work, the deadline stays.
+        let d = p.decide(&at(101, 700, 8), &mut h);
+        assert_eq!(
+            (d.replicas, d.reason),
+            (8, Reason::Stabilized),
+            "a drain holds"
+        );
+        let d = p.decide(&at(102, 800, 8), &mut h);
+        assert_eq!((d.replicas, d.reason), (8, Reason::DrainWithin));
+        // 7,200 new jobs beside 800 old ones: the deadline moves by their share, to 90%
+        // of the way to 40 s from now (waiting since 92.7 s on average: 29.7 s left).
+        assert_eq!(p.decide(&at(103, 8_000, 8), &mut h).replicas, 27);
+        assert_eq!(p.decide(&at(113, 6_000, 27), &mut h).replicas, 31);
         // Nothing waiting ends the drain: the next backlog starts a deadline of its own.
         p.decide(&at(130, 0, 10), &mut h);
         assert_eq!(p.decide(&at(200, 800, 1), &mut h).replicas, 2);

@@ -10,6 +10,9 @@
 //! topped up only while no worker consumes (none can hold one then): a first fill, a fill
 //! cut short, or tokens lost. Classic, because the workers change their prefetch under a
 //! running consumer (per-channel QoS), which quorum queues do not support.
+//!
+//! The operator's reconciles share one connection per broker ([`Connections`]); a topology
+//! built without one (tests, tools) opens a connection per operation.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
