@@ -7,5 +7,6 @@
 pub mod actuator;
 pub mod observe;
 pub mod policy;
+pub mod process_pool;
 pub mod rate;
 pub mod scaler;
