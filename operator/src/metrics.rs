@@ -29,7 +29,8 @@ pub struct Metrics {
     pub send_rate_per_replica: GaugeVec,
     /// Replica count changes made by the scaler, per pipeline and direction.
     pub scale_events: IntCounterVec,
-    /// Time of one scaler look at a pipeline: read the backlog, decide, set the count.
+    /// From the start of a scaler pass (every due pipeline's backlog read at once) to one
+    /// pipeline's count decided and set.
     pub scale_decision_seconds: HistogramVec,
     /// 1, labelled with the version.
     pub build_info: IntGaugeVec,
@@ -72,7 +73,7 @@ impl Metrics {
         );
         let scale_decision_seconds = histogram(
             "mailpipe_operator_scale_decision_duration_seconds",
-            "Time of one scaler look at a pipeline: read the backlog, decide, set the count.",
+            "From the start of a scaler pass (every due backlog read at once) to one pipeline's count decided and set.",
             vec![
                 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
             ],
