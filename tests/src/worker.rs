@@ -76,6 +76,12 @@ impl WorkerSpec {
         WorkerSpec { args, env }
     }
 
+    /// Its flags and environment, for a supervisor of its own to start it with
+    /// ([`WorkerSpec::spawn`] adds the HTTP address and a log file).
+    pub fn into_parts(self) -> (Vec<String>, Vec<(String, String)>) {
+        (self.args, self.env.into_iter().collect())
+    }
+
     /// Adds flags; a flag given again replaces the earlier value (clap refuses repeats).
     pub fn args(mut self, args: &[&str]) -> WorkerSpec {
         for flag in args.iter().filter(|a| a.starts_with("--")) {

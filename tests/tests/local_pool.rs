@@ -11,6 +11,7 @@ use mailpipe_operator::scaling::process_pool::{PoolStatus, ProcessPool, WorkerCo
 use mailpipe_tests::amqp::{self, Names, SHARED_URL};
 use mailpipe_tests::eventually;
 use mailpipe_tests::smtp::{SmtpOptions, SmtpServer};
+use mailpipe_tests::worker::WorkerSpec;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -23,28 +24,13 @@ async fn the_pool_starts_stops_and_restarts_real_workers_and_loses_nothing() {
     })
     .await;
     let names = Names::new("localpool");
+    let (args, env) = WorkerSpec::with_defaults(SHARED_URL, &names, smtp.port)
+        .args(&["--concurrency", "4"])
+        .into_parts();
     let command = WorkerCommand {
         program: mailpipe_tests::worker::binary(),
-        args: [
-            "--exchange",
-            &names.exchange,
-            "--queue",
-            &names.queue,
-            "--smtp-host",
-            "127.0.0.1",
-            "--smtp-port",
-            &smtp.port.to_string(),
-            "--smtp-tls",
-            "none",
-            "--from-address",
-            "noreply@mailpipe.test",
-            "--concurrency",
-            "4",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect(),
-        env: vec![("MAILPIPE_AMQP_URL".into(), SHARED_URL.into())],
+        args,
+        env,
         stop_within: Duration::from_secs(30),
     };
     let workload = Workload {

@@ -8,6 +8,15 @@ use mailpipe_operator::topology::{BrokerTopology, TopologyError};
 use mailpipe_tests::amqp::{self, Names, SHARED_URL};
 
 fn topology(names: &Names, queue_type: QueueType) -> (RabbitTopology, RabbitSettings) {
+    topology_at(SHARED_URL, names, queue_type)
+}
+
+/// The topology of `names` (default retry policy) on the broker at `url`.
+fn topology_at(
+    url: &str,
+    names: &Names,
+    queue_type: QueueType,
+) -> (RabbitTopology, RabbitSettings) {
     let settings = RabbitSettings {
         exchange: names.exchange.clone(),
         queue: names.queue.clone(),
@@ -16,7 +25,7 @@ fn topology(names: &Names, queue_type: QueueType) -> (RabbitTopology, RabbitSett
     };
     let plan = settings.plan(&RetryPolicy::default());
     (
-        RabbitTopology::new(SHARED_URL.to_string(), None, settings.clone(), plan),
+        RabbitTopology::new(url.to_string(), None, settings.clone(), plan),
         settings,
     )
 }
@@ -336,14 +345,8 @@ async fn pipelines_on_one_broker_share_one_connection_and_leave_no_channel_open(
     let management = "http://guest:guest@127.0.0.1:15672";
     let connections = Arc::new(Connections::default());
     let on_vhost = |names: &Names, queue_type| {
-        let settings = RabbitSettings {
-            exchange: names.exchange.clone(),
-            queue: names.queue.clone(),
-            queue_type,
-            ..RabbitSettings::default()
-        };
-        let plan = settings.plan(&RetryPolicy::default());
-        RabbitTopology::new(url.clone(), None, settings, plan)
+        topology_at(&url, names, queue_type)
+            .0
             .with_smtp_budget(4)
             .with_management(management)
             .unwrap()

@@ -8,18 +8,16 @@
 //! [`Reading`] when its source lands.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use lapin::{Channel, Connection};
 use mailpipe_contract::amqp;
 use mailpipe_contract::naming;
 use mailpipe_contract::topology::{RabbitSettings, TopologyPlan};
-use tokio::time::Instant;
 
 use super::policy::Work;
-use crate::topology::rabbitmq::{classify, open};
+use crate::topology::rabbitmq::{classify, BrokerKey, Connections};
 use crate::topology::TopologyError;
 
 /// A RabbitMQ pipeline's queues as the scaler sees them.
@@ -75,38 +73,15 @@ impl Reading {
     }
 }
 
-/// One broker's connection, the channels idle between readings, and when to try again.
-#[derive(Default)]
-struct Link {
-    /// The connection (held under this lock only to open or drop it; readings share it).
-    state: tokio::sync::Mutex<LinkState>,
-    /// Channels free for the next reading: readings run at once, each on a channel of its
-    /// own (a channel answers one declare at a time).
-    idle: Mutex<Vec<Channel>>,
-}
-
-#[derive(Default)]
-struct LinkState {
-    connection: Option<Arc<Connection>>,
-    failures: u32,
-    retry_at: Option<Instant>,
-}
-
-const FIRST_RETRY: Duration = Duration::from_millis(500);
-const LAST_RETRY: Duration = Duration::from_secs(30);
-
 /// The most channels kept idle per broker (readings beyond them open and close their own).
 const IDLE_CHANNELS: usize = 32;
 
-/// A broker: its URL (with credentials: never printed) and CA.
-type BrokerKey = (String, Option<String>);
-
-/// The scaler's broker connections, one per broker.
+/// The scaler's broker connections, one per broker, and per broker the channels idle
+/// between readings: readings run at once, each on a channel of its own (a channel answers
+/// one declare at a time).
 pub struct Brokers {
-    links: Mutex<HashMap<BrokerKey, Arc<Link>>>,
-    opened: AtomicU64,
-    /// The connection name the broker shows.
-    name: String,
+    connections: Connections,
+    idle: Mutex<HashMap<BrokerKey, Vec<Channel>>>,
 }
 
 impl Default for Brokers {
@@ -119,15 +94,14 @@ impl Brokers {
     /// Connections the broker lists under `name`.
     pub fn named(name: &str) -> Brokers {
         Brokers {
-            links: Mutex::default(),
-            opened: AtomicU64::default(),
-            name: name.to_string(),
+            connections: Connections::named(name).backing_off(),
+            idle: Mutex::default(),
         }
     }
 
     /// How many connections were opened so far (one per broker, plus one per reconnect).
     pub fn opened(&self) -> u64 {
-        self.opened.load(Ordering::Relaxed)
+        self.connections.opened()
     }
 
     /// The queues of a RabbitMQ pipeline (`settings`, `plan`) on the broker at `url`.
@@ -153,59 +127,6 @@ impl Brokers {
         self.read(url, ca, settings, plan, Reach::WorkQueue).await
     }
 
-    /// The live connection of `link`, opened (with backoff after failures) if needed.
-    async fn connection(
-        &self,
-        link: &Link,
-        url: &str,
-        ca: Option<&str>,
-    ) -> Result<Arc<Connection>, TopologyError> {
-        let mut state = link.state.lock().await;
-        if let Some(connection) = state.connection.as_ref().filter(|c| c.status().connected()) {
-            return Ok(connection.clone());
-        }
-        state.connection = None;
-        link.idle.lock().expect("idle channels lock").clear();
-        if let Some(at) = state.retry_at.filter(|at| *at > Instant::now()) {
-            return Err(TopologyError::Unreachable(format!(
-                "reconnecting in {:?}",
-                at - Instant::now()
-            )));
-        }
-        match open(url, ca, &self.name).await {
-            Ok(connection) => {
-                self.opened.fetch_add(1, Ordering::Relaxed);
-                let connection = Arc::new(connection);
-                state.connection = Some(connection.clone());
-                state.failures = 0;
-                state.retry_at = None;
-                Ok(connection)
-            }
-            Err(error) => {
-                let wait = FIRST_RETRY
-                    .saturating_mul(1 << state.failures.min(6))
-                    .min(LAST_RETRY);
-                state.failures += 1;
-                state.retry_at = Some(Instant::now() + wait);
-                Err(error)
-            }
-        }
-    }
-
-    /// Drops `connection` from `link` if it is still the link's (the next reading opens a
-    /// new one).
-    async fn lost(link: &Link, connection: &Arc<Connection>) {
-        let mut state = link.state.lock().await;
-        if state
-            .connection
-            .as_ref()
-            .is_some_and(|c| Arc::ptr_eq(c, connection))
-        {
-            state.connection = None;
-            link.idle.lock().expect("idle channels lock").clear();
-        }
-    }
-
     async fn read(
         &self,
         url: &str,
@@ -214,15 +135,15 @@ impl Brokers {
         plan: &TopologyPlan,
         reach: Reach,
     ) -> Result<QueueBacklog, TopologyError> {
-        let link = self
-            .links
+        let key: BrokerKey = (url.to_string(), ca.map(str::to_string));
+        let connection = self.connections.get(url, ca).await?;
+        // A channel of a connection since replaced is no longer connected: dropped on use.
+        let mut channel = self
+            .idle
             .lock()
-            .expect("links lock")
-            .entry((url.to_string(), ca.map(str::to_string)))
-            .or_default()
-            .clone();
-        let connection = self.connection(&link, url, ca).await?;
-        let mut channel = link.idle.lock().expect("idle channels lock").pop();
+            .expect("idle channels lock")
+            .get_mut(&key)
+            .and_then(Vec::pop);
         let read = tokio::time::timeout(
             READ_TIMEOUT,
             count(&connection, &mut channel, settings, plan, reach),
@@ -237,7 +158,8 @@ impl Brokers {
         match read {
             Ok(backlog) => {
                 if let Some(channel) = channel.filter(|c| c.status().connected()) {
-                    let mut idle = link.idle.lock().expect("idle channels lock");
+                    let mut idle = self.idle.lock().expect("idle channels lock");
+                    let idle = idle.entry(key).or_default();
                     if idle.len() < IDLE_CHANNELS {
                         idle.push(channel);
                     } else {
@@ -250,7 +172,8 @@ impl Brokers {
             }
             Err(TopologyError::Unreachable(why)) => {
                 // The connection is suspect: the next reading opens a new one.
-                Self::lost(&link, &connection).await;
+                self.connections.lost(url, ca, &connection).await;
+                self.idle.lock().expect("idle channels lock").remove(&key);
                 Err(TopologyError::Unreachable(why))
             }
             Err(other) => Err(other),

@@ -369,31 +369,35 @@ impl BrokerTopology for RabbitTopology {
     }
 }
 
-/// The reconciles' broker connections: one per broker (URL, with its virtual host and
-/// credentials, and CA), opened when a reconcile first needs it, shared by every pipeline
-/// on that broker, replaced once lost, and closed after [`Connections::IDLE`] unused. Each
-/// operation opens its own channels on it and closes them when it ends (a refused
-/// declaration closes only its channel).
+/// Broker connections, one per broker (URL, with its virtual host and credentials, and
+/// CA), opened when first needed, shared by everything that works on that broker, replaced
+/// once lost, and closed after [`Connections::IDLE`] unused. The reconciles share one set
+/// (each operation opens its own channels and closes them when it ends; a refused
+/// declaration closes only its channel); the scaler's backlog reader another, under a name
+/// of its own and with a growing wait between failed connects (it looks every second).
 pub struct Connections {
     links: Mutex<HashMap<BrokerKey, Arc<tokio::sync::Mutex<Link>>>>,
     opened: AtomicU64,
+    /// The connection name the broker shows.
+    name: String,
+    /// Whether a failed connect makes the next ones wait (see [`Connections::backing_off`]).
+    backoff: bool,
 }
 
 /// A broker: its URL (with credentials: never printed) and CA.
-type BrokerKey = (String, Option<String>);
+pub(crate) type BrokerKey = (String, Option<String>);
 
 #[derive(Default)]
 struct Link {
     connection: Option<Arc<Connection>>,
     used: Option<tokio::time::Instant>,
+    failures: u32,
+    retry_at: Option<tokio::time::Instant>,
 }
 
 impl Default for Connections {
     fn default() -> Self {
-        Connections {
-            links: Mutex::default(),
-            opened: AtomicU64::new(0),
-        }
+        Connections::named(Connections::NAME)
     }
 }
 
@@ -404,6 +408,27 @@ impl Connections {
     /// A connection no operation used for this long is closed (its pipelines were deleted
     /// or moved to another broker).
     pub const IDLE: Duration = Duration::from_secs(300);
+
+    const FIRST_RETRY: Duration = Duration::from_millis(500);
+    const LAST_RETRY: Duration = Duration::from_secs(30);
+
+    /// Connections the broker lists under `name`.
+    pub fn named(name: &str) -> Connections {
+        Connections {
+            links: Mutex::default(),
+            opened: AtomicU64::new(0),
+            name: name.to_string(),
+            backoff: false,
+        }
+    }
+
+    /// After a failed connect to a broker, the next ones wait (0.5 s, doubling, at most
+    /// 30 s) and answer "reconnecting in ..." meanwhile: for callers that come back every
+    /// second (a reconcile backs off by itself).
+    pub fn backing_off(mut self) -> Connections {
+        self.backoff = true;
+        self
+    }
 
     /// How many connections were opened so far (one per broker, plus one per reconnect).
     pub fn opened(&self) -> u64 {
@@ -421,14 +446,61 @@ impl Connections {
                 .clone()
         };
         let mut link = link.lock().await;
-        link.used = Some(tokio::time::Instant::now());
+        let now = tokio::time::Instant::now();
+        link.used = Some(now);
         if let Some(connection) = link.connection.as_ref().filter(|c| c.status().connected()) {
             return Ok(connection.clone());
         }
-        let connection = Arc::new(open(url, ca, Self::NAME).await?);
-        self.opened.fetch_add(1, Ordering::Relaxed);
-        link.connection = Some(connection.clone());
-        Ok(connection)
+        link.connection = None;
+        if let Some(at) = link.retry_at.filter(|at| *at > now) {
+            return Err(TopologyError::Unreachable(format!(
+                "reconnecting in {:?}",
+                at - now
+            )));
+        }
+        match open(url, ca, &self.name).await {
+            Ok(connection) => {
+                let connection = Arc::new(connection);
+                self.opened.fetch_add(1, Ordering::Relaxed);
+                link.connection = Some(connection.clone());
+                link.failures = 0;
+                link.retry_at = None;
+                Ok(connection)
+            }
+            Err(error) => {
+                if self.backoff {
+                    let wait = Self::FIRST_RETRY
+                        .saturating_mul(1 << link.failures.min(6))
+                        .min(Self::LAST_RETRY);
+                    link.failures += 1;
+                    link.retry_at = Some(tokio::time::Instant::now() + wait);
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// Drops `connection` (suspect: an operation on it failed or timed out) if it is still
+    /// the one for the broker at `url`: the next [`Connections::get`] opens a new one.
+    pub async fn lost(&self, url: &str, ca: Option<&str>, connection: &Arc<Connection>) {
+        let key = (url.to_string(), ca.map(str::to_string));
+        let Some(link) = self
+            .links
+            .lock()
+            .expect("connections lock")
+            .get(&key)
+            .cloned()
+        else {
+            return;
+        };
+        let mut link = link.lock().await;
+        if link
+            .connection
+            .as_ref()
+            .is_some_and(|c| Arc::ptr_eq(c, connection))
+        {
+            link.connection = None;
+        }
     }
 
     /// Forgets (and closes) the connections nothing used for [`Connections::IDLE`] and no
@@ -448,7 +520,7 @@ impl Connections {
             }
             if let Some(connection) = link.connection.take() {
                 tokio::spawn(async move {
-                    let _ = connection.close(200, "no pipeline used it".into()).await;
+                    let _ = connection.close(200, "nothing used it".into()).await;
                 });
             }
             false
