@@ -139,6 +139,29 @@ fn secret_file(volume: &str, secret: &SecretKeyRef, file: &str) -> (Volume, Volu
     )
 }
 
+/// One variable of the worker's environment, before it is placed in a pod (here) or in a
+/// local worker process (the `mailpipe local` command, which supplies Secrets from files
+/// or its own environment).
+#[derive(Debug, Clone, PartialEq)]
+pub enum WorkerVar {
+    /// A plain value.
+    Value(String, String),
+    /// The variable names the file a Secret key is in; a pod mounts it as `file` in the
+    /// volume `volume`.
+    SecretFile {
+        name: String,
+        volume: &'static str,
+        secret: SecretKeyRef,
+        file: &'static str,
+    },
+    /// The variable carries a Secret key's value (a `secretKeyRef`).
+    SecretValue { name: String, secret: SecretKeyRef },
+    /// The variable names the directory in which a ConfigMap's keys are files.
+    ConfigMapDir { name: String, config_map: String },
+    /// One of the spec's own `worker.env` entries, as written.
+    Extra(Box<EnvVar>),
+}
+
 /// The worker's environment and the volumes its secret files come from.
 #[derive(Default)]
 struct Environment {
@@ -147,18 +170,90 @@ struct Environment {
     mounts: Vec<VolumeMount>,
 }
 
-impl Environment {
+/// The worker's environment in a pod: Secret keys and ConfigMaps mounted under `MOUNTS`.
+fn environment(pipeline: &ValidatedPipeline) -> Environment {
+    let mut out = Environment::default();
+    for var in worker_environment(pipeline) {
+        match var {
+            WorkerVar::Value(name, v) => out.vars.push(value(&name, v)),
+            WorkerVar::SecretFile {
+                name,
+                volume,
+                secret,
+                file,
+            } => {
+                let (v, m, path) = secret_file(volume, &secret, file);
+                out.volumes.push(v);
+                out.mounts.push(m);
+                out.vars.push(value(&name, path));
+            }
+            WorkerVar::SecretValue { name, secret } => out.vars.push(EnvVar {
+                name,
+                value: None,
+                value_from: Some(EnvVarSource {
+                    secret_key_ref: Some(SecretKeySelector {
+                        name: secret.name,
+                        key: secret.key,
+                        optional: None,
+                    }),
+                    ..EnvVarSource::default()
+                }),
+            }),
+            WorkerVar::ConfigMapDir { name, config_map } => {
+                let dir = format!("{MOUNTS}/templates");
+                out.volumes.push(Volume {
+                    name: "templates".into(),
+                    config_map: Some(ConfigMapVolumeSource {
+                        name: config_map,
+                        ..ConfigMapVolumeSource::default()
+                    }),
+                    ..Volume::default()
+                });
+                out.mounts.push(VolumeMount {
+                    name: "templates".into(),
+                    mount_path: dir.clone(),
+                    read_only: Some(true),
+                    ..VolumeMount::default()
+                });
+                out.vars.push(value(&name, dir));
+            }
+            WorkerVar::Extra(var) => out.vars.push(*var),
+        }
+    }
+    out
+}
+
+/// Collects the worker's variables in order.
+#[derive(Default)]
+struct Vars(Vec<WorkerVar>);
+
+impl Vars {
+    fn value(&mut self, name: &str, value: impl ToString) {
+        self.0
+            .push(WorkerVar::Value(name.to_string(), value.to_string()));
+    }
+
     /// Variable `name` names the file a Secret key is mounted as.
-    fn file(&mut self, name: &str, volume: &str, secret: &SecretKeyRef, file: &str) {
-        let (v, m, path) = secret_file(volume, secret, file);
-        self.volumes.push(v);
-        self.mounts.push(m);
-        self.vars.push(value(name, path));
+    fn file(
+        &mut self,
+        name: &str,
+        volume: &'static str,
+        secret: &SecretKeyRef,
+        file: &'static str,
+    ) {
+        self.0.push(WorkerVar::SecretFile {
+            name: name.to_string(),
+            volume,
+            secret: secret.clone(),
+            file,
+        });
     }
 }
 
-fn environment(pipeline: &ValidatedPipeline) -> Environment {
-    let mut out = Environment::default();
+/// Everything the worker of `pipeline` is told, in the contract's variables, with the
+/// Secrets and the templates' ConfigMap as references for the caller to place.
+pub fn worker_environment(pipeline: &ValidatedPipeline) -> Vec<WorkerVar> {
+    let mut out = Vars::default();
     match &pipeline.source {
         ValidatedSource::Rabbit {
             settings,
@@ -174,51 +269,42 @@ fn environment(pipeline: &ValidatedPipeline) -> Environment {
             if let Some(ca) = &connection.ca_secret {
                 out.file(env::AMQP_CA_FILE, "amqp-ca", ca, "ca.crt");
             }
-            out.vars.push(value(env::TOPOLOGY, "verify"));
-            out.vars.push(value(env::EXCHANGE, &settings.exchange));
-            out.vars
-                .push(value(env::EXCHANGE_TYPE, settings.exchange_kind.as_str()));
-            out.vars.push(value(env::QUEUE, &settings.queue));
-            out.vars
-                .push(value(env::QUEUE_TYPE, settings.queue_type.as_str()));
-            out.vars
-                .push(value(env::ROUTING_KEY, &settings.routing_key));
+            out.value(env::TOPOLOGY, "verify");
+            out.value(env::EXCHANGE, &settings.exchange);
+            out.value(env::EXCHANGE_TYPE, settings.exchange_kind.as_str());
+            out.value(env::QUEUE, &settings.queue);
+            out.value(env::QUEUE_TYPE, settings.queue_type.as_str());
+            out.value(env::ROUTING_KEY, &settings.routing_key);
             if let Some(priority) = settings.max_priority {
-                out.vars.push(value(env::MAX_PRIORITY, priority));
+                out.value(env::MAX_PRIORITY, priority);
             }
-            out.vars.push(value(env::PREFETCH, connection.prefetch));
+            out.value(env::PREFETCH, connection.prefetch);
             // The workers share spec.smtp.poolSize through the budget's token queue.
-            out.vars.push(value(
+            out.value(
                 env::SMTP_BUDGET_QUEUE,
                 naming::smtp_budget_queue(&settings.queue),
-            ));
+            );
         }
         ValidatedSource::Kafka(_) => {}
     }
-    out.vars
-        .push(value(env::CONCURRENCY, pipeline.worker.concurrency));
+    out.value(env::CONCURRENCY, pipeline.worker.concurrency);
     let smtp = &pipeline.smtp;
-    out.vars.push(value(env::SMTP_HOST, &smtp.host));
-    out.vars.push(value(env::SMTP_PORT, smtp.port));
-    out.vars.push(value(env::SMTP_TLS, smtp.tls.as_str()));
+    out.value(env::SMTP_HOST, &smtp.host);
+    out.value(env::SMTP_PORT, smtp.port);
+    out.value(env::SMTP_TLS, smtp.tls.as_str());
     if let Some(ca) = &smtp.ca_secret {
         out.file(env::SMTP_CA_FILE, "smtp-ca", ca, "ca.crt");
     }
     if smtp.insecure_skip_verify {
-        out.vars.push(value(env::SMTP_INSECURE_SKIP_VERIFY, true));
+        out.value(env::SMTP_INSECURE_SKIP_VERIFY, true);
     }
     if let Some(credentials) = &smtp.credentials {
-        out.vars.push(EnvVar {
+        out.0.push(WorkerVar::SecretValue {
             name: env::SMTP_USERNAME.to_string(),
-            value: None,
-            value_from: Some(EnvVarSource {
-                secret_key_ref: Some(SecretKeySelector {
-                    name: credentials.name.clone(),
-                    key: credentials.username_key.clone(),
-                    optional: None,
-                }),
-                ..EnvVarSource::default()
-            }),
+            secret: SecretKeyRef {
+                name: credentials.name.clone(),
+                key: credentials.username_key.clone(),
+            },
         });
         let password = SecretKeyRef {
             name: credentials.name.clone(),
@@ -231,41 +317,26 @@ fn environment(pipeline: &ValidatedPipeline) -> Environment {
             "password",
         );
     }
-    out.vars
-        .push(value(env::SMTP_POOL_SIZE, pipeline.smtp_pool_size));
+    out.value(env::SMTP_POOL_SIZE, pipeline.smtp_pool_size);
     if let Some(rate) = pipeline.rate_per_replica {
-        out.vars.push(value(env::SMTP_RATE_LIMIT, rate));
+        out.value(env::SMTP_RATE_LIMIT, rate);
     }
-    out.vars.push(value(env::FROM_ADDRESS, &smtp.from.address));
+    out.value(env::FROM_ADDRESS, &smtp.from.address);
     if let Some(name) = &smtp.from.name {
-        out.vars.push(value(env::FROM_NAME, name));
+        out.value(env::FROM_NAME, name);
     }
     if let Some(config_map) = &pipeline.templates {
-        let dir = format!("{MOUNTS}/templates");
-        out.volumes.push(Volume {
-            name: "templates".into(),
-            config_map: Some(ConfigMapVolumeSource {
-                name: config_map.clone(),
-                ..ConfigMapVolumeSource::default()
-            }),
-            ..Volume::default()
+        out.0.push(WorkerVar::ConfigMapDir {
+            name: env::TEMPLATES_DIR.to_string(),
+            config_map: config_map.clone(),
         });
-        out.mounts.push(VolumeMount {
-            name: "templates".into(),
-            mount_path: dir.clone(),
-            read_only: Some(true),
-            ..VolumeMount::default()
-        });
-        out.vars.push(value(env::TEMPLATES_DIR, dir));
     }
     let retry = &pipeline.retry;
-    out.vars.push(value(env::MAX_ATTEMPTS, retry.max_attempts));
-    out.vars
-        .push(value(env::BACKOFF_INITIAL, millis(retry.initial)));
-    out.vars
-        .push(value(env::BACKOFF_MULTIPLIER, retry.multiplier));
-    out.vars.push(value(env::BACKOFF_MAX, millis(retry.max)));
-    out.vars.push(value(env::DEAD_LETTER, pipeline.dead_letter));
+    out.value(env::MAX_ATTEMPTS, retry.max_attempts);
+    out.value(env::BACKOFF_INITIAL, millis(retry.initial));
+    out.value(env::BACKOFF_MULTIPLIER, retry.multiplier);
+    out.value(env::BACKOFF_MAX, millis(retry.max));
+    out.value(env::DEAD_LETTER, pipeline.dead_letter);
     if let Some(idempotency) = &pipeline.idempotency {
         out.file(
             env::REDIS_URL_FILE,
@@ -273,26 +344,28 @@ fn environment(pipeline: &ValidatedPipeline) -> Environment {
             &idempotency.redis_secret,
             "url",
         );
-        out.vars
-            .push(value(env::IDEMPOTENCY_TTL, millis(idempotency.ttl)));
-        out.vars.push(value(
+        out.value(env::IDEMPOTENCY_TTL, millis(idempotency.ttl));
+        out.value(
             env::IDEMPOTENCY_PREFIX,
             format!("mailpipe:{}:{}", pipeline.namespace, pipeline.name),
-        ));
-        out.vars.push(value(
+        );
+        out.value(
             env::ON_REDIS_UNAVAILABLE,
             idempotency.on_unavailable.as_str(),
-        ));
+        );
     }
-    out.vars
-        .push(value(env::HTTP_ADDR, format!("0.0.0.0:{HTTP_PORT}")));
-    out.vars.push(value(env::LOG_FORMAT, "json"));
-    out.vars.push(value(
-        env::SHUTDOWN_TIMEOUT,
-        millis(pipeline.shutdown_timeout),
-    ));
-    out.vars.extend(pipeline.worker.env.iter().cloned());
-    out
+    out.value(env::HTTP_ADDR, format!("0.0.0.0:{HTTP_PORT}"));
+    out.value(env::LOG_FORMAT, "json");
+    out.value(env::SHUTDOWN_TIMEOUT, millis(pipeline.shutdown_timeout));
+    out.0.extend(
+        pipeline
+            .worker
+            .env
+            .iter()
+            .cloned()
+            .map(|var| WorkerVar::Extra(Box::new(var))),
+    );
+    out.0
 }
 
 fn probe(path: &str, period: i32) -> Probe {

@@ -32,6 +32,7 @@ async fn the_pool_starts_stops_and_restarts_real_workers_and_loses_nothing() {
         args,
         env,
         stop_within: Duration::from_secs(30),
+        logs: None,
     };
     let workload = Workload {
         namespace: "local".into(),

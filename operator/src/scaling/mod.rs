@@ -5,6 +5,7 @@
 //! loop build on it.
 
 pub mod actuator;
+pub mod engine;
 pub mod observe;
 pub mod policy;
 pub mod process_pool;

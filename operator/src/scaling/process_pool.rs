@@ -5,7 +5,9 @@
 //! when it outlives `stop_within`; a worker that exits without being told to is restarted
 //! after a backoff that grows with consecutive crashes (1 s, doubling, at most 30 s) and is
 //! forgotten once a worker of the set has been ready. Readiness is each worker's `/readyz`,
-//! on a loopback port of its own.
+//! on a loopback port of its own. Workers run in a process group of their own, so a Ctrl-C
+//! at the terminal reaches the pool's owner, which drains them in order, and not each
+//! worker at once; their output goes to a log file each when the command names a directory.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -32,6 +34,9 @@ pub struct WorkerCommand {
     /// How long a worker told to stop may take before it is killed: its drain deadline and a
     /// margin, as the operator keeps a pod's grace period above it.
     pub stop_within: Duration,
+    /// Where each worker's output goes, as `worker-<n>.log` (`n` counts the set's starts);
+    /// `None`: the pool's own output.
+    pub logs: Option<PathBuf>,
 }
 
 /// What a workload's workers are doing.
@@ -46,6 +51,17 @@ pub struct PoolStatus {
     pub stopping: u32,
     /// Workers restarted after exiting on their own.
     pub restarts: u64,
+}
+
+/// One worker process as the pool sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerProcess {
+    pub pid: u32,
+    /// Its loopback HTTP port (`/metrics`, `/readyz`).
+    pub port: u16,
+    pub ready: bool,
+    /// Told to stop and draining.
+    pub stopping: bool,
 }
 
 /// The local mode's workers: one supervised set per workload.
@@ -68,6 +84,8 @@ struct SetState {
     crashes: u32,
     next_start: Option<Instant>,
     restarts: u64,
+    /// Workers started so far (names their log files).
+    started: u64,
 }
 
 struct Worker {
@@ -158,6 +176,25 @@ impl ProcessPool {
         })
     }
 
+    /// `workload`'s worker processes (those told to stop included).
+    pub fn workers(&self, workload: &Workload) -> Vec<WorkerProcess> {
+        self.set(workload).map_or_else(Vec::new, |set| {
+            let state = set.state.lock().expect("set lock");
+            state
+                .workers
+                .iter()
+                .filter_map(|w| {
+                    Some(WorkerProcess {
+                        pid: w.process.id()?,
+                        port: w.port,
+                        ready: w.ready,
+                        stopping: w.stopping.is_some(),
+                    })
+                })
+                .collect()
+        })
+    }
+
     /// Tells every worker to stop and waits until all have exited (each drains within its
     /// deadline; one that outlives `stop_within` is killed).
     pub async fn shutdown(&self) {
@@ -173,6 +210,26 @@ impl ProcessPool {
                 return;
             }
             tokio::time::sleep(TICK).await;
+        }
+    }
+
+    /// Kills every worker now, without a drain (the broker gives the jobs they held to
+    /// another consumer: a job being sent may be sent twice).
+    pub fn kill_all(&self) {
+        let sets: Vec<Arc<Set>> = self
+            .sets
+            .lock()
+            .expect("sets lock")
+            .values()
+            .cloned()
+            .collect();
+        for set in sets {
+            let mut state = set.state.lock().expect("set lock");
+            state.desired = 0;
+            for worker in &mut state.workers {
+                worker.stopping.get_or_insert_with(Instant::now);
+                let _ = worker.process.start_kill();
+            }
         }
     }
 
@@ -247,7 +304,8 @@ impl ProcessPool {
             let due = state.next_start.is_none_or(|at| at <= now);
             if active < state.desired && due {
                 for _ in active..state.desired {
-                    match start(&set.command) {
+                    state.started += 1;
+                    match start(&set.command, state.started) {
                         Ok(worker) => state.workers.push(worker),
                         Err(error) => {
                             tracing::warn!(program = %set.command.program.display(), %error, "cannot start a worker");
@@ -290,18 +348,27 @@ impl ProcessPool {
     }
 }
 
-/// Starts one worker on a loopback port of its own.
-fn start(command: &WorkerCommand) -> std::io::Result<Worker> {
+/// Starts the set's `n`th worker on a loopback port of its own.
+fn start(command: &WorkerCommand, n: u64) -> std::io::Result<Worker> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
-    let process = Command::new(&command.program)
+    let mut process = Command::new(&command.program);
+    process
         .args(&command.args)
         .args(["--http-addr", &format!("127.0.0.1:{port}")])
         .envs(command.env.iter().map(|(k, v)| (k, v)))
         .stdin(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()?;
+        .process_group(0)
+        .kill_on_drop(true);
+    if let Some(dir) = &command.logs {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(format!("worker-{n}.log")))?;
+        process.stdout(log.try_clone()?).stderr(log);
+    }
+    let process = process.spawn()?;
     Ok(Worker {
         process,
         port,

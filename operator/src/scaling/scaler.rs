@@ -21,14 +21,14 @@ use futures::StreamExt;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::events::EventType;
 use kube::{Api, Resource, ResourceExt};
-use mailpipe_contract::topology::{RabbitSettings, TopologyPlan};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::actuator::{Actuator, DeploymentScale, Workload};
-use super::observe::{Brokers, QueueBacklog, Reading};
-use super::policy::{Decision, History, Observation, Policy, Reason, Target};
-use super::rate::{self, RateMeter, SAMPLE_INTERVAL};
+use super::engine::{read_backlog, PipelineState, Read, Step};
+use super::observe::{Brokers, Reading};
+use super::policy::{Decision, Observation, Policy, Reason, Target};
+use super::rate::{self, SAMPLE_INTERVAL};
 use crate::crd::EmailPipeline;
 use crate::reconcile::{publish_for, Context};
 use crate::topology::management::{Management, QueueStats};
@@ -108,18 +108,15 @@ pub fn policy_of(valid: &ValidatedPipeline) -> Policy {
 
 /// What the scaler remembers of one pipeline.
 struct Tracked {
-    history: History,
+    /// What the engine remembers between looks (history, rate meter, queue detail).
+    state: PipelineState,
     next_at: Instant,
     /// The status fields last written.
     shown: Option<Shown>,
     /// The pipeline's spec validated, for the generation it was validated at.
     valid: Option<(Option<i64>, Option<Arc<ValidatedPipeline>>)>,
-    /// The per-replica send rate measured so far.
-    meter: RateMeter,
     /// The management API's last figures of the work queue, and when they were read.
     stats: Option<(Instant, QueueStats)>,
-    /// The last reading of every queue (delay and dead-letter queues included), and when.
-    detail: Option<(Instant, QueueBacklog)>,
 }
 
 /// Management API clients, one per API (and CA).
@@ -151,9 +148,6 @@ fn paused_replicas(pipeline: &EmailPipeline) -> Result<Option<u32>, String> {
     }
 }
 
-/// How often the delay and dead-letter queues are read (the work queue: every look).
-const DETAIL_EVERY: Duration = Duration::from_secs(5);
-
 /// The management API's figures are in flight counts for this long after they were read.
 const STATS_FRESH: Duration = Duration::from_secs(15);
 
@@ -183,20 +177,18 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
                 continue;
             };
             let entry = tracked.entry(uid.clone()).or_insert_with(|| Tracked {
-                history: History::default(),
-                next_at: now,
-                shown: None,
-                valid: None,
                 // A rate measured before this operator started, as the status kept it.
-                meter: RateMeter::starting_at(
+                state: PipelineState::new(
                     pipeline
                         .status
                         .as_ref()
                         .and_then(|s| s.send_rate_per_replica.as_deref())
                         .and_then(|text| text.parse().ok()),
                 ),
+                next_at: now,
+                shown: None,
+                valid: None,
                 stats: None,
-                detail: None,
             });
             if entry.next_at > now {
                 continue;
@@ -231,13 +223,10 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
                 };
                 // None: the reconcile has not read the pipeline's Secrets yet.
                 let access = ctx.broker_urls.get(uid)?;
-                let detail = tracked
-                    .get(uid)
-                    .and_then(|t| t.detail)
-                    .filter(|(read, _)| read.elapsed() < DETAIL_EVERY)
-                    .map(|(_, backlog)| backlog);
+                let detail = tracked.get(uid).and_then(|t| t.state.fresh_detail());
                 Some(async move {
-                    let read = read_backlog(brokers, &access, settings, plan, detail).await;
+                    let (url, ca) = (&access.url, access.ca.as_deref());
+                    let read = read_backlog(brokers, url, ca, settings, plan, detail).await;
                     (uid.clone(), read)
                 })
             }))
@@ -267,42 +256,6 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
 
 /// How many backlog readings one pass of the loop has under way at once.
 const READS_AT_ONCE: usize = 32;
-
-/// A pipeline's backlog as one pass read it.
-struct Read {
-    backlog: Result<QueueBacklog, TopologyError>,
-    /// Whether every queue was read (else the work queue, with `detail`'s other figures).
-    full: bool,
-}
-
-/// Reads a RabbitMQ pipeline's work queue, and its other queues when `detail` (their last
-/// reading) is not fresh.
-async fn read_backlog(
-    brokers: &Brokers,
-    access: &BrokerAccess,
-    settings: &RabbitSettings,
-    plan: &TopologyPlan,
-    detail: Option<QueueBacklog>,
-) -> Read {
-    let (url, ca) = (&access.url, access.ca.as_deref());
-    match detail {
-        Some(detail) => Read {
-            backlog: brokers
-                .read_work_queue(url, ca, settings, plan)
-                .await
-                .map(|work| QueueBacklog {
-                    delayed: detail.delayed,
-                    dead_letter: detail.dead_letter,
-                    ..work
-                }),
-            full: false,
-        },
-        None => Read {
-            backlog: brokers.read_queues(url, ca, settings, plan).await,
-            full: true,
-        },
-    }
-}
 
 /// What the scaler reaches the outside through.
 struct Links<'a> {
@@ -344,15 +297,11 @@ async fn tick(
                 // The reconcile has not read the pipeline's Secrets yet.
                 return;
             };
-            let Some(Read { backlog, full }) = read else {
+            let Some(read) = read else {
                 return;
             };
-            if let (Ok(backlog), true) = (&backlog, full) {
-                tracked.detail = Some((Instant::now(), *backlog));
-            }
-            match backlog {
-                Ok(backlog) => {
-                    tracked.meter.observe(at, backlog.consumers, backlog.ready);
+            match tracked.state.take_in(read, at) {
+                Ok(reading) => {
                     // Then the management API's figures: unacknowledged jobs and the ack
                     // rate (they change only every 5 s there).
                     if let Some(base) = &access.management {
@@ -367,7 +316,7 @@ async fn tick(
                                 });
                         }
                     }
-                    Some(Reading::Queue(backlog))
+                    Some(reading)
                 }
                 Err(error) => {
                     tracing::debug!(pipeline = %name, "cannot read the backlog: {error}");
@@ -382,32 +331,40 @@ async fn tick(
         .stats
         .filter(|(read, _)| read.elapsed() < STATS_FRESH)
         .map(|(_, stats)| stats.unacked);
-    let observation = Observation {
-        at,
-        work: reading.as_ref().map(|r| {
-            let mut work = r.work();
-            work.in_flight = work.in_flight.max(in_flight.unwrap_or(0));
-            work
-        }),
-        current: current.desired,
-        rate_per_replica: tracked.meter.rate(),
-        paused: match paused_replicas(pipeline) {
-            Ok(paused) => paused,
-            Err(why) => {
-                tracing::warn!(pipeline = %name, "{why}");
-                None
-            }
-        },
-        partitions: reading.as_ref().and_then(Reading::partitions),
+    let paused = match paused_replicas(pipeline) {
+        Ok(paused) => paused,
+        Err(why) => {
+            tracing::warn!(pipeline = %name, "{why}");
+            None
+        }
     };
     let policy = policy_of(valid);
-    let decision = policy.decide(&observation, &mut tracked.history);
-    let scaled = decision.replicas != current.desired;
-    if scaled {
-        if let Err(error) = actuator.scale(&workload, decision.replicas).await {
+    let step = tracked
+        .state
+        .decide(
+            actuator,
+            &workload,
+            &policy,
+            current,
+            reading.as_ref(),
+            in_flight,
+            paused,
+            at,
+        )
+        .await;
+    let Step {
+        observation,
+        decision,
+        scaled,
+        ..
+    } = match step {
+        Ok(step) => step,
+        Err(error) => {
             tracing::warn!(pipeline = %name, "cannot scale the workers: {error}");
             return;
         }
+    };
+    if scaled {
         let direction = if decision.replicas > current.desired {
             "up"
         } else {
@@ -438,11 +395,11 @@ async fn tick(
         .set(i64::from(decision.replicas));
     // The scaler's status fields, written when they change (compared in this cheap form
     // first: most looks at most pipelines change nothing).
-    let rate_text = tracked.meter.rate().map(rate::status_text);
+    let rate_text = tracked.state.meter.rate().map(rate::status_text);
     let eta_seconds = decision
         .time_to_drain
         .map(|eta| eta.as_secs_f64().ceil() as i64);
-    if let Some(rate) = tracked.meter.rate() {
+    if let Some(rate) = tracked.state.meter.rate() {
         ctx.metrics
             .send_rate_per_replica
             .with_label_values(&[namespace, name])
@@ -531,7 +488,7 @@ async fn read_stats(
         .get(base, access.ca.as_deref())?
         .queue_stats(&access.url, queue)
         .await?;
-    tracked.meter.sample(at, stats.ack_rate);
+    tracked.state.meter.sample(at, stats.ack_rate);
     tracked.stats = Some((Instant::now(), stats));
     Ok(())
 }

@@ -46,6 +46,9 @@ impl QueueStats {
     }
 }
 
+/// How long a new virtual host may take to start.
+const VHOST_START: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// A path segment, percent-encoded (`/` is the default vhost's whole name).
 fn segment(text: &str) -> String {
     text.bytes()
@@ -134,7 +137,45 @@ impl Management {
             &format!("/api/permissions/{vhost}/{user}"),
             serde_json::json!({"configure": ".*", "write": ".*", "read": ".*"}),
         )
-        .await
+        .await?;
+        self.vhost_running(&vhost).await
+    }
+
+    /// Waits until the virtual host (a path segment) runs on every node: the API answers
+    /// the PUT before a new one has started, and a connection to it in between is refused
+    /// ("vhost ... is down").
+    async fn vhost_running(&self, vhost: &str) -> Result<(), TopologyError> {
+        let path = format!("/api/vhosts/{vhost}");
+        let deadline = tokio::time::Instant::now() + VHOST_START;
+        loop {
+            let response = self
+                .http
+                .get(format!("{}{path}", self.base))
+                .send()
+                .await
+                .map_err(|e| unanswered(&e))?;
+            let running = match response.status().as_u16() {
+                200 => {
+                    let body: serde_json::Value =
+                        response.json().await.map_err(|e| unanswered(&e))?;
+                    // Versions without the field report nothing to wait for.
+                    body["cluster_state"]
+                        .as_object()
+                        .is_none_or(|nodes| nodes.values().all(|state| state == "running"))
+                }
+                401 | 403 => return Err(refused_credentials()),
+                _ => false,
+            };
+            if running {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(TopologyError::Unreachable(format!(
+                    "the virtual host did not start within {VHOST_START:?}"
+                )));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
     }
 }
 

@@ -1,0 +1,125 @@
+//! scale: local mode's scaling loop, one per pipeline: the operator's engine (`engine`:
+//! the same reading, rate meter, policy and decision as in a cluster) with the process
+//! pool as its actuator. Every `scaling.pollInterval` it reads the pipeline's queues over
+//! the run's shared broker connection, decides, and scales; what the workers hold comes
+//! from their own counters (the tally) rather than the management API.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mailpipe_operator::scaling::actuator::{Actuator, Workload};
+use mailpipe_operator::scaling::engine::{read_backlog, PipelineState};
+use mailpipe_operator::scaling::observe::{Brokers, Reading};
+use mailpipe_operator::scaling::process_pool::ProcessPool;
+use mailpipe_operator::scaling::scaler::policy_of;
+use mailpipe_operator::validate::{ValidatedPipeline, ValidatedSource};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::board::{Board, Scaled};
+
+/// How to reach a pipeline's broker (the URL carries credentials: never logged).
+pub struct Reach {
+    pub url: String,
+    pub ca: Option<String>,
+}
+
+/// Scales `valid`'s workers (`workload` in `pool`, row `index` of `board`) until `stop`.
+#[allow(clippy::too_many_arguments)]
+pub async fn run(
+    valid: Arc<ValidatedPipeline>,
+    reach: Reach,
+    brokers: Arc<Brokers>,
+    pool: Arc<ProcessPool>,
+    workload: Workload,
+    board: Board,
+    index: usize,
+    started: Instant,
+    stop: CancellationToken,
+) {
+    let ValidatedSource::Rabbit { settings, plan, .. } = &valid.source else {
+        return;
+    };
+    let policy = policy_of(&valid);
+    let mut state = PipelineState::new(None);
+    let mut next = Instant::now();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep_until(next) => {}
+        }
+        // On a fixed schedule, never owing looks after a stall.
+        next = (next + valid.poll_interval).max(Instant::now());
+        let at = started.elapsed();
+        let detail = state.fresh_detail();
+        let read = read_backlog(
+            &brokers,
+            &reach.url,
+            reach.ca.as_deref(),
+            settings,
+            plan,
+            detail,
+        )
+        .await;
+        let reading = state.take_in(read, at);
+        let current = match pool.replicas(&workload).await {
+            Ok(Some(current)) => current,
+            _ => return,
+        };
+        let in_flight = board.rows().get(index).map(|row| row.totals.in_flight);
+        let step = state
+            .decide(
+                &pool,
+                &workload,
+                &policy,
+                current,
+                reading.as_ref().ok(),
+                in_flight,
+                None,
+                at,
+            )
+            .await;
+        let step = match step {
+            Ok(step) => step,
+            Err(error) => {
+                tracing::warn!(pipeline = %valid.name, "cannot scale the workers: {error}");
+                continue;
+            }
+        };
+        if step.scaled {
+            let work = step.observation.work.map_or(0, |w| w.ready + w.in_flight);
+            tracing::info!(
+                pipeline = %valid.name,
+                "scaled the workers from {} to {} ({}; {work} jobs waiting)",
+                step.current.desired,
+                step.decision.replicas,
+                step.decision.reason.as_str()
+            );
+        }
+        board.update(index, |row| {
+            match &reading {
+                Ok(Reading::Queue(backlog)) => {
+                    row.backlog = Some(*backlog);
+                    row.unreadable = None;
+                    row.read_at = Some(at);
+                }
+                Ok(Reading::Lag(_)) => {}
+                Err(error) => row.unreadable = Some(error.to_string()),
+            }
+            row.reason = step.decision.reason.as_str();
+            if step.scaled {
+                row.decided += 1;
+                row.decisions.push(Scaled {
+                    at,
+                    from: step.current.desired,
+                    to: step.decision.replicas,
+                    reason: step.decision.reason.as_str(),
+                    work: step.observation.work.map_or(0, |w| w.ready + w.in_flight),
+                });
+            }
+        });
+    }
+}
+
+/// How long to wait between two tries of the topology at start-up.
+pub const ENSURE_RETRY: Duration = Duration::from_secs(2);
