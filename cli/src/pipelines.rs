@@ -1,12 +1,14 @@
 //! pipelines: `EmailPipeline` files (YAML, one or several documents each, as users apply
-//! them in a cluster) into validated pipelines, with the operator's own validation. Where
-//! a cluster's API server would refuse a document (a field of the wrong type, a field the
-//! schema does not have, which `kubectl apply` refuses by default, a value no enum has),
-//! this refuses it too, naming the field; then the operator's `validate` checks what the
-//! schema cannot say, with the same messages the operator puts in a pipeline's status.
+//! them in a cluster) into validated pipelines, with the operator's own checks. What a
+//! cluster's API server would refuse (the CRD's schema: a field of the wrong type or out of
+//! bounds, a value no enum has, a field the schema does not have, which `kubectl apply`
+//! refuses by default; and its CEL rules) is refused by the operator's `admission`, with
+//! the API server's words and the field's path; then the operator's `validate` checks what
+//! the schema cannot say, with the messages the operator puts in a pipeline's status.
 
 use std::path::{Path, PathBuf};
 
+use mailpipe_operator::admission::admit;
 use mailpipe_operator::crd::EmailPipelineSpec;
 use mailpipe_operator::validate::{validate, ValidatedPipeline};
 use serde::Deserialize;
@@ -158,6 +160,14 @@ fn document_pipeline(origin: &str, value: serde_json::Value) -> Result<Loaded, R
         .and_then(|m| m.get("namespace"))
         .and_then(|n| n.as_str())
         .unwrap_or(DEFAULT_NAMESPACE);
+    let violations = admit(&value);
+    if !violations.is_empty() {
+        let all: Vec<String> = violations
+            .iter()
+            .map(|(field, _, message)| format!("{field}: {message}"))
+            .collect();
+        return Err(refused(origin, all.join("; ")));
+    }
     let spec_value = value
         .get("spec")
         .cloned()
@@ -171,34 +181,18 @@ fn document_pipeline(origin: &str, value: serde_json::Value) -> Result<Loaded, R
     })
 }
 
-/// The spec, refusing a field of the wrong type or one the schema does not know, naming it.
+/// The spec in the operator's types (after `admit`, a failure here is a rule the schema
+/// does not carry), naming the field that does not fit.
 fn spec_of(value: serde_json::Value) -> Result<EmailPipelineSpec, String> {
-    let mut unknown = Vec::new();
-    let mut track = serde_path_to_error::Track::new();
-    let spec = serde_ignored::deserialize(
-        serde_path_to_error::Deserializer::new(&value, &mut track),
-        |path| unknown.push(path.to_string()),
-    );
-    match spec {
-        Ok(spec) if unknown.is_empty() => Ok(spec),
-        Ok(_) => Err(format!(
-            "{}: unknown field (the schema has no such field; check its spelling and place)",
-            unknown
-                .iter()
-                .map(|p| format!("spec.{p}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        )),
-        Err(error) => {
-            let path = track.path().to_string();
-            let field = if path == "." || path.is_empty() {
-                "spec".to_string()
-            } else {
-                format!("spec.{path}")
-            };
-            Err(format!("{field}: {error}"))
-        }
-    }
+    serde_path_to_error::deserialize(&value).map_err(|error| {
+        let path = error.path().to_string();
+        let field = if path == "." || path.is_empty() {
+            "spec".to_string()
+        } else {
+            format!("spec.{path}")
+        };
+        format!("{field}: {}", error.inner())
+    })
 }
 
 /// Kubernetes' object-name rule (a DNS-1123 subdomain).
@@ -266,7 +260,7 @@ spec:
         let text = format!("{GOOD}  scaling:\n    maxReplicas: four\n");
         let message = refusal(&text);
         assert!(
-            message.contains("spec.scaling.maxReplicas: invalid type"),
+            message.contains("spec.scaling.maxReplicas: Invalid value: \"string\": spec.scaling.maxReplicas in body must be of type integer"),
             "{message}"
         );
         assert!(message.contains("document 1"), "{message}");
@@ -280,6 +274,24 @@ spec:
             message.contains("spec.scaling.maxReplica: unknown field"),
             "{message}"
         );
+    }
+
+    #[test]
+    fn the_crds_bounds_and_rules_are_checked() {
+        let negative = refusal(&format!("{GOOD}  scaling:\n    minReplicas: -1\n"));
+        assert!(
+            negative.contains("spec.scaling.minReplicas: Invalid value: -1"),
+            "{negative}"
+        );
+        let inverted = refusal(&format!(
+            "{GOOD}  scaling:\n    minReplicas: 5\n    maxReplicas: 2\n"
+        ));
+        assert!(
+            inverted.contains("spec.scaling.minReplicas must be <= spec.scaling.maxReplicas"),
+            "{inverted}"
+        );
+        let idle = refusal(&format!("{GOOD}  worker:\n    concurrency: 0\n"));
+        assert!(idle.contains("spec.worker.concurrency"), "{idle}");
     }
 
     #[test]

@@ -7,9 +7,11 @@
 //! `cleanup` deals with a deleted pipeline's topology, `keep` holds the broker connection it
 //! needs, `sharing` keeps two pipelines off one fanout exchange, `scaling` decides replica
 //! counts; `crd` holds the resource types the CRD is generated from; `controller` wires the
-//! watches, `leader` elects one active replica through a Lease.
+//! watches, `leader` elects one active replica through a Lease. `admission` checks a
+//! resource against the CRD as the API server does, for local mode.
 #![forbid(unsafe_code)]
 
+pub mod admission;
 pub mod build;
 pub mod cleanup;
 pub mod controller;

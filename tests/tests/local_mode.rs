@@ -264,7 +264,17 @@ async fn a_pipeline_file_with_an_error_is_refused_naming_the_field() {
     let (code, out, err) = finish(local(&file, dir.path(), &[]), Duration::from_secs(30)).await;
     assert_eq!(code, Some(2), "{out}{err}");
     assert!(
-        err.contains("document 1") && err.contains("spec.scaling.maxReplicas: invalid type"),
+        err.contains("document 1")
+            && err.contains("spec.scaling.maxReplicas: Invalid value: \"string\"")
+            && err.contains("must be of type integer"),
+        "{err}"
+    );
+    // The CRD's bounds and rules, as the API server would apply them.
+    std::fs::write(&file, good.replace("minReplicas: 0", "minReplicas: 5")).expect("written");
+    let (code, _, err) = finish(local(&file, dir.path(), &[]), Duration::from_secs(30)).await;
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains("spec.scaling: Invalid value: spec.scaling.minReplicas must be <= spec.scaling.maxReplicas"),
         "{err}"
     );
     // The operator's own checks, with its words.

@@ -206,46 +206,9 @@ fn spec_of(object: &Value) -> Value {
     copy
 }
 
-/// Fills in `default` values of a structural schema, as the API server does for custom
-/// resources: a property absent from an object that is present gets its default, and
-/// defaults are applied inside defaults too.
-pub fn apply_defaults(value: &mut Value, schema: &Value) {
-    match value {
-        Value::Object(map) => {
-            if let Some(properties) = schema["properties"].as_object() {
-                for (name, property) in properties {
-                    // A null where the schema is not nullable is dropped before defaulting
-                    // when the field has a default; without one it is kept (recording 167).
-                    let null_with_default = map.get(name).is_some_and(Value::is_null)
-                        && property["nullable"] != true
-                        && property.get("default").is_some();
-                    if !map.contains_key(name) || null_with_default {
-                        if let Some(default) = property.get("default") {
-                            map.insert(name.clone(), default.clone());
-                        }
-                    }
-                    if let Some(child) = map.get_mut(name) {
-                        apply_defaults(child, property);
-                    }
-                }
-            }
-            if let Some(additional) = schema.get("additionalProperties").filter(|a| a.is_object()) {
-                let known = schema["properties"].as_object();
-                for (name, child) in map.iter_mut() {
-                    if known.is_none_or(|k| !k.contains_key(name)) {
-                        apply_defaults(child, additional);
-                    }
-                }
-            }
-        }
-        Value::Array(items) => {
-            for item in items {
-                apply_defaults(item, &schema["items"]);
-            }
-        }
-        _ => {}
-    }
-}
+/// Fills in `default` values of a structural schema, as the API server does (the
+/// operator's `admission` holds it, for local mode too).
+pub use mailpipe_operator::admission::apply_defaults;
 
 /// The objects of `kind` (in `namespace` when given) the selectors select, as `kind` shows
 /// them.
