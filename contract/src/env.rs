@@ -92,6 +92,9 @@ pub const HTTP_ADDR: &str = "MAILPIPE_HTTP_ADDR";
 pub const LOG_FORMAT: &str = "MAILPIPE_LOG_FORMAT";
 /// Log filter, e.g. `info` or `mailpipe_worker=debug`.
 pub const LOG: &str = "MAILPIPE_LOG";
+/// `true`: the worker drains and exits once the process that started it is gone (local
+/// mode's workers, so none outlives a `mailpipe local` that was killed).
+pub const STOP_WITH_PARENT: &str = "MAILPIPE_STOP_WITH_PARENT";
 /// Deadline for in-flight sends after SIGTERM.
 pub const SHUTDOWN_TIMEOUT: &str = "MAILPIPE_SHUTDOWN_TIMEOUT";
 /// Largest job accepted, in bytes.

@@ -254,6 +254,69 @@ async fn a_worker_killed_mid_run_is_restarted_and_nothing_is_lost() {
     cleanup(&names).await;
 }
 
+/// The processes whose environment names `queue` as their work queue.
+fn workers_of(queue: &str) -> Vec<u32> {
+    let wanted = format!("MAILPIPE_QUEUE={queue}");
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .flatten()
+        .filter_map(|entry| {
+            let pid = entry.file_name().to_string_lossy().parse::<u32>().ok()?;
+            let environ = std::fs::read(entry.path().join("environ")).ok()?;
+            environ
+                .split(|b| *b == 0)
+                .any(|var| var == wanted.as_bytes())
+                .then_some(pid)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_killed_mailpipe_leaves_no_worker_behind_and_the_next_run_finishes_the_work() {
+    const N: usize = 1500;
+    let smtp = SmtpServer::start(SmtpOptions::default()).await;
+    let names = Names::new("localorphan");
+    let dir = tempfile::tempdir().expect("a directory");
+    let file = dir.path().join("pipeline.yaml");
+    std::fs::write(&file, pipeline(&names, smtp.port)).expect("written");
+    // The jobs wait in the pipeline's queue (declared as the operator plans it) first.
+    let connection = amqp::connect(SHARED_URL).await;
+    let channel = connection.create_channel().await.expect("a channel");
+    mailpipe_contract::amqp::declare(&channel, &names.plan(&RetryPolicy::default()), false)
+        .await
+        .expect("declared");
+    let _ = connection.close(200, "declared".into()).await;
+    let run = mailpipe_tests::unique("orphan");
+    amqp::publish_numbered(SHARED_URL, &names.exchange, &run, 0..N).await;
+    let mut first = local(&file, dir.path(), &[]);
+    eventually(Duration::from_secs(60), "workers sending", || async {
+        (smtp.count().await >= 200).then_some(())
+    })
+    .await;
+    assert!(!workers_of(&names.queue).is_empty());
+    first.kill().await.expect("mailpipe killed");
+    // Each worker sees its parent gone, drains what it holds and exits.
+    eventually(Duration::from_secs(30), "the workers to stop", || async {
+        workers_of(&names.queue).is_empty().then_some(())
+    })
+    .await;
+    eventually(Duration::from_secs(10), "no consumer left", || async {
+        (amqp::consumers(SHARED_URL, &names.queue).await == 0).then_some(())
+    })
+    .await;
+    assert!(
+        smtp.count().await < N,
+        "work was left for the next run (else the test proves nothing)"
+    );
+    // The next run takes the rest.
+    let second = local(&file, dir.path(), &["--exit-when-drained"]);
+    let (code, out, err) = finish(second, Duration::from_secs(240)).await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    let tally = smtp.tally(&run, N).await;
+    assert_eq!((tally.lost, tally.foreign), (0, 0), "{tally:?}");
+    cleanup(&names).await;
+}
+
 #[tokio::test]
 async fn a_pipeline_file_with_an_error_is_refused_naming_the_field() {
     let names = Names::new("localbad");

@@ -193,6 +193,9 @@ pub struct Args {
     /// Log filter (recipients and content appear only at debug level).
     #[arg(long, env = env::LOG, default_value = "info")]
     pub log: String,
+    /// Drain and exit once the process that started this worker is gone, as on SIGTERM.
+    #[arg(long, env = env::STOP_WITH_PARENT, default_value_t = false)]
+    pub stop_with_parent: bool,
     /// After SIGTERM, how long in-flight sends may take before the worker exits anyway.
     #[arg(long, env = env::SHUTDOWN_TIMEOUT, default_value = "25s", value_parser = humantime::parse_duration)]
     pub shutdown_timeout: Duration,

@@ -33,6 +33,7 @@ fn main() -> ExitCode {
         LogFormat::Json => subscriber.json().flatten_event(true).init(),
         LogFormat::Text => subscriber.init(),
     }
+    let stop_with_parent = args.stop_with_parent;
     let config = match Config::from_args(args, &|name| std::env::var(name).ok()) {
         Ok(config) => config,
         Err(error) => {
@@ -51,6 +52,9 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         let stop = CancellationToken::new();
         mailpipe_worker::shutdown::on_signals(stop.clone()).map_err(anyhow::Error::from)?;
+        if stop_with_parent {
+            mailpipe_worker::shutdown::with_parent(stop.clone());
+        }
         mailpipe_worker::run(config, stop)
             .await
             .map_err(anyhow::Error::from)

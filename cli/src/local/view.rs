@@ -212,7 +212,7 @@ impl Tui {
         let mut log: Vec<Line> = Vec::new();
         for row in rows {
             log.push(Line::from(format!(
-                "{}: {} -> {} ({}), last decision: {}; published {}{}",
+                "{}: {} -> {} ({}, worker restarts {}), last decision: {}; published {}{}",
                 row.name,
                 row.exchange,
                 row.queue,
@@ -221,6 +221,7 @@ impl Tui {
                 } else {
                     format!("dead-lettered: {}", reasons(&row.totals.dead_lettered))
                 },
+                row.pool.restarts,
                 if row.reason.is_empty() {
                     "-"
                 } else {

@@ -94,6 +94,9 @@ pub fn command(
             }
         }
     }
+    // A worker runs in a process group of its own: nothing but this tells it that a
+    // killed `mailpipe local` is gone.
+    vars.push((env::STOP_WITH_PARENT.to_string(), "true".to_string()));
     Ok(WorkerCommand {
         program: program.to_path_buf(),
         args: Vec::new(),
