@@ -318,6 +318,46 @@ async fn a_killed_mailpipe_leaves_no_worker_behind_and_the_next_run_finishes_the
 }
 
 #[tokio::test]
+async fn ctrl_c_drains_the_workers_and_leaves_the_rest_queued() {
+    const N: usize = 2000;
+    let smtp = SmtpServer::start(SmtpOptions::default()).await;
+    let names = Names::new("localint");
+    let dir = tempfile::tempdir().expect("a directory");
+    let file = dir.path().join("pipeline.yaml");
+    std::fs::write(&file, pipeline(&names, smtp.port)).expect("written");
+    let child = local(&file, dir.path(), &["--burst", &N.to_string()]);
+    eventually(Duration::from_secs(60), "workers sending", || async {
+        (smtp.count().await >= 200).then_some(())
+    })
+    .await;
+    let parent = child.id().expect("running");
+    kill(Pid::from_raw(parent as i32), Signal::SIGINT).expect("interrupted");
+    let (code, out, err) = finish(child, Duration::from_secs(120)).await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("== draining the workers"), "{out}");
+    assert!(out.contains("== summary"), "{out}");
+    assert!(workers_of(&names.queue).is_empty(), "no worker left");
+    assert_eq!(amqp::consumers(SHARED_URL, &names.queue).await, 0);
+    // What was not sent waits in the queue: every job published (the burst stops with the
+    // run) is in one place or the other.
+    let published: usize = out
+        .split("published ")
+        .last()
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .expect("the summary counts the jobs published");
+    let sent = smtp.count().await;
+    let queued = amqp::ready(SHARED_URL, &names.queue).await as usize;
+    assert!(queued > 0, "the drain stopped the work before its end");
+    assert_eq!(
+        sent + queued,
+        published,
+        "sent {sent}, queued {queued}, published {published}"
+    );
+    cleanup(&names).await;
+}
+
+#[tokio::test]
 async fn a_pipeline_file_with_an_error_is_refused_naming_the_field() {
     let names = Names::new("localbad");
     let dir = tempfile::tempdir().expect("a directory");

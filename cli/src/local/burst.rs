@@ -28,7 +28,8 @@ pub fn job(run: &str, n: u64) -> Vec<u8> {
 }
 
 /// Publishes jobs `first..first + count` of `run` into `valid`'s exchange; row `index` of
-/// `board` counts them as they are confirmed.
+/// `board` counts them as they are confirmed. `stop` ends it between two batches, each
+/// confirmed whole, so the count stays what the broker holds.
 #[allow(clippy::too_many_arguments)]
 pub async fn publish(
     connections: Arc<Connections>,
@@ -40,6 +41,7 @@ pub async fn publish(
     first: u64,
     count: u64,
     started: tokio::time::Instant,
+    stop: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
     let ValidatedSource::Rabbit { settings, .. } = &valid.source else {
         anyhow::bail!("{}: bursts go to RabbitMQ pipelines", valid.name);
@@ -55,7 +57,7 @@ pub async fn publish(
             .with_delivery_mode(2)
             .with_content_type("application/json".into());
         let mut n = first;
-        while n < first + count {
+        while n < first + count && !stop.is_cancelled() {
             let end = (n + BATCH as u64).min(first + count);
             let mut confirms = Vec::with_capacity(BATCH);
             for i in n..end {

@@ -69,6 +69,9 @@ pub struct Options {
 /// How long the topology may stay unreachable at start-up before the run gives up.
 const ENSURE_WITHIN: Duration = Duration::from_secs(60);
 
+/// How long a burst may take to finish its batch when the run stops.
+const BURST_STOP: Duration = Duration::from_secs(10);
+
 /// The view's refresh.
 const FRAME: Duration = Duration::from_millis(250);
 
@@ -299,6 +302,7 @@ async fn run_in(run: Run<'_>) -> anyhow::Result<ExitCode> {
         started,
         into: burst_into,
         running: Vec::new(),
+        stop: CancellationToken::new(),
     };
     if options.burst > 0 {
         if !tui {
@@ -367,7 +371,7 @@ async fn run_in(run: Run<'_>) -> anyhow::Result<ExitCode> {
 
     // Draining: the scaling stops, every worker is told to stop and finishes what it holds.
     stop_scaling.cancel();
-    bursts.abort();
+    bursts.stop().await;
     let drain = {
         let pool = pool.clone();
         tokio::spawn(async move { pool.shutdown().await })
@@ -446,6 +450,8 @@ struct Bursts<'a> {
     /// The pipeline bursts go to.
     into: usize,
     running: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    /// Ends the bursts between two batches.
+    stop: CancellationToken,
 }
 
 impl Bursts<'_> {
@@ -461,6 +467,7 @@ impl Bursts<'_> {
         let board = self.board.clone();
         let run_id = self.run_id.to_string();
         let started = self.started;
+        let stop = self.stop.clone();
         self.running.push(tokio::spawn(async move {
             burst::publish(
                 connections,
@@ -472,6 +479,7 @@ impl Bursts<'_> {
                 first,
                 count,
                 started,
+                stop,
             )
             .await
         }));
@@ -493,9 +501,11 @@ impl Bursts<'_> {
         }
     }
 
-    fn abort(&mut self) {
-        for task in &self.running {
-            task.abort();
+    /// Stops publishing after the batch under way, once the broker confirmed it.
+    async fn stop(&mut self) {
+        self.stop.cancel();
+        for task in self.running.drain(..) {
+            let _ = tokio::time::timeout(BURST_STOP, task).await;
         }
     }
 }
@@ -504,11 +514,20 @@ impl Bursts<'_> {
 /// credentials, a queue declared with other arguments) ends the run at once.
 async fn ensure(topology: &RabbitTopology, origin: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + ENSURE_WITHIN;
+    let mut told = false;
     loop {
         match topology.ensure().await {
             Ok(()) => return Ok(()),
             Err(error) if error.is_transient() && Instant::now() < deadline => {
-                tracing::warn!("{origin}: {error}; trying again");
+                // Said once on the terminal (the live view has not started yet).
+                if !told {
+                    eprintln!(
+                        "mailpipe local: {origin}: {error}; trying again for up to {}s",
+                        ENSURE_WITHIN.as_secs()
+                    );
+                    told = true;
+                }
+                tracing::debug!("{origin}: {error}; trying again");
                 tokio::time::sleep(scale::ENSURE_RETRY).await;
             }
             Err(error) => bail!("{origin}: cannot ensure the topology: {error}"),
