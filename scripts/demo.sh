@@ -3,8 +3,8 @@
 # missing (RabbitMQ, maildev as the SMTP server with a web inbox), builds mailpipe and the
 # worker, and runs the example pipeline with `mailpipe local`: a burst of jobs, the workers
 # scaled up from zero and back down, every message in maildev's inbox.
-# Usage: scripts/demo.sh [mailpipe local flags]   (default: --burst 3000)
-#   e.g. scripts/demo.sh --burst 5000 --exit-when-drained
+# Usage: scripts/demo.sh [mailpipe local flags]   (a burst of 3000 unless --burst is given)
+#   e.g. scripts/demo.sh --exit-when-drained, scripts/demo.sh --burst 5000
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/mailpipe/target}"
@@ -29,6 +29,10 @@ cargo build --locked -q -p mailpipe -p mailpipe-worker
 
 # The Secret the pipeline names, the local way (never in the pipeline file).
 export MAILPIPE_SECRET_AMQP_URL="${MAILPIPE_SECRET_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}"
-if [ "$#" -eq 0 ]; then set -- --burst 3000; fi
+# A burst of 3,000 jobs unless the flags ask for another.
+burst=(--burst 3000)
+for arg in "$@"; do
+  case "$arg" in --burst|--burst=*) burst=() ;; esac
+done
 exec "$CARGO_TARGET_DIR/debug/mailpipe" local deploy/examples/local/pipeline.yaml \
-  --inbox http://127.0.0.1:1080 "$@"
+  --inbox http://127.0.0.1:1080 "${burst[@]}" "$@"

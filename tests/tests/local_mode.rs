@@ -141,25 +141,44 @@ async fn cleanup(names: &Names) {
     .await;
 }
 
-#[tokio::test]
-async fn a_burst_scales_up_and_back_to_zero_and_every_job_arrives_once() {
-    const N: usize = 3000;
+/// A run of `mailpipe local` on a fresh pipeline (`label`) with `args`, against an SMTP
+/// server of its own.
+struct Run {
+    smtp: SmtpServer,
+    names: Names,
+    dir: tempfile::TempDir,
+    child: Child,
+}
+
+async fn start(label: &str, args: &[&str]) -> Run {
     let smtp = SmtpServer::start(SmtpOptions::default()).await;
-    let names = Names::new("localburst");
+    let names = Names::new(label);
     let dir = tempfile::tempdir().expect("a directory");
     let file = dir.path().join("pipeline.yaml");
     std::fs::write(&file, pipeline(&names, smtp.port)).expect("written");
-    let child = local(
-        &file,
-        dir.path(),
-        &[
-            "--burst",
-            &N.to_string(),
-            "--exit-when-drained",
-            "--every",
-            "5s",
-        ],
-    );
+    let child = local(&file, dir.path(), args);
+    Run {
+        smtp,
+        names,
+        dir,
+        child,
+    }
+}
+
+#[tokio::test]
+async fn a_burst_scales_up_and_back_to_zero_and_every_job_arrives_once() {
+    const N: usize = 3000;
+    let burst = N.to_string();
+    let Run {
+        smtp,
+        names,
+        child,
+        dir: _dir,
+    } = start(
+        "localburst",
+        &["--burst", &burst, "--exit-when-drained", "--every", "5s"],
+    )
+    .await;
     let (code, out, err) = finish(child, Duration::from_secs(240)).await;
     println!("--- stdout\n{out}\n--- stderr\n{err}");
     assert_eq!(code, Some(0), "exits 0 once drained");
@@ -216,22 +235,17 @@ fn children(parent: u32) -> Vec<u32> {
 #[tokio::test]
 async fn a_worker_killed_mid_run_is_restarted_and_nothing_is_lost() {
     const N: usize = 2000;
-    let smtp = SmtpServer::start(SmtpOptions::default()).await;
-    let names = Names::new("localkill");
-    let dir = tempfile::tempdir().expect("a directory");
-    let file = dir.path().join("pipeline.yaml");
-    std::fs::write(&file, pipeline(&names, smtp.port)).expect("written");
-    let child = local(
-        &file,
-        dir.path(),
-        &[
-            "--burst",
-            &N.to_string(),
-            "--exit-when-drained",
-            "--every",
-            "5s",
-        ],
-    );
+    let burst = N.to_string();
+    let Run {
+        smtp,
+        names,
+        child,
+        dir: _dir,
+    } = start(
+        "localkill",
+        &["--burst", &burst, "--exit-when-drained", "--every", "5s"],
+    )
+    .await;
     let parent = child.id().expect("running");
     // Mid-run: the workers are up and a part of the burst has arrived.
     let victim = eventually(Duration::from_secs(60), "workers sending", || async {
@@ -319,13 +333,12 @@ async fn a_killed_mailpipe_leaves_no_worker_behind_and_the_next_run_finishes_the
 
 #[tokio::test]
 async fn ctrl_c_drains_the_workers_and_leaves_the_rest_queued() {
-    const N: usize = 2000;
-    let smtp = SmtpServer::start(SmtpOptions::default()).await;
-    let names = Names::new("localint");
-    let dir = tempfile::tempdir().expect("a directory");
-    let file = dir.path().join("pipeline.yaml");
-    std::fs::write(&file, pipeline(&names, smtp.port)).expect("written");
-    let child = local(&file, dir.path(), &["--burst", &N.to_string()]);
+    let Run {
+        smtp,
+        names,
+        child,
+        dir: _dir,
+    } = start("localint", &["--burst", "2000"]).await;
     eventually(Duration::from_secs(60), "workers sending", || async {
         (smtp.count().await >= 200).then_some(())
     })

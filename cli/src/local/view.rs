@@ -168,8 +168,16 @@ impl Tui {
     pub fn draw(&mut self, rows: &[Row], at: Duration, footer: &str) -> std::io::Result<()> {
         let header = TableRow::new(
             [
-                "pipeline", "backlog", "retrying", "dead", "desired", "running", "ready", "sent",
-                "sent/s", "failures",
+                "pipeline",
+                "backlog",
+                "retrying",
+                "dead",
+                "desired",
+                "running (+stopping)",
+                "ready",
+                "sent",
+                "sent/s",
+                "failures",
             ]
             .map(Cell::from),
         )
@@ -179,7 +187,7 @@ impl Tui {
             .map(|row| {
                 let (ready, delayed, dead) = queues(row);
                 let running = if row.pool.stopping > 0 {
-                    format!("{} (+{} stopping)", row.pool.running, row.pool.stopping)
+                    format!("{} (+{})", row.pool.running, row.pool.stopping)
                 } else {
                     row.pool.running.to_string()
                 };
@@ -212,23 +220,15 @@ impl Tui {
         let mut log: Vec<Line> = Vec::new();
         for row in rows {
             log.push(Line::from(format!(
-                "{}: {} -> {} ({}, worker restarts {}), last decision: {}; published {}{}",
+                "{} ({} -> {}): published {}{}, dead-lettered {}, worker restarts {}, last decision {}",
                 row.name,
                 row.exchange,
                 row.queue,
-                if row.totals.dead_lettered.is_empty() {
-                    "nothing dead-lettered".to_string()
-                } else {
-                    format!("dead-lettered: {}", reasons(&row.totals.dead_lettered))
-                },
-                row.pool.restarts,
-                if row.reason.is_empty() {
-                    "-"
-                } else {
-                    row.reason
-                },
                 row.published,
                 if row.publishing { " (publishing)" } else { "" },
+                reasons(&row.totals.dead_lettered),
+                row.pool.restarts,
+                if row.reason.is_empty() { "-" } else { row.reason },
             )));
             for scaled in row.decisions.iter().rev() {
                 log.push(Line::from(format!("  {}", decision(row, scaled))));

@@ -88,6 +88,17 @@ impl Management {
             TopologyError::Refused("the connection Secret does not hold an AMQP URL".into())
         })?;
         let path = format!("/api/queues/{}/{}", segment(&uri.vhost), segment(queue));
+        match self.get(&path).await? {
+            Ok(body) => Ok(QueueStats::from_json(&body)),
+            Err(code) => Err(TopologyError::Unreachable(format!(
+                "the management API answered {code} to GET {path}"
+            ))),
+        }
+    }
+
+    /// GETs `path`: its JSON body, or the status code other than 200 (a refusal of the
+    /// credentials is an error of its own).
+    async fn get(&self, path: &str) -> Result<Result<serde_json::Value, u16>, TopologyError> {
         let response = self
             .http
             .get(format!("{}{path}", self.base))
@@ -95,14 +106,9 @@ impl Management {
             .await
             .map_err(|e| unanswered(&e))?;
         match response.status().as_u16() {
-            200 => {
-                let body: serde_json::Value = response.json().await.map_err(|e| unanswered(&e))?;
-                Ok(QueueStats::from_json(&body))
-            }
+            200 => Ok(Ok(response.json().await.map_err(|e| unanswered(&e))?)),
             401 | 403 => Err(refused_credentials()),
-            code => Err(TopologyError::Unreachable(format!(
-                "the management API answered {code} to GET {path}"
-            ))),
+            code => Ok(Err(code)),
         }
     }
 
@@ -148,24 +154,12 @@ impl Management {
         let path = format!("/api/vhosts/{vhost}");
         let deadline = tokio::time::Instant::now() + VHOST_START;
         loop {
-            let response = self
-                .http
-                .get(format!("{}{path}", self.base))
-                .send()
-                .await
-                .map_err(|e| unanswered(&e))?;
-            let running = match response.status().as_u16() {
-                200 => {
-                    let body: serde_json::Value =
-                        response.json().await.map_err(|e| unanswered(&e))?;
-                    // Versions without the field report nothing to wait for.
-                    body["cluster_state"]
-                        .as_object()
-                        .is_none_or(|nodes| nodes.values().all(|state| state == "running"))
-                }
-                401 | 403 => return Err(refused_credentials()),
-                _ => false,
-            };
+            // Versions without the field report nothing to wait for.
+            let running = self.get(&path).await?.is_ok_and(|body| {
+                body["cluster_state"]
+                    .as_object()
+                    .is_none_or(|nodes| nodes.values().all(|state| state == "running"))
+            });
             if running {
                 return Ok(());
             }
