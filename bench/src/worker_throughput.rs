@@ -1,10 +1,17 @@
 //! Benchmark: jobs per second of one worker process against a fast local SMTP sink over
-//! 16 connections, beside two ceilings measured in the same run on the same machine:
-//! the raw AMQP consume+ack rate (lapin, no work) and the raw SMTP rate over 16 reused
-//! connections (lettre's pool, pre-built messages). Also the worker's CPU microseconds per
-//! job (user+sys over jobs) and its peak RSS. Each figure is the median of `RUNS` runs.
+//! 16 connections, beside two honest ceilings measured in the same run on the same
+//! machine: the raw AMQP consume+ack rate (lapin, no work, prefetch 128 and `multiple`
+//! acks every 32 deliveries: the fastest way a client drains a queue) and the raw SMTP rate
+//! over 16 reused connections (a plain SMTP client on TCP, no lettre and none of the
+//! worker's code, pre-built messages). Also the worker's CPU microseconds per job (user+sys
+//! over jobs), its peak RSS, and the broker's and the sink's CPU per job over the worker's
+//! run (from /proc), so the report shows where the machine's time went; for reference, the
+//! worker's own mailer alone and lettre's pool. Each figure is the median of `RUNS` runs,
+//! the parts of a run interleaved.
 //!
 //! Run: `scripts/bench.sh` (release build; RabbitMQ on 127.0.0.1:5672).
+//! `MAILPIPE_BENCH_PERF=FILE`: a `perf record` (cpu-clock, call graphs) of the worker in the
+//! last run, for `perf report -i FILE`.
 #![forbid(unsafe_code)]
 
 mod sink;
@@ -50,8 +57,11 @@ fn median(mut values: Vec<f64>) -> f64 {
     values[values.len() / 2]
 }
 
+/// Deliveries acknowledged by one `multiple` ack in the raw consume+ack ceiling.
+const ACK_EVERY: usize = 32;
+
 /// Raw consume+ack: prefill a queue with `n` jobs, then consume and ack them as fast as
-/// lapin can (prefetch 64), no processing.
+/// lapin can (prefetch 128, a `multiple` ack every `ACK_EVERY` deliveries), no processing.
 async fn raw_amqp(n: usize) -> anyhow::Result<f64> {
     let names = Names::new("bench_raw_amqp");
     let connection = amqp::connect(SHARED_URL).await;
@@ -81,7 +91,7 @@ async fn raw_amqp(n: usize) -> anyhow::Result<f64> {
         )
         .await?;
     amqp::publish(SHARED_URL, &names.exchange, (0..n).map(job)).await;
-    channel.basic_qos(64, BasicQosOptions::default()).await?;
+    channel.basic_qos(128, BasicQosOptions::default()).await?;
     let mut consumer = channel
         .basic_consume(
             names.queue.as_str().into(),
@@ -91,9 +101,14 @@ async fn raw_amqp(n: usize) -> anyhow::Result<f64> {
         )
         .await?;
     let started = Instant::now();
-    for _ in 0..n {
+    for i in 1..=n {
         let delivery = consumer.next().await.expect("a delivery")?;
-        delivery.acker.ack(BasicAckOptions::default()).await?;
+        if i % ACK_EVERY == 0 || i == n {
+            delivery
+                .acker
+                .ack(BasicAckOptions { multiple: true })
+                .await?;
+        }
     }
     let rate = n as f64 / started.elapsed().as_secs_f64();
     let _ = channel
@@ -142,9 +157,77 @@ where
     Ok((per_task * CONNECTIONS) as f64 / started.elapsed().as_secs_f64())
 }
 
-/// Raw SMTP through the worker's own mailer (its pool of 16 connections), no AMQP, no
-/// parsing or rendering: the ceiling of the worker's SMTP path.
+/// Raw SMTP: 16 plain TCP connections, each sending pre-built messages one after the other
+/// (MAIL, RCPT, DATA, the message, the final dot, each reply read), no library and none of
+/// the worker's code: the ceiling of SMTP over 16 reused connections.
 async fn raw_smtp(port: u16, stats: &sink::SinkStats, n: usize) -> anyhow::Result<f64> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    stats.reset();
+    let (_, bytes) = prebuilt()?;
+    // Dot-stuffing: lines starting with a dot get another (the pre-built message has none).
+    let mut data = bytes;
+    if !data.ends_with(b"\r\n") {
+        data.extend_from_slice(b"\r\n");
+    }
+    data.extend_from_slice(b".\r\n");
+    let data = Arc::new(data);
+    let started = Instant::now();
+    let per_task = n / CONNECTIONS;
+    let mut tasks = Vec::new();
+    for _ in 0..CONNECTIONS {
+        let data = data.clone();
+        tasks.push(tokio::spawn(async move {
+            let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+            stream.set_nodelay(true)?;
+            let (read, mut write) = stream.into_split();
+            let mut read = BufReader::new(read);
+            let mut line = String::new();
+            // One reply (its last line: `250 ...`, not `250-...`).
+            async fn reply(
+                read: &mut BufReader<tokio::net::tcp::OwnedReadHalf>,
+                line: &mut String,
+            ) -> anyhow::Result<()> {
+                loop {
+                    line.clear();
+                    if read.read_line(line).await? == 0 {
+                        anyhow::bail!("the sink closed the connection");
+                    }
+                    if line.as_bytes().get(3) != Some(&b'-') {
+                        return Ok(());
+                    }
+                }
+            }
+            reply(&mut read, &mut line).await?;
+            write.write_all(b"EHLO bench\r\n").await?;
+            reply(&mut read, &mut line).await?;
+            for _ in 0..per_task {
+                write
+                    .write_all(b"MAIL FROM:<bench@example.com>\r\n")
+                    .await?;
+                reply(&mut read, &mut line).await?;
+                write
+                    .write_all(b"RCPT TO:<customer@example.com>\r\n")
+                    .await?;
+                reply(&mut read, &mut line).await?;
+                write.write_all(b"DATA\r\n").await?;
+                reply(&mut read, &mut line).await?;
+                write.write_all(&data).await?;
+                reply(&mut read, &mut line).await?;
+                anyhow::ensure!(line.starts_with("250"), "the sink answered {line:?}");
+            }
+            write.write_all(b"QUIT\r\n").await?;
+            anyhow::Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    Ok((per_task * CONNECTIONS) as f64 / started.elapsed().as_secs_f64())
+}
+
+/// SMTP through the worker's own mailer (its pool of 16 connections), no AMQP, no parsing
+/// or rendering: what the worker's SMTP path costs over the raw ceiling.
+async fn worker_mailer(port: u16, stats: &sink::SinkStats, n: usize) -> anyhow::Result<f64> {
     use mailpipe_worker::config::{SmtpConfig, TlsMode};
     use mailpipe_worker::mailer::{smtp::SmtpMailer, Mailer, Outgoing};
     stats.reset();
@@ -204,11 +287,38 @@ struct WorkerRun {
     jobs_per_second: f64,
     cpu_us_per_job: f64,
     peak_rss_mib: f64,
+    /// The broker's (every beam.smp) CPU per job over the worker's run.
+    broker_us_per_job: f64,
+    /// The sink's (this process's) CPU per job over the worker's run.
+    sink_us_per_job: f64,
+}
+
+/// CPU seconds of every RabbitMQ node process on the machine (beam.smp).
+fn broker_cpu_seconds() -> f64 {
+    let mut total = 0.0;
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let is_beam = std::fs::read_to_string(entry.path().join("comm"))
+            .is_ok_and(|comm| comm.trim() == "beam.smp");
+        if is_beam {
+            if let Ok(usage) = mailpipe_bench::procfs::usage(pid) {
+                total += usage.cpu_seconds;
+            }
+        }
+    }
+    total
 }
 
 /// The worker: prefill the queue with `n` jobs, start one worker process (16 concurrent
 /// jobs, 16 SMTP connections), and time from the first to the last message at the sink.
-async fn worker(port: u16, stats: &sink::SinkStats, n: usize) -> anyhow::Result<WorkerRun> {
+async fn worker(
+    port: u16,
+    stats: &sink::SinkStats,
+    n: usize,
+    profile: Option<&std::ffi::OsStr>,
+) -> anyhow::Result<WorkerRun> {
     stats.reset();
     let names = Names::new("bench_worker");
     let spec = WorkerSpec::new(SHARED_URL, &names, port).args(&[
@@ -227,9 +337,38 @@ async fn worker(port: u16, stats: &sink::SinkStats, n: usize) -> anyhow::Result<
         first.wait_exit(Duration::from_secs(30));
     }
     amqp::publish(SHARED_URL, &names.exchange, (0..n).map(job)).await;
+    let me = std::process::id();
+    let (broker_before, sink_before) = (
+        broker_cpu_seconds(),
+        mailpipe_bench::procfs::usage(me)?.cpu_seconds,
+    );
     let mut worker = spec.spawn();
+    let recording = match profile {
+        Some(file) => Some(
+            std::process::Command::new("perf")
+                .args(["record", "-e", "cpu-clock", "-F", "999", "-g", "-p"])
+                .arg(worker.pid().to_string())
+                .arg("-o")
+                .arg(file)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()?,
+        ),
+        None => None,
+    };
     while (stats.messages.load(Ordering::SeqCst) as usize) < n {
         tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let (broker_after, sink_after) = (
+        broker_cpu_seconds(),
+        mailpipe_bench::procfs::usage(me)?.cpu_seconds,
+    );
+    if let Some(recording) = recording {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(recording.id() as i32),
+            Signal::SIGINT,
+        )?;
+        let _ = recording.wait_with_output();
     }
     let (first, last) = stats
         .window
@@ -248,6 +387,8 @@ async fn worker(port: u16, stats: &sink::SinkStats, n: usize) -> anyhow::Result<
         jobs_per_second: (n - 1) as f64 / (last - first).as_secs_f64(),
         cpu_us_per_job: cpu_seconds * 1e6 / n as f64,
         peak_rss_mib: peak_rss_kib as f64 / 1024.0,
+        broker_us_per_job: (broker_after - broker_before) * 1e6 / n as f64,
+        sink_us_per_job: (sink_after - sink_before) * 1e6 / n as f64,
     })
 }
 
@@ -264,37 +405,60 @@ async fn main() -> anyhow::Result<()> {
         "worker throughput: {n} jobs of {} bytes per run, {RUNS} runs, medians",
         job(0).len()
     );
+    let profile = std::env::var_os("MAILPIPE_BENCH_PERF");
     let (mut amqp_rates, mut smtp_rates, mut worker_rates, mut cpu, mut rss) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let mut lettre_rates = Vec::new();
+    let (mut mailer_rates, mut lettre_rates, mut broker, mut sink) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for run in 1..=RUNS {
         let a = raw_amqp(n).await?;
         let s = raw_smtp(port, &stats, n).await?;
+        let m = worker_mailer(port, &stats, n).await?;
         // lettre's pool is about 360/s here: a tenth of the jobs is plenty to measure it.
         let l = lettre_pool(port, &stats, (n / 10).max(CONNECTIONS)).await?;
-        let w = worker(port, &stats, n).await?;
+        let last = run == RUNS;
+        let w = worker(port, &stats, n, profile.as_deref().filter(|_| last)).await?;
         println!(
-            "run {run}: raw AMQP consume+ack {a:.0}/s, raw SMTP x{CONNECTIONS} {s:.0}/s (lettre's pool {l:.0}/s), worker {:.0} jobs/s, {:.0} us CPU/job, peak RSS {:.1} MiB",
-            w.jobs_per_second, w.cpu_us_per_job, w.peak_rss_mib
+            "run {run}: raw AMQP consume+ack {a:.0}/s, raw SMTP x{CONNECTIONS} {s:.0}/s (the worker's mailer {m:.0}/s, lettre's pool {l:.0}/s), worker {:.0} jobs/s, {:.0} us CPU/job (broker {:.0}, sink {:.0}), peak RSS {:.1} MiB",
+            w.jobs_per_second, w.cpu_us_per_job, w.broker_us_per_job, w.sink_us_per_job, w.peak_rss_mib
         );
         amqp_rates.push(a);
         smtp_rates.push(s);
+        mailer_rates.push(m);
         lettre_rates.push(l);
         worker_rates.push(w.jobs_per_second);
         cpu.push(w.cpu_us_per_job);
         rss.push(w.peak_rss_mib);
+        broker.push(w.broker_us_per_job);
+        sink.push(w.sink_us_per_job);
     }
     let (a, s, w) = (median(amqp_rates), median(smtp_rates), median(worker_rates));
-    println!("median raw AMQP consume+ack:        {a:>8.0} msgs/s");
-    println!("median raw SMTP, {CONNECTIONS} connections:     {s:>8.0} msgs/s");
+    let ceiling = a.min(s);
+    println!("median raw AMQP consume+ack:        {a:>8.0} msgs/s (prefetch 128, multiple acks)");
+    println!("median raw SMTP, {CONNECTIONS} connections:     {s:>8.0} msgs/s (plain TCP client)");
+    println!(
+        "median the worker's mailer alone:   {:>8.0} msgs/s (reference)",
+        median(mailer_rates)
+    );
     println!(
         "median lettre's own pool, 16 conns: {:>8.0} msgs/s (reference)",
         median(lettre_rates)
     );
-    println!("median worker (16 conc, 16 conns): {w:>8.0} jobs/s ({:.0}% of raw AMQP, {:.0}% of raw SMTP)", 100.0 * w / a, 100.0 * w / s);
+    println!(
+        "median worker (16 conc, 16 conns): {w:>8.0} jobs/s ({:.0}% of min(raw AMQP, raw SMTP))",
+        100.0 * w / ceiling
+    );
     println!(
         "median worker CPU per job:          {:>8.0} us (user+sys)",
         median(cpu)
+    );
+    println!(
+        "median broker CPU per job:          {:>8.0} us (beam.smp, over the worker's run)",
+        median(broker)
+    );
+    println!(
+        "median sink CPU per job:            {:>8.0} us (over the worker's run)",
+        median(sink)
     );
     println!(
         "worker peak RSS (max of runs):      {:>8.1} MiB",

@@ -5,6 +5,7 @@
 //! publishes to delay or dead-letter queues and nacks; a Kafka source will store offsets and
 //! produce to retry topics behind the same two traits. The source owns reconnecting.
 
+mod acks;
 pub mod rabbitmq;
 
 use std::future::Future;
@@ -52,7 +53,9 @@ pub struct SettleError(pub String);
 
 /// Settles one delivery; called once.
 pub trait Settle: Send {
-    /// Applies `settlement` and waits until the broker confirmed it.
+    /// Applies `settlement`: a retry or dead-letter copy is confirmed by the broker before
+    /// the original is acknowledged; an acknowledgement itself may leave a few milliseconds
+    /// later, batched with others (the source flushes them before it closes).
     fn settle(
         self: Box<Self>,
         settlement: Settlement,

@@ -22,8 +22,8 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use futures::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
-    BasicPublishOptions, BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions,
+    BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions,
+    BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions,
 };
 use lapin::tcp::OwnedTLSConfig;
 use lapin::types::{AMQPValue, FieldTable};
@@ -34,6 +34,7 @@ use mailpipe_contract::naming::{self, headers};
 use mailpipe_contract::topology::TopologyPlan;
 use tokio_util::sync::CancellationToken;
 
+use super::acks::Acks;
 use super::{Delivery, MessageSource, Settle, SettleError, Settlement};
 use crate::backoff::Backoff;
 use crate::config::{AmqpConfig, TopologyMode};
@@ -59,6 +60,8 @@ struct Live {
     channel: Channel,
     consumer: Consumer,
     publisher: Channel,
+    /// The consumer channel's acknowledgements, batched.
+    acks: Arc<Acks>,
 }
 
 /// How long a refused (nacked) copy's original waits before it goes back to the queue, so a
@@ -152,6 +155,7 @@ impl RabbitSource {
             channel,
             consumer,
             publisher,
+            acks: Arc::default(),
         })
     }
 
@@ -171,7 +175,13 @@ impl RabbitSource {
         }
     }
 
-    fn wrap(&self, delivery: lapin::message::Delivery, publisher: &Channel) -> Delivery {
+    fn wrap(
+        &self,
+        delivery: lapin::message::Delivery,
+        publisher: &Channel,
+        acks: &Arc<Acks>,
+    ) -> Delivery {
+        acks.delivered(delivery.delivery_tag);
         if delivery.redelivered {
             self.metrics.redelivered.inc();
         }
@@ -211,6 +221,8 @@ impl RabbitSource {
             recipients,
             settle: Box::new(RabbitSettle {
                 acker: delivery.acker,
+                tag: delivery.delivery_tag,
+                acks: acks.clone(),
                 publisher: publisher.clone(),
                 properties: delivery.properties,
                 body,
@@ -276,8 +288,8 @@ impl MessageSource for RabbitSource {
             };
             match item {
                 Some(Ok(delivery)) => {
-                    let publisher = live.publisher.clone();
-                    return Some(self.wrap(delivery, &publisher));
+                    let (publisher, acks) = (live.publisher.clone(), live.acks.clone());
+                    return Some(self.wrap(delivery, &publisher, &acks));
                 }
                 Some(Err(error)) => {
                     tracing::warn!(%error, "lost the broker connection; reconnecting");
@@ -310,8 +322,9 @@ impl MessageSource for RabbitSource {
 
     async fn held(&mut self) -> Option<Delivery> {
         let delivery = self.next_held().await?;
-        let publisher = self.live.as_ref()?.publisher.clone();
-        Some(self.wrap(delivery, &publisher))
+        let live = self.live.as_ref()?;
+        let (publisher, acks) = (live.publisher.clone(), live.acks.clone());
+        Some(self.wrap(delivery, &publisher, &acks))
     }
 
     async fn give_back(&mut self) -> usize {
@@ -330,6 +343,8 @@ impl MessageSource for RabbitSource {
 
     async fn close(self) {
         if let Some(live) = self.live {
+            // The acks still queued go before the connection does.
+            live.acks.flush().await;
             if let Err(error) = live
                 .connection
                 .close(200, "worker shutting down".into())
@@ -344,6 +359,8 @@ impl MessageSource for RabbitSource {
 
 struct RabbitSettle {
     acker: Acker,
+    tag: u64,
+    acks: Arc<Acks>,
     publisher: Channel,
     properties: BasicProperties,
     body: Arc<[u8]>,
@@ -452,30 +469,35 @@ impl RabbitSettle {
                 ..BasicNackOptions::default()
             })
             .await
-            .map(drop)
-            .map_err(|e| SettleError(e.to_string()))
+            .map_err(|e| SettleError(e.to_string()))?;
+        self.acks.closed(self.tag);
+        Ok(())
     }
 
-    async fn ack(&self) -> Result<(), SettleError> {
-        match self.acker.ack(BasicAckOptions::default()).await {
-            Ok(true) => Ok(()),
-            Ok(false) => Err(SettleError("the channel closed before the ack".into())),
-            Err(e) => Err(SettleError(e.to_string())),
+    /// Queues the ack: it goes to the broker within a few milliseconds, with the acks of
+    /// other jobs settled meanwhile (see `acks`); a channel lost before then gives the job
+    /// to another consumer, as a lost ack always did.
+    fn ack(&self) -> Result<(), SettleError> {
+        if !self.acker.usable() {
+            return Err(SettleError("the channel closed before the ack".into()));
         }
+        self.acks.ack(self.tag, self.acker.clone());
+        Ok(())
     }
 
     async fn reject_without_requeue(&self) -> Result<(), SettleError> {
         self.acker
             .reject(BasicRejectOptions { requeue: false })
             .await
-            .map(drop)
-            .map_err(|e| SettleError(e.to_string()))
+            .map_err(|e| SettleError(e.to_string()))?;
+        self.acks.closed(self.tag);
+        Ok(())
     }
 
     async fn apply(self, settlement: Settlement) -> Result<(), SettleError> {
         let lapin_error = |e: lapin::Error| SettleError(e.to_string());
         match settlement {
-            Settlement::Ack => self.ack().await,
+            Settlement::Ack => self.ack(),
             Settlement::Requeue => self.requeue().await,
             Settlement::Retry {
                 next_attempt,
@@ -497,7 +519,7 @@ impl RabbitSettle {
                     .await
                     .map_err(lapin_error)?
                 {
-                    Copied::Stored => self.ack().await,
+                    Copied::Stored => self.ack(),
                     Copied::Refused => self.requeue_after_refusal("retry").await,
                     Copied::Unroutable => {
                         // The delay queue is missing (deleted, or a policy the topology was
@@ -537,7 +559,7 @@ impl RabbitSettle {
                     .await
                     .map_err(lapin_error)?
                 {
-                    Copied::Stored => self.ack().await,
+                    Copied::Stored => self.ack(),
                     Copied::Refused => self.requeue_after_refusal("dead-letter").await,
                     Copied::Unroutable => {
                         tracing::error!(exchange = %dlx, "dead-letter exchange has no queue; rejecting to the broker");
