@@ -9,7 +9,8 @@
 //! worker's own mailer alone and lettre's pool. Each figure is the median of `RUNS` runs,
 //! the parts of a run interleaved.
 //!
-//! Run: `scripts/bench.sh` (release build; RabbitMQ on 127.0.0.1:5672).
+//! Run: `scripts/bench.sh [JOBS]` (release build; RabbitMQ on 127.0.0.1:5672);
+//! `scripts/bench.sh latency` measures the single-job latency alone.
 //! `MAILPIPE_BENCH_PERF=FILE`: a `perf record` (cpu-clock, call graphs) of the worker in the
 //! last run, for `perf report -i FILE`.
 #![forbid(unsafe_code)]
@@ -392,15 +393,73 @@ async fn worker(
     })
 }
 
+/// Single jobs on an idle worker: each published (persistent, on an open channel) once the
+/// previous one arrived; the time from the publish to the sink's 250. Returns the median
+/// and the largest of `samples`.
+async fn single_job_latency(
+    port: u16,
+    stats: &sink::SinkStats,
+    samples: usize,
+) -> anyhow::Result<(Duration, Duration)> {
+    stats.reset();
+    let names = Names::new("bench_latency");
+    let spec = WorkerSpec::new(SHARED_URL, &names, port).args(&["--log", "warn"]);
+    let mut worker = spec.spawn();
+    worker.wait_ready(Duration::from_secs(30)).await;
+    let connection = amqp::connect(SHARED_URL).await;
+    let channel = connection.create_channel().await?;
+    let properties = lapin::BasicProperties::default().with_delivery_mode(2);
+    let mut latencies = Vec::with_capacity(samples);
+    for n in 0..samples {
+        let before = stats.messages.load(Ordering::SeqCst);
+        let published = Instant::now();
+        channel
+            .basic_publish(
+                names.exchange.as_str().into(),
+                "".into(),
+                Default::default(),
+                &job(n),
+                properties.clone(),
+            )
+            .await?;
+        while stats.messages.load(Ordering::SeqCst) == before {
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+        let (_, arrived) = stats.window.lock().expect("lock").expect("arrived");
+        latencies.push(arrived.duration_since(published));
+        // Idle between jobs, as a quiet pipeline is.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = connection.close(200, "done".into()).await;
+    worker.signal(Signal::SIGTERM);
+    worker.wait_exit(Duration::from_secs(30));
+    amqp::delete_plan(SHARED_URL, &names.plan(&RetryPolicy::default())).await;
+    latencies.sort();
+    Ok((
+        latencies[latencies.len() / 2],
+        latencies[latencies.len() - 1],
+    ))
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
+    let (port, stats) = sink::start().await?;
+    // `latency`: the single-job latency alone (to compare worker binaries quickly).
+    if std::env::args().nth(1).as_deref() == Some("latency") {
+        let (median_latency, most) = single_job_latency(port, &stats, 101).await?;
+        println!(
+            "single job, idle worker, publish to 250: median {:.2} ms, max {:.2} ms (101 jobs)",
+            median_latency.as_secs_f64() * 1e3,
+            most.as_secs_f64() * 1e3
+        );
+        return Ok(());
+    }
     let n: usize = std::env::args()
         .nth(1)
         .map(|s| s.parse())
         .transpose()?
         .unwrap_or(20_000);
-    let (port, stats) = sink::start().await?;
     println!(
         "worker throughput: {n} jobs of {} bytes per run, {RUNS} runs, medians",
         job(0).len()
@@ -463,6 +522,12 @@ async fn main() -> anyhow::Result<()> {
     println!(
         "worker peak RSS (max of runs):      {:>8.1} MiB",
         rss.iter().cloned().fold(0.0, f64::max)
+    );
+    let (median_latency, most) = single_job_latency(port, &stats, 101).await?;
+    println!(
+        "single job, idle worker, publish to 250: median {:.2} ms, max {:.2} ms (101 jobs)",
+        median_latency.as_secs_f64() * 1e3,
+        most.as_secs_f64() * 1e3
     );
     Ok(())
 }
