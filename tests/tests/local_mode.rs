@@ -165,20 +165,25 @@ async fn start(label: &str, args: &[&str]) -> Run {
     }
 }
 
+/// A run that publishes `n` jobs and exits once drained (lines every 5 s).
+async fn burst_until_drained(label: &str, n: usize) -> Run {
+    let burst = n.to_string();
+    start(
+        label,
+        &["--burst", &burst, "--exit-when-drained", "--every", "5s"],
+    )
+    .await
+}
+
 #[tokio::test]
 async fn a_burst_scales_up_and_back_to_zero_and_every_job_arrives_once() {
     const N: usize = 3000;
-    let burst = N.to_string();
     let Run {
         smtp,
         names,
         child,
         dir: _dir,
-    } = start(
-        "localburst",
-        &["--burst", &burst, "--exit-when-drained", "--every", "5s"],
-    )
-    .await;
+    } = burst_until_drained("localburst", N).await;
     let (code, out, err) = finish(child, Duration::from_secs(240)).await;
     println!("--- stdout\n{out}\n--- stderr\n{err}");
     assert_eq!(code, Some(0), "exits 0 once drained");
@@ -235,17 +240,12 @@ fn children(parent: u32) -> Vec<u32> {
 #[tokio::test]
 async fn a_worker_killed_mid_run_is_restarted_and_nothing_is_lost() {
     const N: usize = 2000;
-    let burst = N.to_string();
     let Run {
         smtp,
         names,
         child,
         dir: _dir,
-    } = start(
-        "localkill",
-        &["--burst", &burst, "--exit-when-drained", "--every", "5s"],
-    )
-    .await;
+    } = burst_until_drained("localkill", N).await;
     let parent = child.id().expect("running");
     // Mid-run: the workers are up and a part of the burst has arrived.
     let victim = eventually(Duration::from_secs(60), "workers sending", || async {
