@@ -259,10 +259,11 @@ async fn a_worker_killed_mid_run_is_restarted_and_nothing_is_lost() {
     assert_eq!(code, Some(0));
     assert!(out.contains("worker restarts 1"), "the summary: {out}");
     let tally = tally(&smtp, N).await;
-    // A job being sent when its worker was killed may arrive twice; none may be lost.
+    // A job the killed worker was sending (4 at once), or had sent while its ack was still
+    // being written (at most as many again), may arrive twice; none may be lost.
     assert_eq!((tally.lost, tally.foreign), (0, 0), "{tally:?}");
     assert!(
-        tally.duplicated <= 4,
+        tally.duplicated <= 8,
         "at most the killed worker's jobs: {tally:?}"
     );
     cleanup(&names).await;

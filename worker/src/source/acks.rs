@@ -2,7 +2,9 @@
 //! job's ack is queued; one flusher at a time sends what is queued (starting at once when
 //! none runs), and the acks settled while it sends go in its next round (group commit: the
 //! busier the channel, the larger the batches, and an ack on an idle channel leaves at
-//! once, so the prefetch window is never held by acks waiting for a timer). The acks of
+//! once, so the prefetch window is never held by acks waiting for a timer). Each ack's
+//! caller waits until its round was written, so a job counts as in flight until the broker
+//! has its ack, as before batching. The acks of
 //! every queued tag below the lowest tag still open (delivered, not settled) go as one
 //! `multiple` ack; queued tags above it go one by one, so a tag whose job is not settled is
 //! never acknowledged, and no ack waits on a slow job. Nacks and rejects are sent at once by the
@@ -18,6 +20,10 @@ use std::sync::{Arc, Mutex};
 
 use lapin::options::BasicAckOptions;
 use lapin::Acker;
+use tokio::sync::oneshot;
+
+/// An ack waiting for its round: the delivery's acker and who waits for the outcome.
+type Waiting = (Acker, oneshot::Sender<Result<(), String>>);
 
 /// The acknowledgements of one consumer channel.
 #[derive(Default)]
@@ -33,15 +39,15 @@ struct State {
     /// Delivered and not settled.
     open: BTreeSet<u64>,
     /// Settled by an ack not sent yet.
-    queued: BTreeMap<u64, Acker>,
+    queued: BTreeMap<u64, Waiting>,
     /// A flusher task runs.
     flushing: bool,
 }
 
-/// What one flush sends: a `multiple` ack (its acker, and how many tags it covers) and
-/// single ones.
+/// What one round sends: the tags one `multiple` ack covers (in order: the ack goes at the
+/// last), and those acked one by one.
 struct Flush<T> {
-    multiple: Option<(T, usize)>,
+    multiple: Vec<T>,
     single: Vec<T>,
 }
 
@@ -56,18 +62,23 @@ impl Acks {
         self.state.lock().expect("acks lock").open.remove(&tag);
     }
 
-    /// Queues the ack of `tag`; the flusher sends it at once or in its next round.
-    pub(crate) fn ack(self: &Arc<Self>, tag: u64, acker: Acker) {
+    /// Acknowledges `tag`: queued, and sent by the flusher at once or in its next round;
+    /// resolves once its round was written (the error says why it was not).
+    pub(crate) async fn ack(self: &Arc<Self>, tag: u64, acker: Acker) -> Result<(), String> {
+        let (sender, written) = oneshot::channel();
         let start = {
             let mut state = self.state.lock().expect("acks lock");
             state.open.remove(&tag);
-            state.queued.insert(tag, acker);
+            state.queued.insert(tag, (acker, sender));
             !std::mem::replace(&mut state.flushing, true)
         };
         if start {
             let acks = self.clone();
             tokio::spawn(async move { while acks.round(true).await {} });
         }
+        written
+            .await
+            .unwrap_or_else(|_| Err("the acknowledgements stopped".into()))
     }
 
     /// Sends every queued ack now, after any round under way (before the channel closes).
@@ -92,7 +103,7 @@ impl Acks {
 
     /// What the next round sends, or `None` when nothing is queued (then a flusher, `ending`
     /// its rounds, stops).
-    fn take(&self, ending: bool) -> Option<Flush<Acker>> {
+    fn take(&self, ending: bool) -> Option<Flush<Waiting>> {
         let mut state = self.state.lock().expect("acks lock");
         if state.queued.is_empty() {
             if ending {
@@ -104,35 +115,38 @@ impl Acks {
         Some(plan(&state.open, queued))
     }
 
-    async fn send(&self, flush: Flush<Acker>) {
+    async fn send(&self, flush: Flush<Waiting>) {
         let Flush { multiple, single } = flush;
-        if let Some((acker, covered)) = multiple {
-            if let Err(error) = acker.ack(BasicAckOptions { multiple: true }).await {
-                tracing::warn!(%error, jobs = covered, "acks did not reach the broker; the jobs will be redelivered");
+        if let Some((last, _)) = multiple.last() {
+            let outcome = written(last.ack(BasicAckOptions { multiple: true }).await);
+            for (_, waiter) in multiple {
+                let _ = waiter.send(outcome.clone());
             }
         }
-        for acker in single {
-            if let Err(error) = acker.ack(BasicAckOptions::default()).await {
-                tracing::warn!(%error, "an ack did not reach the broker; the job will be redelivered");
-            }
+        for (acker, waiter) in single {
+            let _ = waiter.send(written(acker.ack(BasicAckOptions::default()).await));
         }
     }
 }
 
-/// Splits `queued` at the lowest open tag: below it one `multiple` ack (at the highest
-/// queued tag below it), above it single acks.
+/// What lapin said of an ack, as its waiter takes it.
+fn written(result: lapin::Result<bool>) -> Result<(), String> {
+    match result {
+        Ok(true) => Ok(()),
+        Ok(false) => Err("the channel closed before the ack".into()),
+        Err(error) => Err(error.to_string()),
+    }
+}
+
+/// Splits `queued` at the lowest open tag: the tags below it go as one `multiple` ack (at
+/// the highest of them), the ones above it singly.
 fn plan<T>(open: &BTreeSet<u64>, mut queued: BTreeMap<u64, T>) -> Flush<T> {
     let above = match open.first() {
         Some(lowest) => queued.split_off(lowest),
         None => BTreeMap::new(),
     };
-    let covered = queued.len();
-    let multiple = queued
-        .into_values()
-        .next_back()
-        .map(|acker| (acker, covered));
     Flush {
-        multiple,
+        multiple: queued.into_values().collect(),
         single: above.into_values().collect(),
     }
 }
@@ -145,7 +159,7 @@ mod tests {
     fn planned(open: &[u64], queued: &[u64]) -> (Option<(u64, usize)>, Vec<u64>) {
         let open: BTreeSet<u64> = open.iter().copied().collect();
         let Flush { multiple, single } = plan(&open, queued.iter().map(|t| (*t, *t)).collect());
-        (multiple, single)
+        (multiple.last().map(|last| (*last, multiple.len())), single)
     }
 
     #[test]

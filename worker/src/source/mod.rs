@@ -53,9 +53,9 @@ pub struct SettleError(pub String);
 
 /// Settles one delivery; called once.
 pub trait Settle: Send {
-    /// Applies `settlement`: a retry or dead-letter copy is confirmed by the broker before
-    /// the original is acknowledged; an acknowledgement itself may leave a few milliseconds
-    /// later, batched with others (the source flushes them before it closes).
+    /// Applies `settlement` and waits until the broker has it: a retry or dead-letter copy
+    /// is confirmed before the original is acknowledged; acknowledgements may go out
+    /// together with other jobs' (one `multiple` ack).
     fn settle(
         self: Box<Self>,
         settlement: Settlement,

@@ -474,15 +474,13 @@ impl RabbitSettle {
         Ok(())
     }
 
-    /// Queues the ack: it goes to the broker within a few milliseconds, with the acks of
-    /// other jobs settled meanwhile (see `acks`); a channel lost before then gives the job
-    /// to another consumer, as a lost ack always did.
-    fn ack(&self) -> Result<(), SettleError> {
-        if !self.acker.usable() {
-            return Err(SettleError("the channel closed before the ack".into()));
-        }
-        self.acks.ack(self.tag, self.acker.clone());
-        Ok(())
+    /// Acknowledges the delivery, in one round with the acks of other jobs settled
+    /// meanwhile (see `acks`); resolves once its round was written.
+    async fn ack(&self) -> Result<(), SettleError> {
+        self.acks
+            .ack(self.tag, self.acker.clone())
+            .await
+            .map_err(SettleError)
     }
 
     async fn reject_without_requeue(&self) -> Result<(), SettleError> {
@@ -497,7 +495,7 @@ impl RabbitSettle {
     async fn apply(self, settlement: Settlement) -> Result<(), SettleError> {
         let lapin_error = |e: lapin::Error| SettleError(e.to_string());
         match settlement {
-            Settlement::Ack => self.ack(),
+            Settlement::Ack => self.ack().await,
             Settlement::Requeue => self.requeue().await,
             Settlement::Retry {
                 next_attempt,
@@ -519,7 +517,7 @@ impl RabbitSettle {
                     .await
                     .map_err(lapin_error)?
                 {
-                    Copied::Stored => self.ack(),
+                    Copied::Stored => self.ack().await,
                     Copied::Refused => self.requeue_after_refusal("retry").await,
                     Copied::Unroutable => {
                         // The delay queue is missing (deleted, or a policy the topology was
@@ -559,7 +557,7 @@ impl RabbitSettle {
                     .await
                     .map_err(lapin_error)?
                 {
-                    Copied::Stored => self.ack(),
+                    Copied::Stored => self.ack().await,
                     Copied::Refused => self.requeue_after_refusal("dead-letter").await,
                     Copied::Unroutable => {
                         tracing::error!(exchange = %dlx, "dead-letter exchange has no queue; rejecting to the broker");
