@@ -272,7 +272,11 @@ async fn a_server_that_refuses_the_worker_mid_run_costs_the_jobs_nothing() {
     smtp.wait_for_count(10, Duration::from_secs(30)).await;
 
     let dlq = mailpipe_contract::naming::dead_letter_queue(&names.queue);
-    for (tls, password) in [(SmtpTls::None, "s3cret"), (SmtpTls::Starttls, "rotated")] {
+    let refusals = [
+        (SmtpTls::None, "s3cret", "smtp_tls"),
+        (SmtpTls::Starttls, "rotated", "smtp_auth"),
+    ];
+    for (tls, password, reason) in refusals {
         smtp.stop().await;
         // AUTH over plain text is refused by the test server itself; STARTTLS is what is
         // missing here.
@@ -283,7 +287,12 @@ async fn a_server_that_refuses_the_worker_mid_run_costs_the_jobs_nothing() {
         }
         smtp.restart_with(next).await;
         worker.wait_unready(Duration::from_secs(20)).await;
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        // The worker's probe (backing off up to 10 s) meets the new refusal and names it.
+        let counted = format!("mailpipe_smtp_unavailable_total{{reason=\"{reason}\"}}");
+        eventually(Duration::from_secs(30), &counted, || async {
+            (worker.metric(&counted).await > 0.0).then_some(())
+        })
+        .await;
         assert!(!worker.is_ready().await);
         assert_eq!(amqp::ready(SHARED_URL, &dlq).await, 0);
     }
