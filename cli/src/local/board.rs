@@ -110,6 +110,12 @@ impl Board {
         self.0.lock().expect("board lock").clone()
     }
 
+    /// The jobs row `index`'s workers hold, as last counted.
+    pub fn in_flight(&self, index: usize) -> Option<u64> {
+        let rows = self.0.lock().expect("board lock");
+        rows.get(index).map(|row| row.totals.in_flight)
+    }
+
     /// Changes row `index`.
     pub fn update(&self, index: usize, change: impl FnOnce(&mut Row)) {
         if let Some(row) = self.0.lock().expect("board lock").get_mut(index) {

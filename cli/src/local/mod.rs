@@ -69,6 +69,9 @@ pub struct Options {
 /// How long the topology may stay unreachable at start-up before the run gives up.
 const ENSURE_WITHIN: Duration = Duration::from_secs(60);
 
+/// How long to wait between two tries of the topology at start-up.
+const ENSURE_RETRY: Duration = Duration::from_secs(2);
+
 /// How long a burst may take to finish its batch when the run stops.
 const BURST_STOP: Duration = Duration::from_secs(10);
 
@@ -255,10 +258,7 @@ async fn run_in(run: Run<'_>) -> anyhow::Result<ExitCode> {
     for (index, (pipeline, reach)) in loaded.iter().zip(reaches.iter()).enumerate() {
         tokio::spawn(scale::run(
             Arc::new(pipeline.valid.clone()),
-            Reach {
-                url: reach.url.clone(),
-                ca: reach.ca.clone(),
-            },
+            reach.clone(),
             brokers.clone(),
             pool.clone(),
             workloads[index].clone(),
@@ -459,10 +459,7 @@ impl Bursts<'_> {
         let (first, index) = (self.next, self.into);
         self.next += count;
         let connections = self.connections.clone();
-        let reach = Reach {
-            url: self.reach[index].url.clone(),
-            ca: self.reach[index].ca.clone(),
-        };
+        let reach = self.reach[index].clone();
         let valid = self.loaded[index].valid.clone();
         let board = self.board.clone();
         let run_id = self.run_id.to_string();
@@ -528,7 +525,7 @@ async fn ensure(topology: &RabbitTopology, origin: &str) -> anyhow::Result<()> {
                     told = true;
                 }
                 tracing::debug!("{origin}: {error}; trying again");
-                tokio::time::sleep(scale::ENSURE_RETRY).await;
+                tokio::time::sleep(ENSURE_RETRY).await;
             }
             Err(error) => bail!("{origin}: cannot ensure the topology: {error}"),
         }

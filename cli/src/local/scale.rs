@@ -5,7 +5,6 @@
 //! from their own counters (the tally) rather than the management API.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use mailpipe_operator::scaling::actuator::{Actuator, Workload};
 use mailpipe_operator::scaling::engine::{read_backlog, PipelineState};
@@ -19,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use super::board::{Board, Scaled};
 
 /// How to reach a pipeline's broker (the URL carries credentials: never logged).
+#[derive(Clone)]
 pub struct Reach {
     pub url: String,
     pub ca: Option<String>,
@@ -66,7 +66,7 @@ pub async fn run(
             Ok(Some(current)) => current,
             _ => return,
         };
-        let in_flight = board.rows().get(index).map(|row| row.totals.in_flight);
+        let in_flight = board.in_flight(index);
         let step = state
             .decide(
                 &pool,
@@ -120,6 +120,3 @@ pub async fn run(
         });
     }
 }
-
-/// How long to wait between two tries of the topology at start-up.
-pub const ENSURE_RETRY: Duration = Duration::from_secs(2);

@@ -166,14 +166,7 @@ impl ProcessPool {
 
     /// The process ids of `workload`'s workers (those told to stop included).
     pub fn pids(&self, workload: &Workload) -> Vec<u32> {
-        self.set(workload).map_or_else(Vec::new, |set| {
-            let state = set.state.lock().expect("set lock");
-            state
-                .workers
-                .iter()
-                .filter_map(|w| w.process.id())
-                .collect()
-        })
+        self.workers(workload).into_iter().map(|w| w.pid).collect()
     }
 
     /// `workload`'s worker processes (those told to stop included).
