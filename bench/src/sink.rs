@@ -1,5 +1,9 @@
 //! A fast SMTP sink for benchmarks: accepts every message (250) and counts it, recording
 //! when the first and the last one arrived. Not a test double: benchmarks only.
+//!
+//! It offers PIPELINING (RFC 2920) and answers as pipelining servers such as Postfix do:
+//! replies to commands that arrived together go out together, written when no more input
+//! is waiting.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -48,6 +52,7 @@ async fn session(socket: tokio::net::TcpStream, stats: Arc<SinkStats>) -> std::i
     let mut reader = BufReader::new(read);
     write.write_all(b"220 sink ESMTP\r\n").await?;
     let mut line = Vec::with_capacity(1024);
+    let mut replies = Vec::with_capacity(256);
     let mut in_data = false;
     loop {
         line.clear();
@@ -64,22 +69,28 @@ async fn session(socket: tokio::net::TcpStream, stats: Arc<SinkStats>) -> std::i
                     *window = Some((first, now));
                 }
                 stats.messages.fetch_add(1, Ordering::SeqCst);
-                write.write_all(b"250 2.0.0 accepted\r\n").await?;
+                replies.extend_from_slice(b"250 2.0.0 accepted\r\n");
             }
-            continue;
-        }
-        let upper = line.to_ascii_uppercase();
-        let reply: &[u8] = if upper.starts_with(b"EHLO") {
-            b"250-sink\r\n250-8BITMIME\r\n250 SIZE 52428800\r\n"
-        } else if upper.starts_with(b"DATA") {
-            in_data = true;
-            b"354 go ahead\r\n"
-        } else if upper.starts_with(b"QUIT") {
-            write.write_all(b"221 bye\r\n").await?;
-            return Ok(());
         } else {
-            b"250 OK\r\n"
-        };
-        write.write_all(reply).await?;
+            let upper = line.to_ascii_uppercase();
+            if upper.starts_with(b"EHLO") {
+                replies.extend_from_slice(
+                    b"250-sink\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 52428800\r\n",
+                );
+            } else if upper.starts_with(b"DATA") {
+                in_data = true;
+                replies.extend_from_slice(b"354 go ahead\r\n");
+            } else if upper.starts_with(b"QUIT") {
+                replies.extend_from_slice(b"221 bye\r\n");
+                write.write_all(&replies).await?;
+                return Ok(());
+            } else {
+                replies.extend_from_slice(b"250 OK\r\n");
+            }
+        }
+        if !replies.is_empty() && reader.buffer().is_empty() {
+            write.write_all(&replies).await?;
+            replies.clear();
+        }
     }
 }

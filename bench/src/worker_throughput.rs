@@ -1,9 +1,12 @@
 //! Benchmark: jobs per second of one worker process against a fast local SMTP sink over
-//! 16 connections, beside two honest ceilings measured in the same run on the same
-//! machine: the raw AMQP consume+ack rate (lapin, no work, prefetch 128 and `multiple`
-//! acks every 32 deliveries: the fastest way a client drains a queue) and the raw SMTP rate
-//! over 16 reused connections (a plain SMTP client on TCP, no lettre and none of the
-//! worker's code, pre-built messages). Also the worker's CPU microseconds per job (user+sys
+//! 16 connections (it offers PIPELINING), beside three honest ceilings measured in the same
+//! run on the same machine: the raw AMQP consume+ack rate (lapin, no work, prefetch 128 and
+//! `multiple` acks every 32 deliveries: the fastest way a client drains a queue), the raw
+//! SMTP rate over 16 reused connections (a plain pipelining SMTP client on TCP, no lettre
+//! and none of the worker's code, pre-built messages), and the two joined end to end (each
+//! delivery's pre-built message sent, then `multiple` acks over contiguous done tags: the
+//! most broker, sink and a client with no work of its own reach together on these cores).
+//! Also the worker's CPU microseconds per job (user+sys
 //! over jobs), its peak RSS, and the broker's and the sink's CPU per job over the worker's
 //! run (from /proc), so the report shows where the machine's time went; for reference, the
 //! worker's own mailer alone and lettre's pool. Each figure is the median of `RUNS` runs,
@@ -61,46 +64,84 @@ fn median(mut values: Vec<f64>) -> f64 {
 /// Deliveries acknowledged by one `multiple` ack in the raw consume+ack ceiling.
 const ACK_EVERY: usize = 32;
 
+/// A queue (bound to a fanout exchange) prefilled with `n` jobs.
+struct Prefilled {
+    names: Names,
+    connection: lapin::Connection,
+    channel: lapin::Channel,
+}
+
+impl Prefilled {
+    async fn new(n: usize) -> anyhow::Result<Prefilled> {
+        let names = Names::new("bench_raw_amqp");
+        let connection = amqp::connect(SHARED_URL).await;
+        let channel = connection.create_channel().await?;
+        channel
+            .queue_declare(
+                names.queue.as_str().into(),
+                QueueDeclareOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .exchange_declare(
+                names.exchange.as_str().into(),
+                lapin::ExchangeKind::Fanout,
+                Default::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .queue_bind(
+                names.queue.as_str().into(),
+                names.exchange.as_str().into(),
+                "".into(),
+                Default::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        amqp::publish(SHARED_URL, &names.exchange, (0..n).map(job)).await;
+        Ok(Prefilled {
+            names,
+            connection,
+            channel,
+        })
+    }
+
+    /// A consumer with a prefetch of 128.
+    async fn consume(&self) -> anyhow::Result<lapin::Consumer> {
+        self.channel
+            .basic_qos(128, BasicQosOptions::default())
+            .await?;
+        Ok(self
+            .channel
+            .basic_consume(
+                self.names.queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?)
+    }
+
+    async fn delete(self) {
+        let _ = self
+            .channel
+            .queue_delete(self.names.queue.as_str().into(), Default::default())
+            .await;
+        let _ = self
+            .channel
+            .exchange_delete(self.names.exchange.as_str().into(), Default::default())
+            .await;
+        let _ = self.connection.close(200, "done".into()).await;
+    }
+}
+
 /// Raw consume+ack: prefill a queue with `n` jobs, then consume and ack them as fast as
 /// lapin can (prefetch 128, a `multiple` ack every `ACK_EVERY` deliveries), no processing.
 async fn raw_amqp(n: usize) -> anyhow::Result<f64> {
-    let names = Names::new("bench_raw_amqp");
-    let connection = amqp::connect(SHARED_URL).await;
-    let channel = connection.create_channel().await?;
-    channel
-        .queue_declare(
-            names.queue.as_str().into(),
-            QueueDeclareOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    channel
-        .exchange_declare(
-            names.exchange.as_str().into(),
-            lapin::ExchangeKind::Fanout,
-            Default::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    channel
-        .queue_bind(
-            names.queue.as_str().into(),
-            names.exchange.as_str().into(),
-            "".into(),
-            Default::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    amqp::publish(SHARED_URL, &names.exchange, (0..n).map(job)).await;
-    channel.basic_qos(128, BasicQosOptions::default()).await?;
-    let mut consumer = channel
-        .basic_consume(
-            names.queue.as_str().into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let queue = Prefilled::new(n).await?;
+    let mut consumer = queue.consume().await?;
     let started = Instant::now();
     for i in 1..=n {
         let delivery = consumer.next().await.expect("a delivery")?;
@@ -112,14 +153,157 @@ async fn raw_amqp(n: usize) -> anyhow::Result<f64> {
         }
     }
     let rate = n as f64 / started.elapsed().as_secs_f64();
-    let _ = channel
-        .queue_delete(names.queue.as_str().into(), Default::default())
-        .await;
-    let _ = channel
-        .exchange_delete(names.exchange.as_str().into(), Default::default())
-        .await;
-    let _ = connection.close(200, "done".into()).await;
+    queue.delete().await;
     Ok(rate)
+}
+
+/// Raw end to end: a consumer that carries jobs from the broker to the SMTP server with no
+/// work of its own: prefetch 128, each delivery handed to one of 16 SMTP connections that
+/// send a pre-built message with PIPELINING, and acks with `multiple` up to the highest tag
+/// whose send and every earlier one's are done. No parsing, no MIME, no metrics, none of the
+/// worker's guarantees beyond ack-after-250: the most the two servers and one client allow
+/// together on this machine.
+async fn raw_end_to_end(port: u16, stats: &sink::SinkStats, n: usize) -> anyhow::Result<f64> {
+    use std::collections::BTreeMap;
+    stats.reset();
+    let queue = Prefilled::new(n).await?;
+    let data = Arc::new(wire_message()?);
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<(u64, lapin::Acker)>();
+    let mut senders = Vec::new();
+    let mut tasks = Vec::new();
+    for _ in 0..CONNECTIONS {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<lapin::message::Delivery>(16);
+        senders.push(tx);
+        let (data, done) = (data.clone(), done_tx.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut smtp = RawSmtp::connect(port).await?;
+            while let Some(delivery) = rx.recv().await {
+                smtp.send(&data).await?;
+                let _ = done.send((delivery.delivery_tag, delivery.acker));
+            }
+            anyhow::Ok(())
+        }));
+    }
+    drop(done_tx);
+    let mut consumer = queue.consume().await?;
+    let started = Instant::now();
+    let acks = tokio::spawn(async move {
+        let (mut next, mut acked) = (1u64, 0usize);
+        let mut done = BTreeMap::new();
+        while acked < n {
+            let Some((tag, acker)) = done_rx.recv().await else {
+                break;
+            };
+            done.insert(tag, acker);
+            while let Ok((tag, acker)) = done_rx.try_recv() {
+                done.insert(tag, acker);
+            }
+            let mut last = None;
+            while let Some(acker) = done.remove(&next) {
+                last = Some(acker);
+                next += 1;
+                acked += 1;
+            }
+            if let Some(acker) = last {
+                acker.ack(BasicAckOptions { multiple: true }).await?;
+            }
+        }
+        anyhow::Ok(())
+    });
+    for i in 0..n {
+        let delivery = consumer.next().await.expect("a delivery")?;
+        senders[i % CONNECTIONS]
+            .send(delivery)
+            .await
+            .map_err(|_| anyhow::anyhow!("an SMTP connection ended"))?;
+    }
+    acks.await??;
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    drop(senders);
+    for task in tasks {
+        task.await??;
+    }
+    queue.delete().await;
+    Ok(rate)
+}
+
+/// A plain SMTP client session on one connection, no library: EHLO once, then messages
+/// with PIPELINING (MAIL, RCPT and DATA in one write, their three replies read, then the
+/// message and its final dot in one write and its reply read).
+struct RawSmtp {
+    read: tokio::io::BufReader<tokio::net::tcp::OwnedReadHalf>,
+    write: tokio::net::tcp::OwnedWriteHalf,
+    line: String,
+}
+
+impl RawSmtp {
+    async fn connect(port: u16) -> anyhow::Result<RawSmtp> {
+        use tokio::io::AsyncWriteExt;
+        let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        stream.set_nodelay(true)?;
+        let (read, write) = stream.into_split();
+        let mut session = RawSmtp {
+            read: tokio::io::BufReader::new(read),
+            write,
+            line: String::new(),
+        };
+        session.reply().await?;
+        session.write.write_all(b"EHLO bench\r\n").await?;
+        session.reply().await?;
+        Ok(session)
+    }
+
+    /// One reply (its last line: `250 ...`, not `250-...`).
+    async fn reply(&mut self) -> anyhow::Result<()> {
+        use tokio::io::AsyncBufReadExt;
+        loop {
+            self.line.clear();
+            if self.read.read_line(&mut self.line).await? == 0 {
+                anyhow::bail!("the sink closed the connection");
+            }
+            if self.line.as_bytes().get(3) != Some(&b'-') {
+                return Ok(());
+            }
+        }
+    }
+
+    async fn quit(mut self) -> anyhow::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        self.write.write_all(b"QUIT\r\n").await?;
+        self.reply().await
+    }
+
+    /// Sends `data` (the message as DATA content, with its final dot).
+    async fn send(&mut self, data: &[u8]) -> anyhow::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        self.write
+            .write_all(
+                b"MAIL FROM:<bench@example.com>\r\nRCPT TO:<customer@example.com>\r\nDATA\r\n",
+            )
+            .await?;
+        for _ in 0..3 {
+            self.reply().await?;
+        }
+        self.write.write_all(data).await?;
+        self.reply().await?;
+        anyhow::ensure!(
+            self.line.starts_with("250"),
+            "the sink answered {:?}",
+            self.line
+        );
+        Ok(())
+    }
+}
+
+/// The pre-built message as DATA content, with its final dot (it has no line starting with
+/// a dot to stuff).
+fn wire_message() -> anyhow::Result<Vec<u8>> {
+    let (_, mut data) = prebuilt()?;
+    if !data.ends_with(b"\r\n") {
+        data.extend_from_slice(b"\r\n");
+    }
+    data.extend_from_slice(b".\r\n");
+    Ok(data)
 }
 
 /// A pre-built message like the worker builds from `job(0)`.
@@ -159,65 +343,23 @@ where
 }
 
 /// Raw SMTP: 16 plain TCP connections, each sending pre-built messages one after the other
-/// (MAIL, RCPT, DATA, the message, the final dot, each reply read), no library and none of
-/// the worker's code: the ceiling of SMTP over 16 reused connections.
+/// with PIPELINING (MAIL, RCPT and DATA in one write, their three replies read, then the
+/// message and its final dot in one write and its reply read), no library and none of the
+/// worker's code: the ceiling of SMTP over 16 reused connections.
 async fn raw_smtp(port: u16, stats: &sink::SinkStats, n: usize) -> anyhow::Result<f64> {
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
     stats.reset();
-    let (_, bytes) = prebuilt()?;
-    // Dot-stuffing: lines starting with a dot get another (the pre-built message has none).
-    let mut data = bytes;
-    if !data.ends_with(b"\r\n") {
-        data.extend_from_slice(b"\r\n");
-    }
-    data.extend_from_slice(b".\r\n");
-    let data = Arc::new(data);
+    let data = Arc::new(wire_message()?);
     let started = Instant::now();
     let per_task = n / CONNECTIONS;
     let mut tasks = Vec::new();
     for _ in 0..CONNECTIONS {
         let data = data.clone();
         tasks.push(tokio::spawn(async move {
-            let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-            stream.set_nodelay(true)?;
-            let (read, mut write) = stream.into_split();
-            let mut read = BufReader::new(read);
-            let mut line = String::new();
-            // One reply (its last line: `250 ...`, not `250-...`).
-            async fn reply(
-                read: &mut BufReader<tokio::net::tcp::OwnedReadHalf>,
-                line: &mut String,
-            ) -> anyhow::Result<()> {
-                loop {
-                    line.clear();
-                    if read.read_line(line).await? == 0 {
-                        anyhow::bail!("the sink closed the connection");
-                    }
-                    if line.as_bytes().get(3) != Some(&b'-') {
-                        return Ok(());
-                    }
-                }
-            }
-            reply(&mut read, &mut line).await?;
-            write.write_all(b"EHLO bench\r\n").await?;
-            reply(&mut read, &mut line).await?;
+            let mut smtp = RawSmtp::connect(port).await?;
             for _ in 0..per_task {
-                write
-                    .write_all(b"MAIL FROM:<bench@example.com>\r\n")
-                    .await?;
-                reply(&mut read, &mut line).await?;
-                write
-                    .write_all(b"RCPT TO:<customer@example.com>\r\n")
-                    .await?;
-                reply(&mut read, &mut line).await?;
-                write.write_all(b"DATA\r\n").await?;
-                reply(&mut read, &mut line).await?;
-                write.write_all(&data).await?;
-                reply(&mut read, &mut line).await?;
-                anyhow::ensure!(line.starts_with("250"), "the sink answered {line:?}");
+                smtp.send(&data).await?;
             }
-            write.write_all(b"QUIT\r\n").await?;
-            anyhow::Ok(())
+            smtp.quit().await
         }));
     }
     for task in tasks {
@@ -467,22 +609,24 @@ async fn main() -> anyhow::Result<()> {
     let profile = std::env::var_os("MAILPIPE_BENCH_PERF");
     let (mut amqp_rates, mut smtp_rates, mut worker_rates, mut cpu, mut rss) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let (mut mailer_rates, mut lettre_rates, mut broker, mut sink) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut mailer_rates, mut lettre_rates, mut broker, mut sink, mut end_to_end_rates) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for run in 1..=RUNS {
         let a = raw_amqp(n).await?;
         let s = raw_smtp(port, &stats, n).await?;
+        let e = raw_end_to_end(port, &stats, n).await?;
         let m = worker_mailer(port, &stats, n).await?;
         // lettre's pool is about 360/s here: a tenth of the jobs is plenty to measure it.
         let l = lettre_pool(port, &stats, (n / 10).max(CONNECTIONS)).await?;
         let last = run == RUNS;
         let w = worker(port, &stats, n, profile.as_deref().filter(|_| last)).await?;
         println!(
-            "run {run}: raw AMQP consume+ack {a:.0}/s, raw SMTP x{CONNECTIONS} {s:.0}/s (the worker's mailer {m:.0}/s, lettre's pool {l:.0}/s), worker {:.0} jobs/s, {:.0} us CPU/job (broker {:.0}, sink {:.0}), peak RSS {:.1} MiB",
+            "run {run}: raw AMQP consume+ack {a:.0}/s, raw SMTP x{CONNECTIONS} {s:.0}/s, raw end to end {e:.0}/s (the worker's mailer {m:.0}/s, lettre's pool {l:.0}/s), worker {:.0} jobs/s, {:.0} us CPU/job (broker {:.0}, sink {:.0}), peak RSS {:.1} MiB",
             w.jobs_per_second, w.cpu_us_per_job, w.broker_us_per_job, w.sink_us_per_job, w.peak_rss_mib
         );
         amqp_rates.push(a);
         smtp_rates.push(s);
+        end_to_end_rates.push(e);
         mailer_rates.push(m);
         lettre_rates.push(l);
         worker_rates.push(w.jobs_per_second);
@@ -493,8 +637,12 @@ async fn main() -> anyhow::Result<()> {
     }
     let (a, s, w) = (median(amqp_rates), median(smtp_rates), median(worker_rates));
     let ceiling = a.min(s);
+    let end_to_end = median(end_to_end_rates);
     println!("median raw AMQP consume+ack:        {a:>8.0} msgs/s (prefetch 128, multiple acks)");
     println!("median raw SMTP, {CONNECTIONS} connections:     {s:>8.0} msgs/s (plain TCP client)");
+    println!(
+        "median raw end to end:              {end_to_end:>8.0} jobs/s (consume -> SMTP -> multiple ack, no work)"
+    );
     println!(
         "median the worker's mailer alone:   {:>8.0} msgs/s (reference)",
         median(mailer_rates)
@@ -504,8 +652,9 @@ async fn main() -> anyhow::Result<()> {
         median(lettre_rates)
     );
     println!(
-        "median worker (16 conc, 16 conns): {w:>8.0} jobs/s ({:.0}% of min(raw AMQP, raw SMTP))",
-        100.0 * w / ceiling
+        "median worker (16 conc, 16 conns): {w:>8.0} jobs/s ({:.0}% of min(raw AMQP, raw SMTP), {:.0}% of raw end to end)",
+        100.0 * w / ceiling,
+        100.0 * w / end_to_end
     );
     println!(
         "median worker CPU per job:          {:>8.0} us (user+sys)",

@@ -9,6 +9,7 @@ require AUTH, and answers scripted faults so tests can drive the worker's retry 
 - a fault set through the control API answers every DATA with the given code, or with
   {"drop": true} stores the message and cuts the connection before replying to its dot;
 - --delay-ms holds each DATA reply (a slow provider, for shutdown tests).
+It offers PIPELINING (RFC 2920), as the providers' servers do, unless --no-pipelining.
 
 Every accepted message is appended to the --store FILE as one JSON line, written out
 before the 250 is sent, so a test counting after a kill or a restart misses nothing the
@@ -52,9 +53,18 @@ class CountingSMTP(SMTP):
 
 
 class Handler:
-    def __init__(self, delay_ms, store):
+    def __init__(self, delay_ms, store, pipelining):
         self.delay = delay_ms / 1000.0
         self.store = store
+        self.pipelining = pipelining
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        # aiosmtpd reads commands one after the other from its buffer, so it serves
+        # pipelined commands in order; it only does not say so.
+        session.host_name = hostname
+        if self.pipelining:
+            responses.insert(-1, "250-PIPELINING")
+        return responses
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         local = address.split("@")[0]
@@ -151,6 +161,7 @@ async def main():
     parser.add_argument("--key")
     parser.add_argument("--auth", help="user:password; AUTH is then required")
     parser.add_argument("--delay-ms", type=int, default=0)
+    parser.add_argument("--no-pipelining", action="store_true")
     parser.add_argument("--store", required=True, help="append each accepted message to this file")
     args = parser.parse_args()
 
@@ -172,7 +183,7 @@ async def main():
                            auth_require_tls=args.tls == "starttls")
         if args.tls == "starttls":
             options.update(tls_context=context, require_starttls=True)
-        return CountingSMTP(Handler(args.delay_ms, store), **options)
+        return CountingSMTP(Handler(args.delay_ms, store, not args.no_pipelining), **options)
 
     loop = asyncio.get_running_loop()
     server = await loop.create_server(

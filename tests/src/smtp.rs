@@ -35,6 +35,8 @@ pub struct SmtpOptions {
     pub auth: Option<(String, String)>,
     /// Delay before each DATA reply.
     pub delay_ms: u32,
+    /// Offer PIPELINING (RFC 2920) at EHLO, as providers do.
+    pub pipelining: bool,
 }
 
 impl Default for SmtpOptions {
@@ -44,6 +46,7 @@ impl Default for SmtpOptions {
             cert: None,
             auth: None,
             delay_ms: 0,
+            pipelining: true,
         }
     }
 }
@@ -118,6 +121,7 @@ impl SmtpServer {
             .args(["--port", &self.port.to_string()])
             .args(["--control-port", &self.control_port.to_string()])
             .args(["--delay-ms", &self.options.delay_ms.to_string()])
+            .args((!self.options.pipelining).then_some("--no-pipelining"))
             .arg("--store")
             .arg(self.store())
             .args([

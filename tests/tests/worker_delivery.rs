@@ -344,10 +344,25 @@ async fn long_headers_non_ascii_addresses_and_schema_violations_end_where_they_b
 
 /// One refused recipient no longer costs the others their mail: the server's answer is
 /// taken recipient by recipient, a recipient refused for now is retried alone, and one
-/// refused for good is dead-lettered alone, named in `x-mailpipe-recipients`.
+/// refused for good is dead-lettered alone, named in `x-mailpipe-recipients`. The server
+/// offers PIPELINING, so the replies to a whole envelope are read after one write.
 #[tokio::test]
 async fn refused_recipients_are_retried_or_dead_lettered_alone() {
-    let smtp = SmtpServer::start(SmtpOptions::default()).await;
+    refused_recipients(true).await;
+}
+
+/// The same, command by command, with a server that does not offer PIPELINING.
+#[tokio::test]
+async fn refused_recipients_are_retried_or_dead_lettered_alone_without_pipelining() {
+    refused_recipients(false).await;
+}
+
+async fn refused_recipients(pipelining: bool) {
+    let smtp = SmtpServer::start(SmtpOptions {
+        pipelining,
+        ..SmtpOptions::default()
+    })
+    .await;
     let names = Names::new("rcpts");
     let worker = WorkerSpec::new(SHARED_URL, &names, smtp.port).spawn();
     worker.wait_ready(Duration::from_secs(30)).await;

@@ -260,6 +260,7 @@ async fn a_server_that_refuses_the_worker_mid_run_costs_the_jobs_nothing() {
         cert: Some((pki.cert.clone(), pki.key.clone())),
         auth: Some(("mailer".into(), password.into())),
         delay_ms: 200,
+        ..SmtpOptions::default()
     };
     let mut smtp = SmtpServer::start(options(SmtpTls::Starttls, "s3cret")).await;
     let names = Names::new("refused");

@@ -278,7 +278,7 @@ async fn adjust(
     }
     // Never fewer tokens than connections open, or than sends under way (each may open
     // one); both only fall from here on. The tokens of connections closed now go at the
-    // next look: a 221 to QUIT comes before the server has dropped the connection.
+    // next look, a second after the server closed its end (or did not within QUIT_WITHIN).
     let keep = usize::from(limit)
         .max(pool.busy())
         .max(pool.open() + holding.just_closed);

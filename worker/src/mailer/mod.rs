@@ -1,11 +1,12 @@
 //! The mailer seam: hand a built message to something that delivers it.
 //!
 //! An [`Outgoing`] is the envelope plus the formatted MIME bytes (lettre builds them in
-//! `render`), so any transport can sit behind [`Mailer`]: lettre's pooled SMTP transport
-//! ([`smtp`]), the log transport ([`log`]), and later a pipelining transport (RFC 2920) that
-//! needs exactly the same two things.
+//! `render`), so any transport can sit behind [`Mailer`]: the pooled SMTP transport
+//! ([`smtp`], over the worker's own connections that pipeline where the server allows,
+//! [`connection`]) and the log transport ([`log`]).
 
 pub mod budget;
+pub mod connection;
 pub mod log;
 pub mod pool;
 pub mod smtp;

@@ -1,15 +1,16 @@
-//! SMTP delivery: lettre speaks the protocol, this module owns the connections.
+//! SMTP delivery: a pool of the worker's own connections (`connection.rs`, which speaks the
+//! protocol with lettre's commands and parsers).
 //!
 //! A pool of at most `pool_size` connections (providers limit connections per account), or
-//! of this worker's share of the pipeline's budget (`budget.rs`), is reused across sends. The pool opens each TCP connection itself with `TCP_NODELAY` and
-//! hands it to lettre's `AsyncSmtpConnection`: lettre writes a message body and its final
-//! `.` in two writes, and with Nagle's algorithm on, the second one waits for the server's
-//! delayed ACK (about 40 ms on Linux), which capped a 16-connection lettre transport at about
-//! 360 messages per second even against a local server. Owning the sockets is also where a
-//! pipelining (RFC 2920) transport will sit.
+//! of this worker's share of the pipeline's budget (`budget.rs`), is reused across sends.
+//! Each TCP connection is opened with `TCP_NODELAY`: the worker writes whole commands and
+//! messages, and with Nagle's algorithm on a small second write waits for the server's
+//! delayed ACK (about 40 ms on Linux), which capped lettre's 16-connection transport (a
+//! body and its final dot in two writes) at about 360 messages per second even against a
+//! local server.
 //!
-//! STARTTLS is required by default (lettre upgrades the connection); implicit TLS (the
-//! handshake done in `tls.rs`) and plain are explicit choices.
+//! STARTTLS is required by default; implicit TLS and plain are explicit choices. Both TLS
+//! handshakes are done in `tls.rs`.
 //! Certificates are verified against the system roots, or only against a given CA bundle;
 //! skipping verification is an opt-in that `run` logs loudly.
 //!
@@ -20,21 +21,20 @@
 //! idle too long is closed. A reused connection that fails without any reply before the
 //! message was handed over (the server closed it while it sat in the pool) is replaced and
 //! the transaction sent again at once; after the message was handed over it never is.
-//! lettre's errors are mapped to a classified [`SendError`] here and in `transaction.rs`.
+//! A connection's failures are mapped to a classified [`SendError`] here and in
+//! `transaction.rs`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lettre::transport::smtp::authentication::{Credentials, Mechanism};
-use lettre::transport::smtp::client::{
-    AsyncSmtpConnection, Certificate, CertificateStore, TlsParameters,
-};
 use lettre::transport::smtp::extension::ClientId;
 use tokio::net::TcpStream;
 
+use super::connection::{Connection, Failure, Transport};
 use super::pool::{Counted, Pool, Slot};
-use super::tls::ImplicitTls;
-use super::transaction::{self, reply_code, Timeouts};
+use super::tls::TlsClient;
+use super::transaction::{self, Timeouts};
 use super::{Delivered, Mailer, Outgoing, SendError};
 use crate::config::{SmtpConfig, TlsMode};
 use crate::metrics::Metrics;
@@ -44,13 +44,16 @@ const CHECK_AFTER_IDLE: Duration = Duration::from_secs(10);
 /// Idle longer than this: close instead of reusing.
 const CLOSE_AFTER_IDLE: Duration = Duration::from_secs(60);
 const MECHANISMS: &[Mechanism] = &[Mechanism::Plain, Mechanism::Login];
+/// How long a connection closed before reuse may take to say goodbye.
+const QUIT_WITHIN: Duration = Duration::from_secs(2);
 
 /// Pooled SMTP transport.
 pub struct SmtpMailer {
     host: String,
     port: u16,
-    tls_parameters: Option<TlsParameters>,
-    implicit_tls: Option<ImplicitTls>,
+    tls_mode: TlsMode,
+    /// The TLS client for STARTTLS or implicit TLS (unset with TLS off).
+    tls: Option<TlsClient>,
     credentials: Option<Credentials>,
     hello: ClientId,
     timeouts: Timeouts,
@@ -59,7 +62,7 @@ pub struct SmtpMailer {
 }
 
 /// The pool of SMTP connections.
-pub type SmtpPool = Pool<AsyncSmtpConnection>;
+pub type SmtpPool = Pool<Connection>;
 
 /// The SMTP transport cannot be built from the configuration.
 #[derive(Debug, thiserror::Error)]
@@ -70,9 +73,6 @@ pub enum BuildError {
         path: String,
         source: std::io::Error,
     },
-    /// The CA file or TLS settings were refused.
-    #[error("SMTP TLS settings: {0}")]
-    Tls(lettre::transport::smtp::Error),
     /// The TLS client configuration cannot be built.
     #[error("SMTP TLS settings: {0}")]
     Settings(String),
@@ -82,10 +82,9 @@ impl SmtpMailer {
     /// Prepares the pool; connections open on the first send or probe. With a shared
     /// budget the pool starts with no slot: they come with the budget's tokens.
     pub fn new(config: &SmtpConfig, metrics: Metrics) -> Result<SmtpMailer, BuildError> {
-        let (tls_parameters, implicit_tls) = match config.tls {
-            TlsMode::None => (None, None),
-            TlsMode::Starttls => (Some(tls_parameters(config)?), None),
-            TlsMode::Tls => (None, Some(ImplicitTls::new(config)?)),
+        let tls = match config.tls {
+            TlsMode::None => None,
+            TlsMode::Starttls | TlsMode::Tls => Some(TlsClient::new(config)?),
         };
         let credentials = config
             .credentials
@@ -102,8 +101,8 @@ impl SmtpMailer {
         Ok(SmtpMailer {
             host: config.host.clone(),
             port: config.port,
-            tls_parameters,
-            implicit_tls,
+            tls_mode: config.tls,
+            tls,
             credentials,
             hello: ClientId::default(),
             timeouts: Timeouts::new(config.timeout, config.data_timeout),
@@ -119,7 +118,7 @@ impl SmtpMailer {
 
     /// Opens, secures and authenticates a new connection. Every failure here means the
     /// server is unavailable to us, whatever it is.
-    async fn open(&self) -> Result<AsyncSmtpConnection, SendError> {
+    async fn open(&self) -> Result<Connection, SendError> {
         let limit = self.timeouts.command;
         let timed_out = |what: &str| {
             SendError::unavailable(
@@ -128,25 +127,22 @@ impl SmtpMailer {
             )
         };
         let stream = connect_tcp(&self.host, self.port, limit).await?;
-        let stream: Box<dyn lettre::transport::smtp::client::AsyncTokioStream> =
-            match &self.implicit_tls {
-                Some(tls) => Box::new(
-                    tokio::time::timeout(limit, tls.wrap(stream))
-                        .await
-                        .map_err(|_| timed_out("TLS handshake"))?
-                        .map_err(|e| tls_failure("TLS handshake", &e))?,
-                ),
-                None => Box::new(stream),
-            };
+        let transport = match (&self.tls, self.tls_mode) {
+            (Some(tls), TlsMode::Tls) => Transport::Tls(Box::new(
+                tokio::time::timeout(limit, tls.wrap(stream))
+                    .await
+                    .map_err(|_| timed_out("TLS handshake"))?
+                    .map_err(|e| tls_failure("TLS handshake", &e))?,
+            )),
+            _ => Transport::Plain(stream),
+        };
         // The greeting and EHLO: two replies.
-        let mut connection = tokio::time::timeout(
-            limit * 2,
-            AsyncSmtpConnection::connect_with_transport(stream, &self.hello),
-        )
-        .await
-        .map_err(|_| timed_out("greeting and EHLO"))?
-        .map_err(|e| refusal("smtp_connection", "greeting and EHLO", &e))?;
-        if let Some(parameters) = &self.tls_parameters {
+        let mut connection =
+            tokio::time::timeout(limit * 2, Connection::greet(transport, &self.hello))
+                .await
+                .map_err(|_| timed_out("greeting and EHLO"))?
+                .map_err(|e| refusal("smtp_connection", "greeting and EHLO", &e))?;
+        if let (Some(tls), TlsMode::Starttls) = (&self.tls, self.tls_mode) {
             if !connection.can_starttls() {
                 return Err(SendError::unavailable(
                     "smtp_tls",
@@ -154,30 +150,27 @@ impl SmtpMailer {
                         .into(),
                 ));
             }
-            tokio::time::timeout(
-                limit * 2,
-                connection.starttls(parameters.clone(), &self.hello),
-            )
-            .await
-            .map_err(|_| timed_out("STARTTLS"))?
-            .map_err(|e| match reply_code(&e) {
-                Some(_) => refusal("smtp_tls", "STARTTLS", &e),
-                None => tls_failure("STARTTLS", &e),
-            })?;
+            connection = tokio::time::timeout(limit * 2, connection.starttls(tls, &self.hello))
+                .await
+                .map_err(|_| timed_out("STARTTLS"))?
+                .map_err(|e| match e.code() {
+                    Some(_) => refusal("smtp_tls", "STARTTLS", &e),
+                    None => tls_failure("STARTTLS", &e),
+                })?;
         }
         if let Some(credentials) = &self.credentials {
             tokio::time::timeout(limit, connection.auth(MECHANISMS, credentials))
                 .await
                 .map_err(|_| timed_out("AUTH"))?
-                .map_err(|e| match reply_code(&e) {
-                    Some(_) => refusal("smtp_auth", "AUTH", &e),
-                    None if e.is_client() => SendError::unavailable(
+                .map_err(|e| match e {
+                    Failure::Reply { .. } => refusal("smtp_auth", "AUTH", &e),
+                    Failure::NoMechanism => SendError::unavailable(
                         "smtp_auth",
                         format!(
                             "no AUTH mechanism in common (the worker offers PLAIN and LOGIN): {e}"
                         ),
                     ),
-                    None => refusal("smtp_connection", "AUTH", &e),
+                    _ => refusal("smtp_connection", "AUTH", &e),
                 })?;
         }
         Ok(connection)
@@ -185,10 +178,7 @@ impl SmtpMailer {
 
     /// An idle connection that still answers, or a new one (always new with `fresh`);
     /// `true` when it was reused.
-    async fn checkout(
-        &self,
-        fresh: bool,
-    ) -> Result<(Counted<AsyncSmtpConnection>, bool), SendError> {
+    async fn checkout(&self, fresh: bool) -> Result<(Counted<Connection>, bool), SendError> {
         loop {
             let candidate = if fresh { None } else { self.pool.take_idle() };
             let Some((mut connection, since)) = candidate else {
@@ -196,7 +186,8 @@ impl SmtpMailer {
             };
             let idle_for = since.elapsed();
             if idle_for > CLOSE_AFTER_IDLE {
-                connection.abort().await;
+                // Closed before another opens under the same slot.
+                let _ = tokio::time::timeout(QUIT_WITHIN, connection.quit()).await;
                 continue;
             }
             if idle_for > CHECK_AFTER_IDLE && !self.answers_noop(&mut connection).await {
@@ -207,12 +198,12 @@ impl SmtpMailer {
     }
 
     /// A slot in the pool (at most as many connections in use at once as slots).
-    async fn permit(&self) -> Slot<'_, AsyncSmtpConnection> {
+    async fn permit(&self) -> Slot<'_, Connection> {
         self.pool.slot().await
     }
 
-    async fn answers_noop(&self, connection: &mut AsyncSmtpConnection) -> bool {
-        tokio::time::timeout(self.timeouts.command, connection.test_connected())
+    async fn answers_noop(&self, connection: &mut Connection) -> bool {
+        tokio::time::timeout(self.timeouts.command, connection.noop())
             .await
             .unwrap_or(false)
     }
@@ -223,10 +214,10 @@ impl SmtpMailer {
     /// one.
     async fn transact<'a>(
         &'a self,
-        slot: Slot<'a, AsyncSmtpConnection>,
+        slot: Slot<'a, Connection>,
         message: &Outgoing,
         fresh: bool,
-    ) -> Result<Delivered, (SendError, bool, Slot<'a, AsyncSmtpConnection>)> {
+    ) -> Result<Delivered, (SendError, bool, Slot<'a, Connection>)> {
         let (mut connection, reused) = match self.checkout(fresh).await {
             Ok(checked_out) => checked_out,
             Err(error) => return Err((error, false, slot)),
@@ -243,7 +234,7 @@ impl SmtpMailer {
 
 /// Gives the slot back with its connection, which stays in the pool for reuse unless it
 /// broke. One step, so the pool never counts the connection both idle and busy.
-fn checkin(slot: Slot<'_, AsyncSmtpConnection>, connection: Counted<AsyncSmtpConnection>) {
+fn checkin(slot: Slot<'_, Connection>, connection: Counted<Connection>) {
     if connection.has_broken() {
         return;
     }
@@ -260,10 +251,10 @@ fn tls_failure(what: &str, error: &(dyn std::error::Error + 'static)) -> SendErr
 }
 
 /// The server answered, but refused the worker (not a message).
-fn refusal(reason: &'static str, what: &str, error: &lettre::transport::smtp::Error) -> SendError {
-    match reply_code(error) {
+fn refusal(reason: &'static str, what: &str, error: &Failure) -> SendError {
+    match error.code() {
         Some(code) => SendError::refused(reason, code, format!("{what}: {error}")),
-        None if error.is_tls() || has_tls_failure(error) => tls_failure(what, error),
+        None if has_tls_failure(error) => tls_failure(what, error),
         None => SendError::unavailable(reason, format!("{what}: {}", error_chain(error))),
     }
 }
@@ -280,28 +271,10 @@ async fn connect_tcp(host: &str, port: u16, timeout: Duration) -> Result<TcpStre
     Ok(stream)
 }
 
-fn tls_parameters(config: &SmtpConfig) -> Result<TlsParameters, BuildError> {
-    let mut builder = TlsParameters::builder(config.host.clone());
-    if let Some(path) = &config.ca_file {
-        let pem = std::fs::read(path).map_err(|source| BuildError::CaFile {
-            path: path.display().to_string(),
-            source,
-        })?;
-        let ca = Certificate::from_pem(&pem).map_err(BuildError::Tls)?;
-        builder = builder
-            .certificate_store(CertificateStore::None)
-            .add_root_certificate(ca);
-    }
-    if config.insecure_skip_verify {
-        builder = builder.dangerous_accept_invalid_certs(true);
-    }
-    builder.build_rustls().map_err(BuildError::Tls)
-}
-
 /// The rustls error in the error's chain, if the failure is one of TLS (an untrusted or
-/// invalid certificate, a failed handshake). lettre reports rustls errors met during the
-/// handshake as connection errors wrapping an `io::Error`, whose `source()` skips the rustls
-/// error itself, so `io::Error::get_ref` is looked into as well.
+/// invalid certificate, a failed handshake). tokio-rustls reports rustls errors met during
+/// the handshake as an `io::Error` whose `source()` skips the rustls error itself, so
+/// `io::Error::get_ref` is looked into as well.
 fn rustls_error<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
     let mut next: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(current) = next {
@@ -358,7 +331,7 @@ fn tls_advice(error: &(dyn std::error::Error + 'static)) -> String {
     }
 }
 
-/// The error and its sources on one line (lettre's top-level text is often just "Connection
+/// The error and its sources on one line (a top-level text is often just "Connection
 /// error", and the useful part, such as "UnknownIssuer", sits in the source). A source
 /// whose text the line already holds is not repeated.
 fn error_chain(error: &dyn std::error::Error) -> String {

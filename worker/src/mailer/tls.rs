@@ -1,24 +1,18 @@
-//! Implicit TLS (SMTPS, port 465) on sockets the worker opens itself.
+//! TLS for SMTP connections: implicit TLS (SMTPS, port 465) and STARTTLS both do their
+//! handshake here, with tokio-rustls on the worker's own `TCP_NODELAY` socket.
 //!
-//! lettre's own implicit-TLS connect opens its socket with Nagle's algorithm on (see
-//! `smtp.rs`), so the worker does the TLS handshake itself with tokio-rustls on its
-//! `TCP_NODELAY` socket and hands the encrypted stream to lettre through lettre's public
-//! `AsyncTokioStream` trait. Verification follows the same rules as STARTTLS: the system
-//! roots, or only a given CA bundle, and the server name; skipping verification still checks
-//! handshake signatures, only not the chain or the name.
+//! Certificates are verified against the system roots, or only against a given CA bundle,
+//! and the server name; skipping verification still checks handshake signatures, only not
+//! the chain or the name.
 
 use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
-use lettre::transport::smtp::client::AsyncTokioStream;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
@@ -26,14 +20,14 @@ use super::smtp::BuildError;
 use crate::config::SmtpConfig;
 
 /// Wraps TCP connections in TLS for one SMTP server.
-pub struct ImplicitTls {
+pub struct TlsClient {
     connector: TlsConnector,
     server_name: ServerName<'static>,
 }
 
-impl ImplicitTls {
+impl TlsClient {
     /// Builds the client configuration from the SMTP settings.
-    pub fn new(config: &SmtpConfig) -> Result<ImplicitTls, BuildError> {
+    pub fn new(config: &SmtpConfig) -> Result<TlsClient, BuildError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
@@ -50,19 +44,18 @@ impl ImplicitTls {
         };
         let server_name = ServerName::try_from(config.host.clone())
             .map_err(|e| BuildError::Settings(format!("SMTP host {:?}: {e}", config.host)))?;
-        Ok(ImplicitTls {
+        Ok(TlsClient {
             connector: TlsConnector::from(Arc::new(client)),
             server_name,
         })
     }
 
     /// Performs the TLS handshake on `tcp`.
-    pub async fn wrap(&self, tcp: TcpStream) -> io::Result<TlsTcp> {
-        let stream = self
-            .connector
-            .connect(self.server_name.clone(), tcp)
-            .await?;
-        Ok(TlsTcp(stream))
+    pub async fn wrap(
+        &self,
+        tcp: TcpStream,
+    ) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        self.connector.connect(self.server_name.clone(), tcp).await
     }
 }
 
@@ -146,43 +139,5 @@ impl ServerCertVerifier for AnyCertificate {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
-/// A TLS stream over a worker-opened TCP connection, usable by lettre.
-#[derive(Debug)]
-pub struct TlsTcp(tokio_rustls::client::TlsStream<TcpStream>);
-
-impl AsyncRead for TlsTcp {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for TlsTcp {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
-    }
-}
-
-impl AsyncTokioStream for TlsTcp {
-    fn peer_addr(&self) -> io::Result<std::net::SocketAddr> {
-        self.0.get_ref().0.peer_addr()
     }
 }

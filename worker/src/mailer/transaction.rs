@@ -1,9 +1,11 @@
-//! One SMTP mail transaction on an open connection, command by command: MAIL, one RCPT per
-//! recipient, DATA, then the message and its final dot.
+//! One SMTP mail transaction on an open connection: MAIL, one RCPT per recipient, DATA, then
+//! the message and its final dot.
 //!
-//! lettre speaks each command; this module drives them so that every step has its own
-//! timeout (RFC 5321 section 4.5.3.2 gives the upper bounds) and so that a failure says how
-//! far the transaction got:
+//! When the server offers PIPELINING (RFC 2920), MAIL, every RCPT and DATA go out in one
+//! write and their replies are read in order, then the message goes in one more write: two
+//! round trips a message. Without it, a command at a time. Either way every reply has its
+//! own timeout (RFC 5321 section 4.5.3.2 gives the upper bounds) and a failure says how far
+//! the transaction got:
 //! - a failure before the message was handed over means the server stored nothing: if no
 //!   reply came (a drop, a hang) the server is unavailable and the same message may be sent
 //!   again, at once on another connection, without spending an attempt;
@@ -18,10 +20,10 @@
 
 use std::time::Duration;
 
-use lettre::transport::smtp::client::AsyncSmtpConnection;
 use lettre::transport::smtp::commands::{Data, Mail, Rcpt};
 use lettre::transport::smtp::extension::{Extension, MailBodyParameter, MailParameter};
 
+use super::connection::{Connection, Failure};
 use super::{Delivered, Outgoing, Refused, SendError};
 use crate::disposition::SendClass;
 
@@ -54,19 +56,31 @@ impl Timeouts {
     }
 }
 
-/// Runs one command under `limit`; a reply is classified by its code, no reply means the
-/// server is unavailable (nothing of this transaction was stored).
-async fn step<T>(
+/// Writes what is queued (with `flush`) and reads the reply to `what` under `limit`; a
+/// reply is classified by its code, no reply means the server is unavailable (nothing of
+/// this transaction was stored).
+async fn step(
+    connection: &mut Connection,
+    flush: bool,
     what: &str,
     limit: Duration,
-    command: impl std::future::Future<Output = Result<T, lettre::transport::smtp::Error>>,
-) -> Result<T, SendError> {
-    match tokio::time::timeout(limit, command).await {
-        Ok(Ok(value)) => Ok(value),
-        Ok(Err(error)) => Err(match reply_code(&error) {
-            Some(code) => SendError::from_reply(code, format!("{what}: {error}")),
-            None => SendError::unavailable("smtp_connection", format!("{what}: {error}")),
-        }),
+) -> Result<(), SendError> {
+    let exchange = async {
+        if flush {
+            connection.flush().await?;
+        }
+        connection.reply().await
+    };
+    match tokio::time::timeout(limit, exchange).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(Failure::Reply { code, text })) => Err(SendError::from_reply(
+            code,
+            format!("{what}: {code} {text}"),
+        )),
+        Ok(Err(error)) => Err(SendError::unavailable(
+            "smtp_connection",
+            format!("{what}: {error}"),
+        )),
         Err(_) => Err(SendError::unavailable(
             "smtp_timeout",
             format!("no reply to {what} within {limit:?}"),
@@ -74,16 +88,9 @@ async fn step<T>(
     }
 }
 
-/// The numeric reply code of a lettre error, when the server answered.
-pub fn reply_code(error: &lettre::transport::smtp::Error) -> Option<u16> {
-    error
-        .status()
-        .map(|code| code.to_string().parse().unwrap_or(500))
-}
-
 /// Sends `message` on `connection`. On error the connection is no longer usable.
 pub async fn send(
-    connection: &mut AsyncSmtpConnection,
+    connection: &mut Connection,
     message: &Outgoing,
     timeouts: &Timeouts,
 ) -> Result<Delivered, SendError> {
@@ -120,22 +127,23 @@ pub async fn send(
         }
         options.push(MailParameter::Body(MailBodyParameter::EightBitMime));
     }
-    step(
-        "MAIL",
-        timeouts.command,
-        connection.command(Mail::new(envelope.from().cloned(), options)),
-    )
-    .await?;
+    // With PIPELINING the whole envelope and DATA go in one write; the replies come in order.
+    let pipelined = connection.pipelining();
+    connection.queue(Mail::new(envelope.from().cloned(), options));
+    if pipelined {
+        for recipient in envelope.to() {
+            connection.queue(Rcpt::new(recipient.clone(), Vec::new()));
+        }
+        connection.queue(Data);
+    }
+    step(connection, true, "MAIL", timeouts.command).await?;
     let mut refused = Vec::new();
     for recipient in envelope.to() {
-        match step(
-            "RCPT",
-            timeouts.command,
-            connection.command(Rcpt::new(recipient.clone(), Vec::new())),
-        )
-        .await
-        {
-            Ok(_) => {}
+        if !pipelined {
+            connection.queue(Rcpt::new(recipient.clone(), Vec::new()));
+        }
+        match step(connection, !pipelined, "RCPT", timeouts.command).await {
+            Ok(()) => {}
             // A reply about this recipient; no reply, or a refusal of the worker (530),
             // ends the whole transaction.
             Err(error) if error.code.is_some() && !error.is_server_trouble() => {
@@ -148,22 +156,33 @@ pub async fn send(
         }
     }
     if refused.len() == envelope.to().len() {
+        // Pipelined, the DATA was refused too (RFC 2920 3.1); the connection is dropped
+        // either way, which ends a transaction the server may still hold.
         let first = refused
             .iter()
             .find(|r| r.error.class == SendClass::Transient)
             .unwrap_or(&refused[0]);
         return Err(first.error.clone());
     }
-    step("DATA", timeouts.data_init, connection.command(Data)).await?;
+    if !pipelined {
+        connection.queue(Data);
+    }
+    step(connection, !pipelined, "DATA", timeouts.data_init).await?;
     // From here the server may store the message: without its reply the outcome is unknown.
-    match tokio::time::timeout(timeouts.data_end, connection.message(&message.bytes)).await {
+    connection.queue_message(&message.bytes);
+    let handed_over = async {
+        connection.flush().await?;
+        connection.reply().await
+    };
+    match tokio::time::timeout(timeouts.data_end, handed_over).await {
         Ok(Ok(_)) => Ok(Delivered { refused }),
-        Ok(Err(error)) => Err(match reply_code(&error) {
-            Some(code) => SendError::from_reply(code, format!("end of data: {error}")),
-            None => SendError::outcome_unknown(format!(
-                "connection lost after the message was handed over: {error}"
-            )),
-        }),
+        Ok(Err(Failure::Reply { code, text })) => Err(SendError::from_reply(
+            code,
+            format!("end of data: {code} {text}"),
+        )),
+        Ok(Err(error)) => Err(SendError::outcome_unknown(format!(
+            "connection lost after the message was handed over: {error}"
+        ))),
         Err(_) => Err(SendError::outcome_unknown(format!(
             "no reply to the end of data within {:?}",
             timeouts.data_end
@@ -174,6 +193,144 @@ pub async fn send(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lettre::address::Envelope;
+    use tokio::io::AsyncWriteExt;
+
+    use crate::mailer::connection::testing::{line, scripted};
+
+    const TIMEOUTS: Timeouts = Timeouts {
+        command: Duration::from_secs(5),
+        data_init: Duration::from_secs(5),
+        data_end: Duration::from_secs(5),
+    };
+
+    fn message(to: &[&str]) -> Outgoing {
+        Outgoing {
+            envelope: Envelope::new(
+                Some("from@example.com".parse().unwrap()),
+                to.iter().map(|a| a.parse().unwrap()).collect(),
+            )
+            .unwrap(),
+            bytes: b"Subject: x\r\n\r\n.hi\r\n".to_vec(),
+        }
+    }
+
+    #[tokio::test]
+    async fn with_pipelining_the_envelope_and_data_go_before_any_reply() {
+        let (mut connection, server) = scripted(
+            "250-scripted\r\n250-PIPELINING\r\n250 8BITMIME\r\n",
+            |mut read, mut write| async move {
+                // Every command of the envelope arrives before any reply is sent.
+                let mut commands = Vec::new();
+                for _ in 0..4 {
+                    commands.push(line(&mut read).await);
+                }
+                write
+                    .write_all(b"250 ok\r\n250 ok\r\n550 5.1.1 no such user\r\n354 go\r\n")
+                    .await
+                    .unwrap();
+                let mut data = String::new();
+                loop {
+                    let next = line(&mut read).await;
+                    if next == ".\r\n" || next.is_empty() {
+                        break;
+                    }
+                    data.push_str(&next);
+                }
+                write.write_all(b"250 queued\r\n").await.unwrap();
+                (commands, data)
+            },
+        )
+        .await;
+        assert!(connection.pipelining());
+        let delivered = tokio::time::timeout(
+            Duration::from_secs(5),
+            send(
+                &mut connection,
+                &message(&["a@example.com", "b@example.com"]),
+                &TIMEOUTS,
+            ),
+        )
+        .await
+        .expect("no reply is awaited before the whole envelope is written")
+        .expect("delivered to a@");
+        assert_eq!(delivered.refused.len(), 1);
+        assert_eq!(delivered.refused[0].recipient.to_string(), "b@example.com");
+        assert_eq!(delivered.refused[0].error.code, Some(550));
+        assert_eq!(delivered.refused[0].error.class, SendClass::Permanent);
+        let (commands, data) = server.await.unwrap();
+        assert_eq!(
+            commands,
+            [
+                "MAIL FROM:<from@example.com>\r\n",
+                "RCPT TO:<a@example.com>\r\n",
+                "RCPT TO:<b@example.com>\r\n",
+                "DATA\r\n"
+            ]
+        );
+        assert_eq!(data, "Subject: x\r\n\r\n..hi\r\n\r\n", "dot-stuffed");
+    }
+
+    #[tokio::test]
+    async fn without_pipelining_each_command_waits_for_its_reply() {
+        let (mut connection, server) = scripted(
+            "250-scripted\r\n250 8BITMIME\r\n",
+            |mut read, mut write| async move {
+                assert!(line(&mut read).await.starts_with("MAIL FROM:"));
+                let early = tokio::time::timeout(Duration::from_millis(300), line(&mut read)).await;
+                assert!(
+                    early.is_err(),
+                    "RCPT sent before the reply to MAIL: {early:?}"
+                );
+                write.write_all(b"250 ok\r\n").await.unwrap();
+                assert!(line(&mut read).await.starts_with("RCPT TO:"));
+                write.write_all(b"451 4.2.1 later\r\n").await.unwrap();
+                // Every recipient refused: no DATA, the client gives the connection up.
+                line(&mut read).await
+            },
+        )
+        .await;
+        assert!(!connection.pipelining());
+        let error = send(&mut connection, &message(&["a@example.com"]), &TIMEOUTS)
+            .await
+            .unwrap_err();
+        assert_eq!(error.code, Some(451));
+        assert_eq!(error.class, SendClass::Transient);
+        drop(connection);
+        assert_eq!(server.await.unwrap(), "", "nothing after the refused RCPT");
+    }
+
+    #[tokio::test]
+    async fn pipelined_with_every_recipient_refused_the_first_refusal_is_the_job_s() {
+        let (mut connection, server) = scripted(
+            "250-scripted\r\n250 PIPELINING\r\n",
+            |mut read, mut write| async move {
+                for _ in 0..4 {
+                    line(&mut read).await;
+                }
+                write
+                    .write_all(b"250 ok\r\n550 5.1.1 no\r\n452 4.2.2 full\r\n554 5.5.1 no valid recipients\r\n")
+                    .await
+                    .unwrap();
+                line(&mut read).await
+            },
+        )
+        .await;
+        let error = send(
+            &mut connection,
+            &message(&["a@example.com", "b@example.com"]),
+            &TIMEOUTS,
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(
+            error.code,
+            Some(452),
+            "a transient refusal makes the job transient"
+        );
+        drop(connection);
+        assert_eq!(server.await.unwrap(), "", "no message after a refused DATA");
+    }
 
     #[test]
     fn timeouts_never_exceed_rfc_5321() {
