@@ -351,21 +351,17 @@ impl Connection {
 }
 
 /// Appends `message` with every dot that starts a line doubled (RFC 5321 4.5.2) and the
-/// final `CRLF.CRLF`: lettre's transparency codec, byte for byte, copied in runs.
+/// final `CRLF.CRLF`: lettre's transparency codec (a line starts at the message's start or
+/// after CRLF), byte for byte, copied in runs between the dots.
 fn dot_stuff(out: &mut Vec<u8>, message: &[u8]) {
     out.reserve(message.len() + message.len() / 64 + 5);
     let mut start = 0;
-    // At the start of a line: the message's start, or after CRLF.
-    let mut line_start = true;
-    let mut after_cr = false;
-    for (i, &byte) in message.iter().enumerate() {
-        if byte == b'.' && line_start {
-            out.extend_from_slice(&message[start..=i]);
+    for dot in memchr::memchr_iter(b'.', message) {
+        if dot == 0 || message[..dot].ends_with(b"\r\n") {
+            out.extend_from_slice(&message[start..=dot]);
             out.push(b'.');
-            start = i + 1;
+            start = dot + 1;
         }
-        line_start = after_cr && byte == b'\n';
-        after_cr = byte == b'\r';
     }
     out.extend_from_slice(&message[start..]);
     out.extend_from_slice(b"\r\n.\r\n");

@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use prometheus::IntGauge;
 use tokio::sync::Notify;
 
 use crate::metrics::Metrics;
@@ -26,7 +27,9 @@ pub struct Pool<C> {
     /// Connections open now, wherever they are (idle, under a send, waiting to close).
     open: Arc<AtomicUsize>,
     changed: Notify,
-    metrics: Metrics,
+    /// `mailpipe_smtp_pool_connections` for `max` (the slots) and `idle`.
+    max_gauge: IntGauge,
+    idle_gauge: IntGauge,
 }
 
 /// A connection counted as open until it is dropped.
@@ -132,7 +135,8 @@ impl<C> Pool<C> {
             }),
             open: Arc::new(AtomicUsize::new(0)),
             changed: Notify::new(),
-            metrics,
+            max_gauge: metrics.smtp_pool_connections.with_label_values(&["max"]),
+            idle_gauge: metrics.smtp_pool_connections.with_label_values(&["idle"]),
         };
         pool.changed();
         pool
@@ -148,9 +152,8 @@ impl<C> Pool<C> {
             let state = self.lock();
             (state.slots, state.idle.len())
         };
-        let gauge = &self.metrics.smtp_pool_connections;
-        gauge.with_label_values(&["max"]).set(slots as i64);
-        gauge.with_label_values(&["idle"]).set(idle as i64);
+        self.max_gauge.set(slots as i64);
+        self.idle_gauge.set(idle as i64);
         self.changed.notify_waiters();
     }
 

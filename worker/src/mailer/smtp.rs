@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use lettre::transport::smtp::authentication::{Credentials, Mechanism};
 use lettre::transport::smtp::extension::ClientId;
+use prometheus::IntGauge;
 use tokio::net::TcpStream;
 
 use super::connection::{Connection, Failure, Transport};
@@ -58,6 +59,8 @@ pub struct SmtpMailer {
     hello: ClientId,
     timeouts: Timeouts,
     pool: Arc<SmtpPool>,
+    /// `mailpipe_smtp_pool_connections{state="busy"}`.
+    busy: IntGauge,
     metrics: Metrics,
 }
 
@@ -90,10 +93,8 @@ impl SmtpMailer {
             .credentials
             .as_ref()
             .map(|(user, password)| Credentials::new(user.clone(), password.expose().to_string()));
-        metrics
-            .smtp_pool_connections
-            .with_label_values(&["busy"])
-            .set(0);
+        let busy = metrics.smtp_pool_connections.with_label_values(&["busy"]);
+        busy.set(0);
         let slots = match config.budget_queue {
             Some(_) => 0,
             None => config.pool_size as usize,
@@ -107,6 +108,7 @@ impl SmtpMailer {
             hello: ClientId::default(),
             timeouts: Timeouts::new(config.timeout, config.data_timeout),
             pool: Arc::new(Pool::new(slots, metrics.clone())),
+            busy,
             metrics,
         })
     }
@@ -352,10 +354,7 @@ impl Mailer for SmtpMailer {
     async fn send(&self, message: &Outgoing) -> Result<Delivered, SendError> {
         let started = Instant::now();
         let slot = self.permit().await;
-        let busy = self
-            .metrics
-            .smtp_pool_connections
-            .with_label_values(&["busy"]);
+        let busy = &self.busy;
         busy.inc();
         // A reused connection that fails without any reply before the message was handed
         // over was closed by the server while it sat in the pool (a restart, an idle timeout

@@ -59,9 +59,20 @@ struct Live {
     connection: Connection,
     channel: Channel,
     consumer: Consumer,
+    /// Shared by every delivery of this connection.
+    settling: Arc<Settling>,
+}
+
+/// What every delivery of one connection settles through, shared rather than copied into
+/// each delivery.
+struct Settling {
+    /// The publisher channel (confirms on), for retry and dead-letter copies.
     publisher: Channel,
     /// The consumer channel's acknowledgements, batched.
     acks: Arc<Acks>,
+    work_queue: String,
+    dead_letter: bool,
+    metrics: Metrics,
 }
 
 /// How long a refused (nacked) copy's original waits before it goes back to the queue, so a
@@ -150,12 +161,18 @@ impl RabbitSource {
                 FieldTable::default(),
             )
             .await?;
+        let settings = &self.config.settings;
         Ok(Live {
             connection,
             channel,
             consumer,
-            publisher,
-            acks: Arc::default(),
+            settling: Arc::new(Settling {
+                publisher,
+                acks: Arc::default(),
+                work_queue: settings.queue.clone(),
+                dead_letter: settings.dead_letter,
+                metrics: self.metrics.clone(),
+            }),
         })
     }
 
@@ -175,13 +192,8 @@ impl RabbitSource {
         }
     }
 
-    fn wrap(
-        &self,
-        delivery: lapin::message::Delivery,
-        publisher: &Channel,
-        acks: &Arc<Acks>,
-    ) -> Delivery {
-        acks.delivered(delivery.delivery_tag);
+    fn wrap(&self, delivery: lapin::message::Delivery, settling: &Arc<Settling>) -> Delivery {
+        settling.acks.delivered(delivery.delivery_tag);
         if delivery.redelivered {
             self.metrics.redelivered.inc();
         }
@@ -214,7 +226,6 @@ impl RabbitSource {
         let recipients = header_text(headers::RECIPIENTS)
             .and_then(|list| serde_json::from_str::<Vec<String>>(&list).ok());
         let body: Arc<[u8]> = delivery.data.into();
-        let settings = &self.config.settings;
         Delivery {
             body: body.clone(),
             attempt,
@@ -222,15 +233,11 @@ impl RabbitSource {
             settle: Box::new(RabbitSettle {
                 acker: delivery.acker,
                 tag: delivery.delivery_tag,
-                acks: acks.clone(),
-                publisher: publisher.clone(),
+                settling: settling.clone(),
                 properties: delivery.properties,
                 body,
                 exchange,
                 routing_key,
-                work_queue: settings.queue.clone(),
-                dead_letter: settings.dead_letter,
-                metrics: self.metrics.clone(),
             }),
         }
     }
@@ -288,8 +295,8 @@ impl MessageSource for RabbitSource {
             };
             match item {
                 Some(Ok(delivery)) => {
-                    let (publisher, acks) = (live.publisher.clone(), live.acks.clone());
-                    return Some(self.wrap(delivery, &publisher, &acks));
+                    let settling = live.settling.clone();
+                    return Some(self.wrap(delivery, &settling));
                 }
                 Some(Err(error)) => {
                     tracing::warn!(%error, "lost the broker connection; reconnecting");
@@ -323,8 +330,8 @@ impl MessageSource for RabbitSource {
     async fn held(&mut self) -> Option<Delivery> {
         let delivery = self.next_held().await?;
         let live = self.live.as_ref()?;
-        let (publisher, acks) = (live.publisher.clone(), live.acks.clone());
-        Some(self.wrap(delivery, &publisher, &acks))
+        let settling = live.settling.clone();
+        Some(self.wrap(delivery, &settling))
     }
 
     async fn give_back(&mut self) -> usize {
@@ -344,7 +351,7 @@ impl MessageSource for RabbitSource {
     async fn close(self) {
         if let Some(live) = self.live {
             // The acks still queued go before the connection does.
-            live.acks.flush().await;
+            live.settling.acks.flush().await;
             if let Err(error) = live
                 .connection
                 .close(200, "worker shutting down".into())
@@ -360,15 +367,11 @@ impl MessageSource for RabbitSource {
 struct RabbitSettle {
     acker: Acker,
     tag: u64,
-    acks: Arc<Acks>,
-    publisher: Channel,
+    settling: Arc<Settling>,
     properties: BasicProperties,
     body: Arc<[u8]>,
     exchange: String,
     routing_key: String,
-    work_queue: String,
-    dead_letter: bool,
-    metrics: Metrics,
 }
 
 /// What the broker said to a copy.
@@ -430,6 +433,7 @@ impl RabbitSettle {
         }
         let properties = copy_properties(&self.properties, table);
         let confirm = self
+            .settling
             .publisher
             .basic_publish(
                 exchange.into(),
@@ -453,7 +457,7 @@ impl RabbitSettle {
     /// The broker refused the copy: the original goes back to the queue after a pause,
     /// with its attempt unchanged.
     async fn requeue_after_refusal(&self, what: &str) -> Result<(), SettleError> {
-        self.metrics.broker_nacks.inc();
+        self.settling.metrics.broker_nacks.inc();
         tracing::warn!(
             copy = what,
             "the broker refused the copy (nack); the job goes back to the queue unchanged"
@@ -470,14 +474,15 @@ impl RabbitSettle {
             })
             .await
             .map_err(|e| SettleError(e.to_string()))?;
-        self.acks.closed(self.tag);
+        self.settling.acks.closed(self.tag);
         Ok(())
     }
 
     /// Acknowledges the delivery, in one round with the acks of other jobs settled
     /// meanwhile (see `acks`); resolves once its round was written.
     async fn ack(&self) -> Result<(), SettleError> {
-        self.acks
+        self.settling
+            .acks
             .ack(self.tag, self.acker.clone())
             .await
             .map_err(SettleError)
@@ -488,7 +493,7 @@ impl RabbitSettle {
             .reject(BasicRejectOptions { requeue: false })
             .await
             .map_err(|e| SettleError(e.to_string()))?;
-        self.acks.closed(self.tag);
+        self.settling.acks.closed(self.tag);
         Ok(())
     }
 
@@ -502,7 +507,7 @@ impl RabbitSettle {
                 after,
                 recipients,
             } => {
-                let queue = naming::delay_queue(&self.work_queue, after);
+                let queue = naming::delay_queue(&self.settling.work_queue, after);
                 let mut extra = recipients_header(recipients);
                 extra.extend([
                     (
@@ -535,7 +540,7 @@ impl RabbitSettle {
                 job_id,
                 recipients,
             } => {
-                if !self.dead_letter {
+                if !self.settling.dead_letter {
                     return self.reject_without_requeue().await;
                 }
                 let mut extra = recipients_header(recipients);
@@ -551,7 +556,7 @@ impl RabbitSettle {
                     (headers::ORIGINAL_EXCHANGE, long(&self.exchange)),
                     (headers::ORIGINAL_ROUTING_KEY, long(&self.routing_key)),
                 ]);
-                let dlx = naming::dead_letter_exchange(&self.work_queue);
+                let dlx = naming::dead_letter_exchange(&self.settling.work_queue);
                 match self
                     .publish_copy(&dlx, "", extra)
                     .await
