@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs and starts what the tests and the demo need, when missing:
 # RabbitMQ (shared node on 127.0.0.1:5672, management API on 15672), Redis (127.0.0.1:6379), python3-aiosmtpd
-# (the test SMTP server), openssl, and maildev (npm, into $MAILPIPE_TOOLS, outside the clone).
+# (the test SMTP server), openssl, maildev (npm, into $MAILPIPE_TOOLS, outside the clone), and the
+# Kafka-compatible broker Tansu (cargo install into ~/.cargo/bin, once per machine: a cold
+# build takes 15-20 minutes; the Kafka tests start a broker of their own each).
 # Safe to run again: it only acts on what is missing.
 set -euo pipefail
 
@@ -68,4 +70,13 @@ if [ ! -x "$TOOLS/node_modules/.bin/maildev" ]; then
   (cd "$TOOLS" && npm install --no-audit --no-fund --loglevel=error maildev@3 >/dev/null)
 fi
 
-log "ready: RabbitMQ 5672 (management 15672), Redis 6379, aiosmtpd, maildev ($TOOLS)"
+# Tansu 0.6 with its SQLite engine (the default features store nothing), built with a
+# target directory outside the clone so that a rebuild reuses it.
+TANSU_VERSION=0.6.0
+if ! "${MAILPIPE_TANSU_BIN:-$HOME/.cargo/bin/tansu}" --version 2>/dev/null | grep -q "$TANSU_VERSION"; then
+  log "cargo install tansu $TANSU_VERSION (once per machine; 15-20 minutes cold)"
+  CARGO_TARGET_DIR="$HOME/.cache/mailpipe/tansu-target" \
+    cargo install tansu --version "$TANSU_VERSION" --locked --features libsql,dynostore --quiet
+fi
+
+log "ready: RabbitMQ 5672 (management 15672), Redis 6379, aiosmtpd, maildev ($TOOLS), tansu $TANSU_VERSION"

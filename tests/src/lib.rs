@@ -12,6 +12,7 @@ pub mod amqp;
 pub mod certs;
 pub mod cluster;
 pub mod jobs;
+pub mod kafka;
 pub mod pipelines;
 pub mod process;
 pub mod proxy;

@@ -6,6 +6,7 @@
 //! produce to retry topics behind the same two traits. The source owns reconnecting.
 
 mod acks;
+pub mod offsets;
 pub mod rabbitmq;
 
 use std::future::Future;

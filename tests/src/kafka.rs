@@ -1,0 +1,228 @@
+//! A real Kafka-compatible broker for the tests: Tansu (`tansu broker`, Apache-2.0, written
+//! in Rust) with its SQLite storage engine, one broker per test on its own loopback port and
+//! data file, and the rdkafka client (the crate's bundled librdkafka, the worker's own) to
+//! create topics, produce jobs and read what the consumers committed.
+//!
+//! `scripts/test-servers.sh` installs Tansu once per machine (`cargo install tansu`, into
+//! `~/.cargo/bin`); `MAILPIPE_TANSU_BIN` points at another binary. Tansu 0.6 deletes every
+//! topic when one is deleted and cannot describe groups, so each test has a broker of its
+//! own and reads a group's progress with OffsetFetch (`committed_offsets`) and the
+//! partitions' watermarks, never DescribeGroups.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::eventually;
+use crate::process::Proc;
+
+/// How long a client call may take before the test gives up on the broker.
+const CALL: Duration = Duration::from_secs(10);
+
+/// The Tansu binary: `MAILPIPE_TANSU_BIN`, else `~/.cargo/bin/tansu`, else `tansu` on PATH.
+fn tansu_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("MAILPIPE_TANSU_BIN") {
+        return path.into();
+    }
+    let cargo_bin = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .map(|home| home.join("bin/tansu"));
+    match cargo_bin {
+        Some(path) if path.exists() => path,
+        _ => PathBuf::from("tansu"),
+    }
+}
+
+/// A private Tansu broker, killed when dropped.
+pub struct KafkaBroker {
+    proc: Option<Proc>,
+    /// Its port (kept across restarts).
+    pub port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl KafkaBroker {
+    /// Starts one on a free port with an empty SQLite store.
+    pub async fn start() -> KafkaBroker {
+        let mut broker = KafkaBroker {
+            proc: None,
+            port: crate::free_port(),
+            dir: tempfile::tempdir().expect("temp dir"),
+        };
+        broker.launch().await;
+        broker
+    }
+
+    async fn launch(&mut self) {
+        let bin = tansu_bin();
+        let found = Command::new(&bin)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !found {
+            panic!(
+                "no Tansu broker at {}: scripts/test-servers.sh installs it (cargo install tansu --version 0.6.0 --locked --features libsql,dynostore), or set MAILPIPE_TANSU_BIN",
+                bin.display()
+            );
+        }
+        let listener = format!("tcp://127.0.0.1:{}", self.port);
+        // Tansu reads the path of a sqlite:// URL relative to its working directory.
+        let mut command = Command::new(&bin);
+        command
+            .current_dir(self.dir.path())
+            .arg("broker")
+            .args(["--listener-url", &listener])
+            .args(["--advertised-listener-url", &listener])
+            .args(["--storage-engine", "sqlite://tansu.db"]);
+        let proc = Proc::spawn("tansu", command, &self.dir.path().join("tansu.log"));
+        let port = self.port;
+        eventually(Duration::from_secs(20), "tansu to listen", || async move {
+            std::net::TcpStream::connect(("127.0.0.1", port))
+                .ok()
+                .map(drop)
+        })
+        .await;
+        self.proc = Some(proc);
+    }
+
+    /// What the broker printed (for a failing test's message).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("tansu.log")).unwrap_or_default()
+    }
+
+    /// `127.0.0.1:PORT`, for `bootstrap.servers`.
+    pub fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Kills it; its data stays for [`KafkaBroker::restart`].
+    pub fn stop(&mut self) {
+        if let Some(mut proc) = self.proc.take() {
+            proc.kill();
+        }
+    }
+
+    /// Starts it again on the same port and data.
+    pub async fn restart(&mut self) {
+        self.launch().await;
+    }
+
+    fn client_config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", self.bootstrap())
+            .set("broker.address.family", "v4");
+        config
+    }
+
+    /// Creates `topic` with `partitions` partitions (replication 1).
+    pub async fn create_topic(&self, topic: &str, partitions: i32) {
+        let admin: AdminClient<DefaultClientContext> =
+            self.client_config().create().expect("admin client");
+        let results = admin
+            .create_topics(
+                &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+                &AdminOptions::new().operation_timeout(Some(CALL)),
+            )
+            .await
+            .expect("create topics");
+        for result in results {
+            result.unwrap_or_else(|(name, e)| panic!("creating topic {name}: {e}"));
+        }
+    }
+
+    /// Produces `payloads` to `topic`, round-robin over its `partitions`, waiting for each
+    /// to be acknowledged.
+    pub async fn produce(
+        &self,
+        topic: &str,
+        partitions: i32,
+        payloads: impl IntoIterator<Item = Vec<u8>>,
+    ) {
+        let producer: FutureProducer = self
+            .client_config()
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            .create()
+            .expect("producer");
+        let mut pending = Vec::new();
+        for (n, payload) in payloads.into_iter().enumerate() {
+            let partition = (n as i32) % partitions;
+            let producer = producer.clone();
+            let topic = topic.to_string();
+            pending.push(async move {
+                producer
+                    .send(
+                        FutureRecord::<(), _>::to(&topic)
+                            .payload(&payload)
+                            .partition(partition),
+                        CALL,
+                    )
+                    .await
+                    .map(drop)
+                    .map_err(|(e, _)| e)
+            });
+        }
+        for result in futures::future::join_all(pending).await {
+            result.expect("the broker acknowledged the job");
+        }
+    }
+
+    /// The offsets `group` committed on `topic`'s partitions (`None` where it never did).
+    pub fn committed(&self, group: &str, topic: &str, partitions: i32) -> Vec<Option<i64>> {
+        let consumer: BaseConsumer = self
+            .client_config()
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("consumer");
+        let mut list = TopicPartitionList::new();
+        for partition in 0..partitions {
+            list.add_partition(topic, partition);
+        }
+        let committed = consumer.committed_offsets(list, CALL).expect("OffsetFetch");
+        (0..partitions)
+            .map(|partition| {
+                match committed
+                    .find_partition(topic, partition)
+                    .map(|e| e.offset())
+                {
+                    Some(Offset::Offset(offset)) => Some(offset),
+                    _ => None,
+                }
+            })
+            .collect()
+    }
+
+    /// The high watermark (the next offset to be written) of each of `topic`'s partitions.
+    pub fn high_watermarks(&self, topic: &str, partitions: i32) -> Vec<i64> {
+        let consumer: BaseConsumer = self.client_config().create().expect("consumer");
+        (0..partitions)
+            .map(|partition| {
+                consumer
+                    .fetch_watermarks(topic, partition, CALL)
+                    .expect("list offsets")
+                    .1
+            })
+            .collect()
+    }
+
+    /// The lag of `group` on `topic`: high watermark minus committed offset, summed over
+    /// partitions (a partition never committed counts from its start).
+    pub fn lag(&self, group: &str, topic: &str, partitions: i32) -> i64 {
+        let committed = self.committed(group, topic, partitions);
+        self.high_watermarks(topic, partitions)
+            .into_iter()
+            .zip(committed)
+            .map(|(high, committed)| high - committed.unwrap_or(0))
+            .sum()
+    }
+}
