@@ -14,6 +14,7 @@ pub mod cluster;
 pub mod jobs;
 pub mod kafka;
 pub mod pipelines;
+pub mod postfix;
 pub mod process;
 pub mod proxy;
 pub mod quiet;
