@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs and starts what the tests and the demo need, when missing:
 # RabbitMQ (shared node on 127.0.0.1:5672, management API on 15672), Redis (127.0.0.1:6379), python3-aiosmtpd
-# (the test SMTP server), Postfix (tests run private instances of it), openssl, maildev (npm, into $MAILPIPE_TOOLS, outside the clone), and the
+# (the test SMTP server), Postfix (tests run private instances of it), promtool (Debian's
+# prometheus package; no service is started), openssl, maildev (npm, into $MAILPIPE_TOOLS, outside the clone), and the
 # Kafka-compatible broker Tansu (cargo install into ~/.cargo/bin, once per machine: a cold
 # build takes 15-20 minutes; the Kafka tests start a broker of their own each).
 # Safe to run again: it only acts on what is missing.
@@ -41,6 +42,7 @@ command -v redis-server >/dev/null || missing+=(redis-server)
 command -v openssl >/dev/null || missing+=(openssl)
 /usr/bin/python3 -c 'import aiosmtpd' 2>/dev/null || missing+=(python3-aiosmtpd)
 command -v npm >/dev/null || missing+=(npm)
+command -v promtool >/dev/null || missing+=(prometheus)
 if [ ! -x /usr/sbin/postfix ]; then
   # Postfix for the tests' private instances only: no system configuration, no service.
   echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
@@ -84,4 +86,4 @@ if ! "${MAILPIPE_TANSU_BIN:-$HOME/.cargo/bin/tansu}" --version 2>/dev/null | gre
     cargo install tansu --version "$TANSU_VERSION" --locked --features libsql,dynostore --quiet
 fi
 
-log "ready: RabbitMQ 5672 (management 15672), Redis 6379, aiosmtpd, postfix, maildev ($TOOLS), tansu $TANSU_VERSION"
+log "ready: RabbitMQ 5672 (management 15672), Redis 6379, aiosmtpd, postfix, promtool, maildev ($TOOLS), tansu $TANSU_VERSION"

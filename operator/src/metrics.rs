@@ -25,6 +25,8 @@ pub struct Metrics {
     pub topology_ready: IntGaugeVec,
     /// Estimated seconds until a pipeline's waiting work is done.
     pub time_to_drain: IntGaugeVec,
+    /// A pipeline's drain objective (`scaling.drainWithin`), in seconds.
+    pub drain_objective: IntGaugeVec,
     /// Jobs a second one busy replica of a pipeline has been settling.
     pub send_rate_per_replica: GaugeVec,
     /// Replica count changes made by the scaler, per pipeline and direction.
@@ -96,6 +98,11 @@ impl Metrics {
                 "Estimated seconds until a pipeline's waiting work is done at the desired replicas and the measured rate.",
                 PIPELINE,
             ),
+            drain_objective: gauge(
+                "mailpipe_operator_drain_objective_seconds",
+                "A pipeline's scaling.drainWithin, for alerts comparing the time to drain with it.",
+                PIPELINE,
+            ),
             reconciles: counter(
                 "mailpipe_operator_reconciles_total",
                 "Reconciles, by result.",
@@ -154,6 +161,7 @@ impl Metrics {
         let _ = self.dead_letter_depth.remove_label_values(&labels);
         let _ = self.topology_ready.remove_label_values(&labels);
         let _ = self.time_to_drain.remove_label_values(&labels);
+        let _ = self.drain_objective.remove_label_values(&labels);
         let _ = self.send_rate_per_replica.remove_label_values(&labels);
         for kind in ["desired", "current", "ready"] {
             let _ = self

@@ -53,7 +53,7 @@ fn sending_pipeline(name: &str, names: &Names, smtp_port: u16, scaling: &str) ->
 /// showing the time-to-drain estimate on the way, and every job delivered once.
 #[tokio::test]
 async fn drain_within_clears_a_backlog_of_minutes_in_about_that_time() {
-    let (cluster, smtp, _operator) = with_operator(SmtpOptions {
+    let (cluster, smtp, operator) = with_operator(SmtpOptions {
         delay_ms: 250,
         ..SmtpOptions::default()
     })
@@ -173,6 +173,11 @@ async fn drain_within_clears_a_backlog_of_minutes_in_about_that_time() {
 
     smtp.wait_for_count(total, Duration::from_secs(30)).await;
     assert_eq!(smtp.tally(&run, total).await, Tally::EXACT);
+    // The objective beside the estimate, for the time-to-drain alert.
+    let metrics = operator.metrics().await;
+    let objective =
+        "mailpipe_operator_drain_objective_seconds{namespace=\"default\",pipeline=\"drain\"} 30";
+    assert!(metrics.contains(objective), "{objective} in\n{metrics}");
     assert!(cluster.check_operator_rbac() > 0);
     cluster.kubectl_ok(&["delete", "emp", "drain"]).await;
     delete_topology(&names).await;

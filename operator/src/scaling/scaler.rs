@@ -411,6 +411,12 @@ async fn tick(
             .with_label_values(&[namespace, name])
             .set(seconds);
     }
+    if let Some(within) = policy.drain_within {
+        ctx.metrics
+            .drain_objective
+            .with_label_values(&[namespace, name])
+            .set(within.as_secs() as i64);
+    }
     let backlog = match &reading {
         Some(Reading::Queue(backlog)) => Some(*backlog),
         _ => None,
