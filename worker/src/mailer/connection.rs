@@ -298,8 +298,10 @@ impl Connection {
         self.reply.clear();
         let code = loop {
             let start = self.reply.len();
-            let read = self
-                .stream
+            // At most one byte past the longest line: a server that never ends its line
+            // cannot make the worker buffer without bound.
+            let read = (&mut self.stream)
+                .take(MAX_LINE as u64 + 1)
                 .read_line(&mut self.reply)
                 .await
                 .map_err(Failure::Io)?;
@@ -468,6 +470,30 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        drop(connection);
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_reply_line_without_end_is_refused_not_buffered() {
+        let (mut connection, server) =
+            scripted("250 scripted\r\n", |mut read, mut write| async move {
+                line(&mut read).await;
+                let endless = vec![b'5'; 64 * 1024];
+                let _ = write.write_all(&endless).await;
+            })
+            .await;
+        connection.queue(Noop);
+        connection.flush().await.unwrap();
+        match connection.reply().await {
+            Err(Failure::Protocol(what)) => assert!(what.contains("too long"), "{what}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            connection.reply.len() <= MAX_LINE + 1,
+            "{} bytes buffered",
+            connection.reply.len()
+        );
         drop(connection);
         server.await.unwrap();
     }

@@ -64,7 +64,7 @@ async fn step(
     flush: bool,
     what: &str,
     limit: Duration,
-) -> Result<(), SendError> {
+) -> Result<u16, SendError> {
     let exchange = async {
         if flush {
             connection.flush().await?;
@@ -72,7 +72,7 @@ async fn step(
         connection.reply().await
     };
     match tokio::time::timeout(limit, exchange).await {
-        Ok(Ok(_)) => Ok(()),
+        Ok(Ok(code)) => Ok(code),
         Ok(Err(Failure::Reply { code, text })) => Err(SendError::from_reply(
             code,
             format!("{what}: {code} {text}"),
@@ -143,7 +143,7 @@ pub async fn send(
             connection.queue(Rcpt::new(recipient.clone(), Vec::new()));
         }
         match step(connection, !pipelined, "RCPT", timeouts.command).await {
-            Ok(()) => {}
+            Ok(_) => {}
             // A reply about this recipient; no reply, or a refusal of the worker (530),
             // ends the whole transaction.
             Err(error) if error.code.is_some() && !error.is_server_trouble() => {
@@ -167,7 +167,14 @@ pub async fn send(
     if !pipelined {
         connection.queue(Data);
     }
-    step(connection, !pipelined, "DATA", timeouts.data_init).await?;
+    let go_ahead = step(connection, !pipelined, "DATA", timeouts.data_init).await?;
+    if go_ahead != 354 {
+        // The server would read the message as commands: nothing is handed over.
+        return Err(SendError::unavailable(
+            "smtp_connection",
+            format!("DATA: answered {go_ahead}, not 354"),
+        ));
+    }
     // From here the server may store the message: without its reply the outcome is unknown.
     connection.queue_message(&message.bytes);
     let handed_over = async {
@@ -298,6 +305,35 @@ mod tests {
         assert_eq!(error.class, SendClass::Transient);
         drop(connection);
         assert_eq!(server.await.unwrap(), "", "nothing after the refused RCPT");
+    }
+
+    #[tokio::test]
+    async fn a_data_answered_otherwise_than_354_gets_no_message() {
+        let (mut connection, server) = scripted(
+            "250-scripted\r\n250 PIPELINING\r\n",
+            |mut read, mut write| async move {
+                for _ in 0..3 {
+                    line(&mut read).await;
+                }
+                write
+                    .write_all(b"250 ok\r\n250 ok\r\n250 ok\r\n")
+                    .await
+                    .unwrap();
+                line(&mut read).await
+            },
+        )
+        .await;
+        let error = send(&mut connection, &message(&["a@example.com"]), &TIMEOUTS)
+            .await
+            .unwrap_err();
+        assert!(error.is_server_trouble(), "{error:?}");
+        assert_eq!(error.code, None, "nothing was handed over: {error:?}");
+        drop(connection);
+        assert_eq!(
+            server.await.unwrap(),
+            "",
+            "no message after a DATA without 354"
+        );
     }
 
     #[tokio::test]
