@@ -12,7 +12,7 @@ TOOLS="${MAILPIPE_TOOLS:-$HOME/.cache/mailpipe/tools}"
 log() { printf '[demo] %s\n' "$*" >&2; }
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
-bash scripts/test-servers.sh
+bash scripts/test-servers.sh demo
 
 # maildev: SMTP on 1025, its web inbox on 1080 (kept running after the demo).
 if ! port_open 1025; then

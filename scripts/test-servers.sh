@@ -6,7 +6,12 @@
 # Kafka-compatible broker Tansu (cargo install into ~/.cargo/bin, once per machine: a cold
 # build takes 15-20 minutes; the Kafka tests start a broker of their own each).
 # Safe to run again: it only acts on what is missing.
+# With `demo` as its argument (scripts/demo.sh), only what the demo needs: no Postfix,
+# promtool or Tansu.
 set -euo pipefail
+
+tests=1
+[ "${1:-}" = "demo" ] && tests=0
 
 TOOLS="${MAILPIPE_TOOLS:-$HOME/.cache/mailpipe/tools}"
 mkdir -p "$TOOLS"
@@ -42,8 +47,10 @@ command -v redis-server >/dev/null || missing+=(redis-server)
 command -v openssl >/dev/null || missing+=(openssl)
 /usr/bin/python3 -c 'import aiosmtpd' 2>/dev/null || missing+=(python3-aiosmtpd)
 command -v npm >/dev/null || missing+=(npm)
-command -v promtool >/dev/null || missing+=(prometheus)
-if [ ! -x /usr/sbin/postfix ]; then
+if [ "$tests" = 1 ]; then
+  command -v promtool >/dev/null || missing+=(prometheus)
+fi
+if [ "$tests" = 1 ] && [ ! -x /usr/sbin/postfix ]; then
   # Postfix for the tests' private instances only: no system configuration, no service.
   echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
   missing+=(postfix)
@@ -80,10 +87,14 @@ fi
 # Tansu 0.6 with its SQLite engine (the default features store nothing), built with a
 # target directory outside the clone so that a rebuild reuses it.
 TANSU_VERSION=0.6.0
-if ! "${MAILPIPE_TANSU_BIN:-$HOME/.cargo/bin/tansu}" --version 2>/dev/null | grep -q "$TANSU_VERSION"; then
+if [ "$tests" = 1 ] && ! "${MAILPIPE_TANSU_BIN:-$HOME/.cargo/bin/tansu}" --version 2>/dev/null | grep -q "$TANSU_VERSION"; then
   log "cargo install tansu $TANSU_VERSION (once per machine; 15-20 minutes cold)"
   CARGO_TARGET_DIR="$HOME/.cache/mailpipe/tansu-target" \
     cargo install tansu --version "$TANSU_VERSION" --locked --features libsql,dynostore --quiet
 fi
 
-log "ready: RabbitMQ 5672 (management 15672), Redis 6379, aiosmtpd, postfix, promtool, maildev ($TOOLS), tansu $TANSU_VERSION"
+if [ "$tests" = 1 ]; then
+  log "ready: RabbitMQ 5672 (management 15672), Redis 6379, aiosmtpd, postfix, promtool, maildev ($TOOLS), tansu $TANSU_VERSION"
+else
+  log "ready: RabbitMQ 5672 (management 15672), Redis 6379, aiosmtpd, maildev ($TOOLS)"
+fi
