@@ -36,8 +36,6 @@ use crate::source::rabbitmq::open;
 
 /// How often a worker counts the consumers and adjusts its share.
 const LOOK_EVERY: Duration = Duration::from_secs(1);
-/// How long a connection given up with its token may take to say goodbye.
-const QUIT_WITHIN: Duration = Duration::from_secs(2);
 
 /// The budget this worker shares.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -274,11 +272,11 @@ async fn adjust(
     // see the next holder's connection while it still counts this one.
     holding.just_closed = closed.len();
     for mut connection in closed {
-        let _ = tokio::time::timeout(QUIT_WITHIN, connection.quit()).await;
+        connection.quit().await;
     }
     // Never fewer tokens than connections open, or than sends under way (each may open
     // one); both only fall from here on. The tokens of connections closed now go at the
-    // next look, a second after the server closed its end (or did not within QUIT_WITHIN).
+    // next look, a second after the server closed its end (or did not within the time QUIT is given).
     let keep = usize::from(limit)
         .max(pool.busy())
         .max(pool.open() + holding.just_closed);

@@ -20,6 +20,7 @@ use std::io::{self, Write as _};
 use std::pin::Pin;
 use std::str::FromStr;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use lettre::transport::smtp::authentication::{Credentials, Mechanism};
 use lettre::transport::smtp::commands::{Auth, Ehlo, Noop, Quit, Starttls};
@@ -36,6 +37,8 @@ use super::tls::TlsClient;
 const MAX_LINE: usize = 2048;
 /// The longest reply accepted, all lines together.
 const MAX_REPLY: usize = 100_000;
+/// How long a connection given up may take to say goodbye (QUIT, its 221 and the close).
+const QUIT_WITHIN: Duration = Duration::from_secs(2);
 /// How many AUTH challenges are answered before giving up.
 const MAX_CHALLENGES: usize = 10;
 
@@ -255,14 +258,17 @@ impl Connection {
     }
 
     /// QUIT, then waits until the server has closed its end (RFC 5321 4.1.1.10: it closes
-    /// after its 221). The caller bounds the time and drops the connection afterwards.
+    /// after its 221), for at most `QUIT_WITHIN`. The caller drops the connection afterwards.
     pub async fn quit(&mut self) {
-        self.queue(Quit);
-        if self.flush().await.is_err() || self.reply().await.is_err() {
-            return;
-        }
-        let mut rest = [0u8; 256];
-        while matches!(self.stream.read(&mut rest).await, Ok(n) if n > 0) {}
+        let goodbye = async {
+            self.queue(Quit);
+            if self.flush().await.is_err() || self.reply().await.is_err() {
+                return;
+            }
+            let mut rest = [0u8; 256];
+            while matches!(self.stream.read(&mut rest).await, Ok(n) if n > 0) {}
+        };
+        let _ = tokio::time::timeout(QUIT_WITHIN, goodbye).await;
     }
 
     /// Queues a command for the next flush.
@@ -445,6 +451,27 @@ mod tests {
             "QUIT returned {:?} before the server closed",
             closed - returned
         );
+    }
+
+    #[tokio::test]
+    async fn quit_gives_up_on_a_server_that_never_closes() {
+        let (mut connection, server) =
+            scripted("250 scripted\r\n", |mut read, mut write| async move {
+                assert_eq!(line(&mut read).await, "QUIT\r\n");
+                write.write_all(b"221 bye\r\n").await.unwrap();
+                // Holds its end open until the client has gone.
+                line(&mut read).await
+            })
+            .await;
+        let started = Instant::now();
+        connection.quit().await;
+        let took = started.elapsed();
+        assert!(
+            took >= QUIT_WITHIN && took < QUIT_WITHIN + Duration::from_secs(1),
+            "{took:?}"
+        );
+        drop(connection);
+        server.await.unwrap();
     }
 
     #[tokio::test]

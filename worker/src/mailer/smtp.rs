@@ -45,8 +45,6 @@ const CHECK_AFTER_IDLE: Duration = Duration::from_secs(10);
 /// Idle longer than this: close instead of reusing.
 const CLOSE_AFTER_IDLE: Duration = Duration::from_secs(60);
 const MECHANISMS: &[Mechanism] = &[Mechanism::Plain, Mechanism::Login];
-/// How long a connection closed before reuse may take to say goodbye.
-const QUIT_WITHIN: Duration = Duration::from_secs(2);
 
 /// Pooled SMTP transport.
 pub struct SmtpMailer {
@@ -189,7 +187,7 @@ impl SmtpMailer {
             let idle_for = since.elapsed();
             if idle_for > CLOSE_AFTER_IDLE {
                 // Closed before another opens under the same slot.
-                let _ = tokio::time::timeout(QUIT_WITHIN, connection.quit()).await;
+                connection.quit().await;
                 continue;
             }
             if idle_for > CHECK_AFTER_IDLE && !self.answers_noop(&mut connection).await {
@@ -354,8 +352,7 @@ impl Mailer for SmtpMailer {
     async fn send(&self, message: &Outgoing) -> Result<Delivered, SendError> {
         let started = Instant::now();
         let slot = self.permit().await;
-        let busy = &self.busy;
-        busy.inc();
+        self.busy.inc();
         // A reused connection that fails without any reply before the message was handed
         // over was closed by the server while it sat in the pool (a restart, an idle timeout
         // shorter than ours): the server stored nothing, so the transaction goes once more
@@ -372,7 +369,7 @@ impl Mailer for SmtpMailer {
             other => other,
         }
         .map_err(|(error, _, _)| error);
-        busy.dec();
+        self.busy.dec();
         if result
             .as_ref()
             .is_err_and(|e| e.reason == "smtp_outcome_unknown")
