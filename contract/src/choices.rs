@@ -58,6 +58,38 @@ impl OnRedisUnavailable {
     }
 }
 
+/// How the worker and the operator log in to Kafka with SASL (the names are librdkafka's
+/// `sasl.mechanism` values).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
+pub enum SaslMechanism {
+    /// PLAIN (over TLS).
+    #[serde(rename = "PLAIN")]
+    #[cfg_attr(feature = "cli", value(name = "PLAIN"))]
+    Plain,
+    /// SCRAM-SHA-256.
+    #[default]
+    #[serde(rename = "SCRAM-SHA-256")]
+    #[cfg_attr(feature = "cli", value(name = "SCRAM-SHA-256"))]
+    ScramSha256,
+    /// SCRAM-SHA-512.
+    #[serde(rename = "SCRAM-SHA-512")]
+    #[cfg_attr(feature = "cli", value(name = "SCRAM-SHA-512"))]
+    ScramSha512,
+}
+
+impl SaslMechanism {
+    /// The name in the CRD, the environment, on the command line and to librdkafka.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SaslMechanism::Plain => "PLAIN",
+            SaslMechanism::ScramSha256 => "SCRAM-SHA-256",
+            SaslMechanism::ScramSha512 => "SCRAM-SHA-512",
+        }
+    }
+}
+
 /// `FromStr` and `Display` by `as_str` for an enum of unit variants.
 macro_rules! from_str_by_name {
     ($ty:ty, $what:literal, [$($variant:expr),+]) => {
@@ -88,6 +120,15 @@ from_str_by_name!(
     [TlsMode::Starttls, TlsMode::Tls, TlsMode::None]
 );
 from_str_by_name!(
+    SaslMechanism,
+    "SASL mechanism",
+    [
+        SaslMechanism::Plain,
+        SaslMechanism::ScramSha256,
+        SaslMechanism::ScramSha512
+    ]
+);
+from_str_by_name!(
     OnRedisUnavailable,
     "Redis policy",
     [OnRedisUnavailable::Pause, OnRedisUnavailable::Send]
@@ -106,6 +147,14 @@ mod tests {
         for policy in [OnRedisUnavailable::Pause, OnRedisUnavailable::Send] {
             assert_eq!(policy.as_str().parse::<OnRedisUnavailable>(), Ok(policy));
             assert_eq!(serde_json::to_value(policy).unwrap(), policy.as_str());
+        }
+        for sasl in [
+            SaslMechanism::Plain,
+            SaslMechanism::ScramSha256,
+            SaslMechanism::ScramSha512,
+        ] {
+            assert_eq!(sasl.as_str().parse::<SaslMechanism>(), Ok(sasl));
+            assert_eq!(serde_json::to_value(sasl).unwrap(), sasl.as_str());
         }
         assert!("STARTTLS".parse::<TlsMode>().is_err());
     }

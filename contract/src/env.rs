@@ -3,6 +3,9 @@
 //! plain variable of the same name may carry it instead (a `secretKeyRef` env), never a
 //! literal from a spec.
 
+/// Where jobs come from: `rabbitmq` (default) or `kafka`.
+pub const SOURCE: &str = "MAILPIPE_SOURCE";
+
 /// AMQP URL (`amqp://` or `amqps://`, vhost percent-encoded in the path). Secret.
 pub const AMQP_URL: &str = "MAILPIPE_AMQP_URL";
 /// File holding the AMQP URL.
@@ -27,6 +30,31 @@ pub const TOPOLOGY: &str = "MAILPIPE_TOPOLOGY";
 pub const PREFETCH: &str = "MAILPIPE_PREFETCH";
 /// Jobs processed at once.
 pub const CONCURRENCY: &str = "MAILPIPE_CONCURRENCY";
+
+/// Kafka bootstrap brokers, `host:port`, comma-separated.
+pub const KAFKA_BOOTSTRAP_SERVERS: &str = "MAILPIPE_KAFKA_BOOTSTRAP_SERVERS";
+/// The Kafka topic producers write jobs to.
+pub const KAFKA_TOPIC: &str = "MAILPIPE_KAFKA_TOPIC";
+/// The workers' consumer group.
+pub const KAFKA_GROUP: &str = "MAILPIPE_KAFKA_GROUP";
+/// Partitions of the topics a worker creates (topology `declare`).
+pub const KAFKA_PARTITIONS: &str = "MAILPIPE_KAFKA_PARTITIONS";
+/// Replication factor of the topics a worker creates.
+pub const KAFKA_REPLICATION_FACTOR: &str = "MAILPIPE_KAFKA_REPLICATION_FACTOR";
+/// `true`: connect to the brokers with TLS (implied by a CA file).
+pub const KAFKA_TLS: &str = "MAILPIPE_KAFKA_TLS";
+/// PEM CA bundle to verify the Kafka brokers with.
+pub const KAFKA_CA_FILE: &str = "MAILPIPE_KAFKA_CA_FILE";
+/// SASL mechanism: `PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512`.
+pub const KAFKA_SASL_MECHANISM: &str = "MAILPIPE_KAFKA_SASL_MECHANISM";
+/// SASL user name.
+pub const KAFKA_SASL_USERNAME: &str = "MAILPIPE_KAFKA_SASL_USERNAME";
+/// SASL password. Secret.
+pub const KAFKA_SASL_PASSWORD: &str = "MAILPIPE_KAFKA_SASL_PASSWORD";
+/// File holding the SASL password.
+pub const KAFKA_SASL_PASSWORD_FILE: &str = "MAILPIPE_KAFKA_SASL_PASSWORD_FILE";
+/// KiB of records fetched ahead of the jobs in flight, over all partitions.
+pub const KAFKA_FETCH_KBYTES: &str = "MAILPIPE_KAFKA_FETCH_KBYTES";
 
 /// SMTP server host.
 pub const SMTP_HOST: &str = "MAILPIPE_SMTP_HOST";

@@ -1,8 +1,10 @@
-//! Names derived from a pipeline's work queue, and the AMQP headers the worker writes.
+//! Names derived from a pipeline's work queue or topic, and the headers the worker writes.
 //!
 //! The work queue is the one users name (e.g. `smtp_send_email`); retry delay queues, the
 //! dead-letter exchange and the dead-letter queue hang off it with fixed suffixes, so anyone
-//! who knows the work queue can find them.
+//! who knows the work queue can find them. On Kafka the same holds for the topic (e.g.
+//! `email-events`): retry topics and the dead-letter topic (`email-events-dlq`, as the Kafka
+//! email services this project grew from named it) hang off it.
 
 use std::time::Duration;
 
@@ -34,7 +36,20 @@ pub fn smtp_budget_queue(work_queue: &str) -> String {
     format!("{work_queue}.smtp-budget")
 }
 
-/// Headers the worker writes on retried and dead-lettered messages.
+/// The Kafka topic a job waits in for `delay` before it is consumed again:
+/// `<topic>-retry-<ms>ms`, one per distinct delay, so every message of one retry topic
+/// becomes due in the order it was written.
+pub fn retry_topic(topic: &str, delay: Duration) -> String {
+    format!("{topic}-retry-{}ms", delay.as_millis())
+}
+
+/// The Kafka dead-letter topic of `topic`.
+pub fn dead_letter_topic(topic: &str) -> String {
+    format!("{topic}-dlq")
+}
+
+/// Headers the worker writes on retried and dead-lettered messages (AMQP headers on
+/// RabbitMQ; on Kafka, record headers with the same names and UTF-8 text values).
 pub mod headers {
     /// The attempt the message is on, counting from 1 (absent on a first delivery).
     pub const ATTEMPT: &str = "x-mailpipe-attempt";
@@ -55,6 +70,13 @@ pub mod headers {
     pub const ORIGINAL_EXCHANGE: &str = "x-mailpipe-original-exchange";
     /// The routing key the job was first published with.
     pub const ORIGINAL_ROUTING_KEY: &str = "x-mailpipe-original-routing-key";
+    /// Kafka: on a retry copy, when it may be sent again (milliseconds since the Unix epoch).
+    pub const NOT_BEFORE: &str = "x-mailpipe-not-before";
+    /// Kafka: the topic the job was first written to.
+    pub const ORIGINAL_TOPIC: &str = "x-mailpipe-original-topic";
+    /// Kafka: the partition and offset of the record this copy was made from
+    /// (`<partition>:<offset>`).
+    pub const ORIGINAL_POSITION: &str = "x-mailpipe-original-position";
 }
 
 #[cfg(test)]
@@ -72,5 +94,14 @@ mod tests {
             "smtp_send_email.dlx"
         );
         assert_eq!(dead_letter_queue("smtp_send_email"), "smtp_send_email.dlq");
+    }
+
+    #[test]
+    fn kafka_names_hang_off_the_topic() {
+        assert_eq!(
+            retry_topic("email-events", Duration::from_secs(5)),
+            "email-events-retry-5000ms"
+        );
+        assert_eq!(dead_letter_topic("email-events"), "email-events-dlq");
     }
 }

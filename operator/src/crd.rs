@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::{EnvVar, ResourceRequirements, Toleration};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
-pub use mailpipe_contract::choices::{OnRedisUnavailable, TlsMode};
+pub use mailpipe_contract::choices::{OnRedisUnavailable, SaslMechanism, TlsMode};
 pub use mailpipe_contract::topology::{ExchangeKind, QueueType};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -478,21 +478,6 @@ pub enum DeletionPolicy {
     /// Delete them, but only when they hold no jobs; otherwise a condition says why the
     /// deletion waits.
     Delete,
-}
-
-/// The SASL mechanism.
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum SaslMechanism {
-    /// PLAIN (over TLS).
-    #[serde(rename = "PLAIN")]
-    Plain,
-    /// SCRAM-SHA-256.
-    #[default]
-    #[serde(rename = "SCRAM-SHA-256")]
-    ScramSha256,
-    /// SCRAM-SHA-512.
-    #[serde(rename = "SCRAM-SHA-512")]
-    ScramSha512,
 }
 
 /// What the operator observed.

@@ -17,11 +17,13 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Headers;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{Offset, TopicPartitionList};
+use rdkafka::{Message, Offset, TopicPartitionList};
 
 use crate::eventually;
 use crate::process::Proc;
+use crate::worker::Worker;
 
 /// How long a client call may take before the test gives up on the broker.
 const CALL: Duration = Duration::from_secs(10);
@@ -224,5 +226,118 @@ impl KafkaBroker {
             .zip(committed)
             .map(|(high, committed)| high - committed.unwrap_or(0))
             .sum()
+    }
+
+    /// Every record of `topic` now, in partition and offset order.
+    pub fn records(&self, topic: &str, partitions: i32) -> Vec<Record> {
+        let consumer: BaseConsumer = self
+            .client_config()
+            .set("group.id", crate::unique("reader"))
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("consumer");
+        let highs = self.high_watermarks(topic, partitions);
+        let mut records = Vec::new();
+        for (partition, high) in (0..partitions).zip(highs) {
+            if high == 0 {
+                continue;
+            }
+            let mut list = TopicPartitionList::new();
+            list.add_partition_offset(topic, partition, Offset::Beginning)
+                .expect("offset");
+            consumer.assign(&list).expect("assign");
+            let deadline = std::time::Instant::now() + CALL;
+            loop {
+                let message = match consumer.poll(Duration::from_millis(200)) {
+                    Some(Ok(message)) => message,
+                    Some(Err(error)) => panic!("reading {topic}/{partition}: {error}"),
+                    None if std::time::Instant::now() < deadline => continue,
+                    None => {
+                        panic!("{topic}/{partition}: records below {high} not read within {CALL:?}")
+                    }
+                };
+                records.push(Record {
+                    partition,
+                    offset: message.offset(),
+                    payload: message.payload().unwrap_or_default().to_vec(),
+                    headers: message
+                        .headers()
+                        .map(|h| {
+                            h.iter()
+                                .map(|h| {
+                                    (
+                                        h.key.to_string(),
+                                        String::from_utf8_lossy(h.value.unwrap_or_default())
+                                            .into_owned(),
+                                    )
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                });
+                if message.offset() + 1 >= high {
+                    break;
+                }
+            }
+        }
+        records
+    }
+
+    /// Waits until `group` committed everything of `topics` (name, partitions) and no worker
+    /// has a job in flight, several checks in a row: then no copy of any job is anywhere but
+    /// in the dead-letter topic.
+    pub async fn wait_consumed(
+        &self,
+        group: &str,
+        topics: &[(String, i32)],
+        workers: &[&Worker],
+        timeout: Duration,
+    ) {
+        let mut calm = 0;
+        let deadline = tokio::time::Instant::now() + timeout;
+        while calm < 3 {
+            let mut lag = 0;
+            for (topic, partitions) in topics {
+                lag += self.lag(group, topic, *partitions);
+            }
+            let mut in_flight = 0.0;
+            for worker in workers {
+                in_flight += worker.metric("mailpipe_jobs_in_flight").await;
+            }
+            calm = if lag == 0 && in_flight == 0.0 {
+                calm + 1
+            } else {
+                0
+            };
+            if tokio::time::Instant::now() > deadline {
+                panic!(
+                    "group {group} not done within {timeout:?}: lag {lag}, {in_flight} in flight"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}
+
+/// One record as read back.
+#[derive(Debug, Clone)]
+pub struct Record {
+    /// Its partition.
+    pub partition: i32,
+    /// Its offset.
+    pub offset: i64,
+    /// The value.
+    pub payload: Vec<u8>,
+    /// Headers, values as text.
+    pub headers: Vec<(String, String)>,
+}
+
+impl Record {
+    /// A header's value.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.as_str())
     }
 }

@@ -38,7 +38,12 @@ impl WorkerSpec {
     /// A worker for `names` on broker `amqp_url`, sending plain SMTP to 127.0.0.1:`smtp_port`,
     /// with short retry delays ([`TEST_RETRY`]) and a 20 s drain deadline.
     pub fn new(amqp_url: &str, names: &Names, smtp_port: u16) -> WorkerSpec {
-        WorkerSpec::with_defaults(amqp_url, names, smtp_port).args(&[
+        WorkerSpec::with_defaults(amqp_url, names, smtp_port).test_retry()
+    }
+
+    /// The short retry delays and drain deadline of [`WorkerSpec::new`].
+    fn test_retry(self) -> WorkerSpec {
+        self.args(&[
             "--from-name",
             "mailpipe tests",
             "--backoff-initial",
@@ -50,30 +55,39 @@ impl WorkerSpec {
         ])
     }
 
+    /// A worker consuming `topic` on the Kafka brokers `bootstrap` as a member of `group`,
+    /// creating its topics (3 partitions each) and sending plain SMTP to
+    /// 127.0.0.1:`smtp_port`, with the short retry delays of [`WorkerSpec::new`].
+    pub fn kafka(bootstrap: &str, topic: &str, group: &str, smtp_port: u16) -> WorkerSpec {
+        let args = [
+            "--source",
+            "kafka",
+            "--kafka-bootstrap-servers",
+            bootstrap,
+            "--kafka-topic",
+            topic,
+            "--kafka-group",
+            group,
+        ];
+        WorkerSpec {
+            args: args.iter().map(|s| s.to_string()).collect(),
+            env: BTreeMap::new(),
+        }
+        .args(&SmtpArgs::plain(smtp_port).list())
+        .test_retry()
+    }
+
     /// A worker for `names` on broker `amqp_url` sending plain SMTP to 127.0.0.1:`smtp_port`
     /// with everything else as users get it: the default attempts, backoff, timeouts and
     /// drain deadline. Tests of faults users meet run with these.
     pub fn with_defaults(amqp_url: &str, names: &Names, smtp_port: u16) -> WorkerSpec {
-        let args = [
-            "--exchange",
-            &names.exchange,
-            "--queue",
-            &names.queue,
-            "--smtp-host",
-            "127.0.0.1",
-            "--smtp-port",
-            &smtp_port.to_string(),
-            "--smtp-tls",
-            "none",
-            "--from-address",
-            "noreply@mailpipe.test",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let args = ["--exchange", &names.exchange, "--queue", &names.queue]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         let mut env = BTreeMap::new();
         env.insert("MAILPIPE_AMQP_URL".to_string(), amqp_url.to_string());
-        WorkerSpec { args, env }
+        WorkerSpec { args, env }.args(&SmtpArgs::plain(smtp_port).list())
     }
 
     /// Its flags and environment, for a supervisor of its own to start it with
@@ -124,6 +138,32 @@ impl WorkerSpec {
                 .build()
                 .expect("HTTP client"),
         }
+    }
+}
+
+/// The flags of plain SMTP to a local test server.
+struct SmtpArgs {
+    port: String,
+}
+
+impl SmtpArgs {
+    fn plain(port: u16) -> SmtpArgs {
+        SmtpArgs {
+            port: port.to_string(),
+        }
+    }
+
+    fn list(&self) -> [&str; 8] {
+        [
+            "--smtp-host",
+            "127.0.0.1",
+            "--smtp-port",
+            &self.port,
+            "--smtp-tls",
+            "none",
+            "--from-address",
+            "noreply@mailpipe.test",
+        ]
     }
 }
 

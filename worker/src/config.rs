@@ -5,6 +5,9 @@
 //! from `NAME` or the file named by `NAME_FILE` (a mounted Kubernetes Secret), and their
 //! `Debug` form is redacted so they cannot reach a log line.
 
+mod kafka;
+
+pub use kafka::{KafkaArgs, KafkaConfig};
 pub use mailpipe_contract::choices::{OnRedisUnavailable, TlsMode};
 use std::fmt;
 use std::net::SocketAddr;
@@ -47,6 +50,15 @@ pub enum TopologyMode {
     Verify,
 }
 
+/// Where jobs come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SourceKind {
+    /// A RabbitMQ queue.
+    Rabbitmq,
+    /// A Kafka topic, consumed as one consumer group.
+    Kafka,
+}
+
 /// What the worker does with a rendered message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Mode {
@@ -67,14 +79,21 @@ pub enum LogFormat {
 
 const SECRETS_HELP: &str = "\
 Secrets are read from the environment or from files, never from flags:
-  MAILPIPE_AMQP_URL      or MAILPIPE_AMQP_URL_FILE      amqp[s]://user:pass@host:port/vhost (required)
+  MAILPIPE_AMQP_URL      or MAILPIPE_AMQP_URL_FILE      amqp[s]://user:pass@host:port/vhost (RabbitMQ)
+  MAILPIPE_KAFKA_SASL_PASSWORD or ..._FILE               Kafka SASL password (with --kafka-sasl-username)
   MAILPIPE_SMTP_PASSWORD or MAILPIPE_SMTP_PASSWORD_FILE SMTP password (with --smtp-username)
   MAILPIPE_REDIS_URL     or MAILPIPE_REDIS_URL_FILE     redis://host:port/db; turns deduplication on";
 
-/// mailpipe worker: consumes email jobs from RabbitMQ and sends them over SMTP.
+/// mailpipe worker: consumes email jobs from RabbitMQ or Kafka and sends them over SMTP.
 #[derive(Debug, Parser)]
 #[command(name = "mailpipe-worker", version, after_help = SECRETS_HELP)]
 pub struct Args {
+    /// Where jobs come from.
+    #[arg(long, env = env::SOURCE, value_enum, default_value = "rabbitmq")]
+    pub source: SourceKind,
+    /// Kafka settings (with --source kafka).
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
     /// PEM CA bundle used to verify an amqps server.
     #[arg(long, env = env::AMQP_CA_FILE)]
     pub amqp_ca_file: Option<PathBuf>,
@@ -96,7 +115,8 @@ pub struct Args {
     /// x-max-priority of the work queue (classic queues only).
     #[arg(long, env = env::MAX_PRIORITY)]
     pub max_priority: Option<u8>,
-    /// Declare the topology, or only verify it exists (when the operator owns it).
+    /// Declare the topology (queues or topics), or only verify it exists (when the operator
+    /// owns it).
     #[arg(long, env = env::TOPOLOGY, value_enum, default_value = "declare")]
     pub topology: TopologyMode,
     /// Jobs processed at once.
@@ -240,10 +260,19 @@ pub struct IdempotencyConfig {
     pub on_unavailable: OnRedisUnavailable,
 }
 
+/// Where jobs come from, validated.
+#[derive(Debug, Clone)]
+pub enum SourceConfig {
+    /// A RabbitMQ queue.
+    Rabbit(AmqpConfig),
+    /// A Kafka topic.
+    Kafka(KafkaConfig),
+}
+
 /// The whole validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub amqp: AmqpConfig,
+    pub source: SourceConfig,
     pub smtp: SmtpConfig,
     pub from_address: Option<String>,
     pub from_name: Option<String>,
@@ -288,20 +317,6 @@ impl Config {
         get: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
         let bad = |m: String| Err(ConfigError(m));
-        let settings = RabbitSettings {
-            exchange: args
-                .exchange
-                .unwrap_or_else(|| mailpipe_contract::naming::default_exchange(&args.queue)),
-            exchange_kind: args.exchange_type,
-            queue: args.queue,
-            queue_type: args.queue_type,
-            routing_key: args.routing_key,
-            max_priority: args.max_priority,
-            dead_letter: args.dead_letter,
-        };
-        settings
-            .validate()
-            .map_err(|e| ConfigError(e.to_string()))?;
         let retry = RetryPolicy {
             max_attempts: args.max_attempts,
             initial: args.backoff_initial,
@@ -324,40 +339,26 @@ impl Config {
         if args.smtp_timeout.is_zero() || args.smtp_data_timeout.is_zero() {
             return bad("SMTP timeouts must be positive".into());
         }
-        if let Some(prefetch) = args.prefetch {
-            if prefetch < args.concurrency {
-                return bad(format!(
-                    "prefetch {prefetch} is below concurrency {}: the broker would hand over at most {prefetch} jobs at once; raise the prefetch or lower the concurrency",
-                    args.concurrency
-                ));
+        let source = match args.source {
+            SourceKind::Rabbitmq => SourceConfig::Rabbit(rabbit_config(&args, get)?),
+            SourceKind::Kafka => {
+                if args
+                    .smtp_budget_queue
+                    .as_deref()
+                    .is_some_and(|q| !q.is_empty())
+                {
+                    return bad(
+                        "--smtp-budget-queue shares connections through RabbitMQ; a Kafka pipeline sets --smtp-pool-size per worker".into(),
+                    );
+                }
+                SourceConfig::Kafka(args.kafka.validate(
+                    &retry,
+                    args.topology,
+                    args.dead_letter,
+                    get,
+                )?)
             }
-        }
-        let url = read_secret(get, env::AMQP_URL, env::AMQP_URL_FILE)?.ok_or_else(|| {
-            ConfigError(format!(
-                "no broker URL: set {} or {}",
-                env::AMQP_URL,
-                env::AMQP_URL_FILE
-            ))
-        })?;
-        let scheme_ok = url.expose().starts_with("amqp://") || url.expose().starts_with("amqps://");
-        if !scheme_ok {
-            return bad(format!(
-                "{} must start with amqp:// or amqps://",
-                env::AMQP_URL
-            ));
-        }
-        // The parser's message may quote the URL, password included: say only what is wrong.
-        if let Err(error) = url.expose().parse::<lapin::uri::AMQPUri>() {
-            let hint = if error.contains("port") || error.contains("invalid digit") {
-                "the port is not a number from 1 to 65535"
-            } else {
-                "it does not parse as amqp[s]://user:password@host:port/vhost"
-            };
-            return bad(format!("{} is not a usable URL: {hint}", env::AMQP_URL));
-        }
-        if args.amqp_ca_file.is_some() && !url.expose().starts_with("amqps://") {
-            return bad("an AMQP CA file needs an amqps:// URL".into());
-        }
+        };
         let password = read_secret(get, env::SMTP_PASSWORD, env::SMTP_PASSWORD_FILE)?;
         let credentials = match (args.smtp_username, password) {
             (Some(user), Some(password)) => Some((user, password)),
@@ -400,13 +401,7 @@ impl Config {
             TlsMode::None => 25,
         });
         Ok(Config {
-            amqp: AmqpConfig {
-                url,
-                ca_file: args.amqp_ca_file,
-                settings,
-                topology: args.topology,
-                prefetch: args.prefetch.unwrap_or(args.concurrency),
-            },
+            source,
             smtp: SmtpConfig {
                 host: args.smtp_host,
                 port,
@@ -437,129 +432,69 @@ impl Config {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::collections::HashMap;
-
-    fn config(flags: &[&str], env: &[(&str, &str)]) -> Result<Config, ConfigError> {
-        let env: HashMap<String, String> = env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        let mut argv = vec!["mailpipe-worker"];
-        argv.extend_from_slice(flags);
-        let args = Args::try_parse_from(argv).expect("flags parse");
-        Config::from_args(args, &|k| env.get(k).cloned())
-    }
-
-    const URL: (&str, &str) = ("MAILPIPE_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f");
-
-    #[test]
-    fn defaults_follow_the_usual_hand_written_consumer() {
-        let cfg = config(&["--from-address", "noreply@example.com"], &[URL]).unwrap();
-        assert_eq!(cfg.amqp.settings.exchange, "smtp_send_email_exc");
-        let own = config(
-            &["--from-address", "a@example.com", "--queue", "welcome"],
-            &[URL],
-        )
-        .unwrap();
-        assert_eq!(
-            own.amqp.settings.exchange, "welcome_exc",
-            "another queue never shares the default exchange"
-        );
-        assert_eq!(cfg.amqp.settings.queue, "smtp_send_email");
-        assert_eq!(cfg.smtp.tls, TlsMode::Starttls);
-        assert_eq!(cfg.smtp.port, 587);
-        assert_eq!(cfg.amqp.prefetch, 16);
-        assert!(cfg.idempotency.is_none());
-    }
-
-    #[test]
-    fn secrets_are_redacted_in_debug_output() {
-        let cfg = config(
-            &["--from-address", "a@example.com", "--smtp-username", "u"],
-            &[URL, ("MAILPIPE_SMTP_PASSWORD", "hunter2")],
-        )
-        .unwrap();
-        let printed = format!("{cfg:?}");
-        assert!(!printed.contains("hunter2"), "{printed}");
-        assert!(!printed.contains("guest:guest"), "{printed}");
-    }
-
-    #[test]
-    fn secrets_come_from_files_too() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("url");
-        std::fs::write(&path, "amqp://u:p@host/%2f\n").unwrap();
-        let cfg = config(
-            &["--from-address", "a@example.com"],
-            &[("MAILPIPE_AMQP_URL_FILE", path.to_str().unwrap())],
-        )
-        .unwrap();
-        assert_eq!(cfg.amqp.url.expose(), "amqp://u:p@host/%2f");
-    }
-
-    #[test]
-    fn missing_or_contradictory_settings_are_clear_errors() {
-        type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
-        let cases: &[Case] = &[
-            (&["--from-address", "a@example.com"], &[], "no broker URL"),
-            (&[], &[URL], "From address"),
-            (
-                &[
-                    "--from-address",
-                    "a@example.com",
-                    "--queue-type",
-                    "quorum",
-                    "--max-priority",
-                    "5",
-                ],
-                &[URL],
-                "classic-queue feature",
-            ),
-            (
-                &[
-                    "--from-address",
-                    "a@example.com",
-                    "--smtp-username",
-                    "u",
-                    "--smtp-tls",
-                    "none",
-                ],
-                &[URL, ("MAILPIPE_SMTP_PASSWORD", "p")],
-                "unencrypted",
-            ),
-            (
-                &["--from-address", "a@example.com"],
-                &[URL, ("MAILPIPE_AMQP_URL_FILE", "/x")],
-                "not both",
-            ),
-            (
-                &[
-                    "--from-address",
-                    "a@example.com",
-                    "--concurrency",
-                    "64",
-                    "--prefetch",
-                    "32",
-                ],
-                &[URL],
-                "prefetch 32 is below concurrency 64",
-            ),
-            (
-                &["--from-address", "a@example.com"],
-                &[(
-                    "MAILPIPE_AMQP_URL",
-                    "amqp://guest:s3cret@127.0.0.1:99999/%2f",
-                )],
-                "the port is not a number from 1 to 65535",
-            ),
-        ];
-        for (flags, env, expected) in cases {
-            let err = config(flags, env).unwrap_err().to_string();
-            assert!(err.contains(expected), "{flags:?}: {err}");
-            assert!(!err.contains("s3cret"), "no secret in the message: {err}");
+/// The RabbitMQ settings of `args`, validated, with the broker URL read through `get`.
+fn rabbit_config(
+    args: &Args,
+    get: &dyn Fn(&str) -> Option<String>,
+) -> Result<AmqpConfig, ConfigError> {
+    let bad = |m: String| Err(ConfigError(m));
+    let settings = RabbitSettings {
+        exchange: args
+            .exchange
+            .clone()
+            .unwrap_or_else(|| mailpipe_contract::naming::default_exchange(&args.queue)),
+        exchange_kind: args.exchange_type,
+        queue: args.queue.clone(),
+        queue_type: args.queue_type,
+        routing_key: args.routing_key.clone(),
+        max_priority: args.max_priority,
+        dead_letter: args.dead_letter,
+    };
+    settings
+        .validate()
+        .map_err(|e| ConfigError(e.to_string()))?;
+    if let Some(prefetch) = args.prefetch {
+        if prefetch < args.concurrency {
+            return bad(format!(
+                "prefetch {prefetch} is below concurrency {}: the broker would hand over at most {prefetch} jobs at once; raise the prefetch or lower the concurrency",
+                args.concurrency
+            ));
         }
     }
+    let url = read_secret(get, env::AMQP_URL, env::AMQP_URL_FILE)?.ok_or_else(|| {
+        ConfigError(format!(
+            "no broker URL: set {} or {}",
+            env::AMQP_URL,
+            env::AMQP_URL_FILE
+        ))
+    })?;
+    let scheme_ok = url.expose().starts_with("amqp://") || url.expose().starts_with("amqps://");
+    if !scheme_ok {
+        return bad(format!(
+            "{} must start with amqp:// or amqps://",
+            env::AMQP_URL
+        ));
+    }
+    // The parser's message may quote the URL, password included: say only what is wrong.
+    if let Err(error) = url.expose().parse::<lapin::uri::AMQPUri>() {
+        let hint = if error.contains("port") || error.contains("invalid digit") {
+            "the port is not a number from 1 to 65535"
+        } else {
+            "it does not parse as amqp[s]://user:password@host:port/vhost"
+        };
+        return bad(format!("{} is not a usable URL: {hint}", env::AMQP_URL));
+    }
+    if args.amqp_ca_file.is_some() && !url.expose().starts_with("amqps://") {
+        return bad("an AMQP CA file needs an amqps:// URL".into());
+    }
+    Ok(AmqpConfig {
+        url,
+        ca_file: args.amqp_ca_file.clone(),
+        settings,
+        topology: args.topology,
+        prefetch: args.prefetch.unwrap_or(args.concurrency),
+    })
 }
+
+#[cfg(test)]
+mod tests;

@@ -31,7 +31,7 @@ use crate::mailer::Mailer;
 use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
 use crate::render::Renderer;
-use crate::source::rabbitmq::RabbitSource;
+use crate::source::Source;
 
 /// Why the worker could not run.
 #[derive(Debug, thiserror::Error)]
@@ -52,7 +52,7 @@ pub enum StartError {
     },
     /// The broker source cannot be set up.
     #[error(transparent)]
-    Source(#[from] source::rabbitmq::SetupError),
+    Source(#[from] source::SetupError),
     /// The deduplication store URL is unusable.
     #[error(transparent)]
     Store(#[from] idempotency::StoreError),
@@ -139,9 +139,13 @@ async fn send(
                 total: config.smtp.pool_size,
                 cap: config.smtp.pool_size.min(config.concurrency as u32),
             };
-            let tls = source::rabbitmq::broker_tls(&config.amqp)?;
+            // Validation allows a budget queue only with a RabbitMQ source.
+            let config::SourceConfig::Rabbit(amqp) = &config.source else {
+                unreachable!("a budget queue needs a RabbitMQ source")
+            };
+            let tls = source::rabbitmq::broker_tls(amqp).map_err(source::SetupError::from)?;
             Some(tokio::spawn(mailer::budget::run(
-                config.amqp.clone(),
+                amqp.clone(),
                 tls,
                 budget,
                 mailer.pool(),
@@ -196,8 +200,7 @@ async fn serve<M: Mailer>(
         .as_ref()
         .map(idempotency::Dedup::new)
         .transpose()?;
-    let plan = config.amqp.settings.plan(&config.retry);
-    let source = RabbitSource::new(config.amqp.clone(), plan, health.clone(), metrics.clone())?;
+    let source = Source::from_config(&config, health.clone(), metrics.clone())?;
     let pipeline = Arc::new(Pipeline {
         mailer,
         renderer,

@@ -56,6 +56,9 @@ pub struct Metrics {
     pub broker_reconnects: IntCounter,
     /// Errors talking to the deduplication store, by operation.
     pub idempotency_errors: IntCounterVec,
+    /// Kafka: records of each assigned partition not done yet (the high watermark as last
+    /// fetched minus the first offset not done), by topic and partition.
+    pub kafka_consumer_lag: IntGaugeVec,
     /// 1 when the worker is ready (broker, SMTP and store reachable), else 0.
     pub ready: IntGauge,
 }
@@ -119,8 +122,20 @@ impl Metrics {
         registry
             .register(Box::new(smtp_pool_connections.clone()))
             .expect("unique metric");
+        let kafka_consumer_lag = IntGaugeVec::new(
+            Opts::new(
+                "mailpipe_kafka_consumer_lag",
+                "Kafka records of each assigned partition not done yet.",
+            ),
+            &["topic", "partition"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(kafka_consumer_lag.clone()))
+            .expect("unique metric");
 
         Metrics {
+            kafka_consumer_lag,
             consumed: counter(
                 "mailpipe_jobs_consumed_total",
                 "Deliveries taken from the source.",

@@ -2,11 +2,12 @@
 //!
 //! A [`MessageSource`] yields [`Delivery`]s; each delivery carries a [`Settle`] handle that
 //! the pipeline calls exactly once with a [`Settlement`]. RabbitMQ ([`rabbitmq`]) acks,
-//! publishes to delay or dead-letter queues and nacks; a Kafka source will store offsets and
-//! produce to retry topics behind the same two traits. The source owns reconnecting.
+//! publishes to delay or dead-letter queues and nacks; Kafka ([`kafka`]) produces to retry or
+//! dead-letter topics and stores offsets, behind the same two traits. The source owns
+//! reconnecting. [`Source::from_config`] is the one place that picks one.
 
 mod acks;
-pub mod offsets;
+pub mod kafka;
 pub mod rabbitmq;
 
 use std::future::Future;
@@ -15,6 +16,10 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, SourceConfig};
+use crate::health::Health;
+use crate::metrics::Metrics;
 
 /// How a delivery ends.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,4 +101,102 @@ pub trait MessageSource: Send {
     /// Closes the connection after every in-flight delivery was settled; what was fetched
     /// but never handed out goes back to the queue.
     fn close(self) -> impl Future<Output = ()> + Send;
+}
+
+/// The source cannot be set up (before any connection was tried).
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// RabbitMQ: the CA file.
+    #[error(transparent)]
+    Rabbit(#[from] rabbitmq::SetupError),
+    /// Kafka: a setting librdkafka refuses.
+    #[error(transparent)]
+    Kafka(#[from] kafka::SetupError),
+}
+
+/// The configured source.
+pub enum Source {
+    /// A RabbitMQ queue.
+    Rabbit(Box<rabbitmq::RabbitSource>),
+    /// A Kafka topic.
+    Kafka(Box<kafka::KafkaSource>),
+}
+
+impl Source {
+    /// The source `config` names, with its topology plan.
+    pub fn from_config(
+        config: &Config,
+        health: Arc<Health>,
+        metrics: Metrics,
+    ) -> Result<Source, SetupError> {
+        Ok(match &config.source {
+            SourceConfig::Rabbit(amqp) => {
+                let plan = amqp.settings.plan(&config.retry);
+                Source::Rabbit(Box::new(rabbitmq::RabbitSource::new(
+                    amqp.clone(),
+                    plan,
+                    health,
+                    metrics,
+                )?))
+            }
+            SourceConfig::Kafka(kafka) => {
+                let plan = kafka.settings.plan(&config.retry);
+                Source::Kafka(Box::new(kafka::KafkaSource::new(
+                    kafka.clone(),
+                    plan,
+                    health,
+                    metrics,
+                )?))
+            }
+        })
+    }
+}
+
+impl MessageSource for Source {
+    async fn next(&mut self, stop: &CancellationToken) -> Option<Delivery> {
+        match self {
+            Source::Rabbit(source) => source.next(stop).await,
+            Source::Kafka(source) => source.next(stop).await,
+        }
+    }
+
+    async fn stop_consuming(&mut self) {
+        match self {
+            Source::Rabbit(source) => source.stop_consuming().await,
+            Source::Kafka(source) => source.stop_consuming().await,
+        }
+    }
+
+    async fn held(&mut self) -> Option<Delivery> {
+        match self {
+            Source::Rabbit(source) => source.held().await,
+            Source::Kafka(source) => source.held().await,
+        }
+    }
+
+    async fn give_back(&mut self) -> usize {
+        match self {
+            Source::Rabbit(source) => source.give_back().await,
+            Source::Kafka(source) => source.give_back().await,
+        }
+    }
+
+    async fn close(self) {
+        match self {
+            Source::Rabbit(source) => (*source).close().await,
+            Source::Kafka(source) => (*source).close().await,
+        }
+    }
+}
+
+/// `text` cut to at most `max` bytes on a character boundary (a header value).
+pub(crate) fn truncate(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &text[..end])
 }

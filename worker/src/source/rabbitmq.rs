@@ -35,7 +35,7 @@ use mailpipe_contract::topology::TopologyPlan;
 use tokio_util::sync::CancellationToken;
 
 use super::acks::Acks;
-use super::{Delivery, MessageSource, Settle, SettleError, Settlement};
+use super::{truncate, Delivery, MessageSource, Settle, SettleError, Settlement};
 use crate::backoff::Backoff;
 use crate::config::{AmqpConfig, TopologyMode};
 use crate::health::{Component, Health};
@@ -583,18 +583,6 @@ fn recipients_header(recipients: Option<Vec<String>>) -> Vec<(&'static str, AMQP
             vec![(headers::RECIPIENTS, long(&json))]
         })
         .unwrap_or_default()
-}
-
-/// A header value: an AMQP long string.
-fn truncate(text: &str, max: usize) -> String {
-    if text.len() <= max {
-        return text.to_string();
-    }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}...", &text[..end])
 }
 
 impl Settle for RabbitSettle {

@@ -69,6 +69,7 @@ impl Offsets {
     }
 
     /// Offsets handed out and not done, over every partition.
+    #[cfg(test)]
     pub fn open_total(&self) -> usize {
         self.partitions.values().map(|s| s.open.len()).sum()
     }
