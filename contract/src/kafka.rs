@@ -13,7 +13,9 @@ use std::time::Duration;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::{Client, ClientContext};
 use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::{Offset, TopicPartitionList};
 
 use crate::choices::SaslMechanism;
 use crate::topics::{TopicDecl, TopicPlan};
@@ -44,8 +46,12 @@ impl std::fmt::Debug for SaslLogin {
 pub struct Connection {
     /// `host:port` of the bootstrap brokers, comma-separated.
     pub bootstrap: String,
-    /// TLS: verify the brokers with this PEM CA bundle (`None` with `tls`: the system roots).
+    /// TLS: verify the brokers with the PEM CA bundle in this file (`None` with `tls` and
+    /// no `ca_pem`: the system roots).
     pub ca_file: Option<PathBuf>,
+    /// TLS: verify the brokers with this PEM CA bundle (the operator, which reads it from
+    /// a Secret and keeps it in memory).
+    pub ca_pem: Option<String>,
     /// Whether the connection uses TLS (always, when a CA file is given).
     pub tls: bool,
     /// SASL login, if the brokers ask for one.
@@ -59,7 +65,7 @@ impl Connection {
     pub fn client_config(&self) -> ClientConfig {
         let mut config = ClientConfig::new();
         config.set("bootstrap.servers", &self.bootstrap);
-        let tls = self.tls || self.ca_file.is_some();
+        let tls = self.tls || self.ca_file.is_some() || self.ca_pem.is_some();
         let protocol = match (tls, self.sasl.is_some()) {
             (false, false) => "plaintext",
             (true, false) => "ssl",
@@ -73,6 +79,9 @@ impl Connection {
                 .set("ssl.endpoint.identification.algorithm", "https");
             if let Some(ca) = &self.ca_file {
                 config.set("ssl.ca.location", ca.display().to_string());
+            }
+            if let Some(pem) = &self.ca_pem {
+                config.set("ssl.ca.pem", pem);
             }
         }
         if let Some(sasl) = &self.sasl {
@@ -175,6 +184,82 @@ pub async fn create<C: ClientContext + 'static>(
     Ok(())
 }
 
+/// One partition of a topic as a consumer group stands on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartitionLag {
+    /// The partition.
+    pub partition: i32,
+    /// The offset the group committed, `None` when it never did.
+    pub committed: Option<i64>,
+    /// The first offset still held.
+    pub low: i64,
+    /// The offset after the last written.
+    pub high: i64,
+}
+
+impl PartitionLag {
+    /// Records the group has not consumed: from its committed offset (or, never committed,
+    /// from the first record still held, where `auto.offset.reset=earliest` starts) to the
+    /// end.
+    pub fn lag(&self) -> i64 {
+        let from = self.committed.unwrap_or(self.low).max(self.low);
+        (self.high - from).max(0)
+    }
+}
+
+/// How far the consumer group of `consumer` (created with its `group.id`, never subscribed)
+/// is behind on `topic`'s `partitions`: the committed offsets (OffsetFetch) against each
+/// partition's watermarks (ListOffsets). Blocks up to `timeout` per call.
+pub fn group_lag<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topic: &str,
+    partitions: i32,
+    timeout: Duration,
+) -> Result<Vec<PartitionLag>, KafkaError> {
+    let mut list = TopicPartitionList::new();
+    for partition in 0..partitions {
+        list.add_partition(topic, partition);
+    }
+    let committed = consumer.committed_offsets(list, timeout)?;
+    (0..partitions)
+        .map(|partition| {
+            let (low, high) = consumer.fetch_watermarks(topic, partition, timeout)?;
+            let committed = match committed
+                .find_partition(topic, partition)
+                .map(|e| e.offset())
+            {
+                Some(Offset::Offset(offset)) => Some(offset),
+                _ => None,
+            };
+            Ok(PartitionLag {
+                partition,
+                committed,
+                low,
+                high,
+            })
+        })
+        .collect()
+}
+
+/// Deletes `topics`; one already gone counts as deleted.
+pub async fn delete<C: ClientContext + 'static>(
+    admin: &AdminClient<C>,
+    topics: &[&str],
+    timeout: Duration,
+) -> Result<(), KafkaError> {
+    if topics.is_empty() {
+        return Ok(());
+    }
+    let options = AdminOptions::new().operation_timeout(Some(timeout));
+    for result in admin.delete_topics(topics, &options).await? {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::UnknownTopicOrPartition)) => {}
+            Err((_, code)) => return Err(KafkaError::AdminOp(code)),
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -222,10 +307,34 @@ mod tests {
     }
 
     #[test]
+    fn lag_counts_from_the_committed_offset_or_the_first_record_held() {
+        let at = |committed, low, high| PartitionLag {
+            partition: 0,
+            committed,
+            low,
+            high,
+        };
+        assert_eq!(at(Some(40), 0, 100).lag(), 60);
+        assert_eq!(at(None, 0, 100).lag(), 100, "never committed: all of it");
+        assert_eq!(
+            at(None, 30, 100).lag(),
+            70,
+            "from the first record still held"
+        );
+        assert_eq!(
+            at(Some(10), 30, 100).lag(),
+            70,
+            "records deleted past the commit are not lag"
+        );
+        assert_eq!(at(Some(100), 0, 100).lag(), 0);
+    }
+
+    #[test]
     fn the_client_settings_follow_tls_and_sasl_and_never_show_the_password() {
         let mut connection = Connection {
             bootstrap: "k1:9092,k2:9092".into(),
             ca_file: None,
+            ca_pem: None,
             tls: false,
             sasl: None,
         };

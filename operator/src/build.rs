@@ -250,6 +250,19 @@ impl Vars {
     }
 }
 
+/// The SMTP connections one worker opens: RabbitMQ workers share the pipeline's pool
+/// through the budget queue, so each is told the whole; Kafka workers have no such queue,
+/// so each gets an equal share at the most replicas (at least one), and together they never
+/// exceed the pool.
+pub(crate) fn pool_per_worker(pipeline: &ValidatedPipeline) -> u32 {
+    match pipeline.source {
+        ValidatedSource::Rabbit { .. } => pipeline.smtp_pool_size,
+        ValidatedSource::Kafka(_) => {
+            (pipeline.smtp_pool_size / pipeline.scaling.max_replicas.max(1)).max(1)
+        }
+    }
+}
+
 /// Everything the worker of `pipeline` is told, in the contract's variables, with the
 /// Secrets and the templates' ConfigMap as references for the caller to place.
 pub fn worker_environment(pipeline: &ValidatedPipeline) -> Vec<WorkerVar> {
@@ -285,7 +298,38 @@ pub fn worker_environment(pipeline: &ValidatedPipeline) -> Vec<WorkerVar> {
                 naming::smtp_budget_queue(&settings.queue),
             );
         }
-        ValidatedSource::Kafka(_) => {}
+        ValidatedSource::Kafka(kafka) => {
+            out.value(env::SOURCE, "kafka");
+            out.value(env::KAFKA_BOOTSTRAP_SERVERS, &kafka.bootstrap);
+            out.value(env::KAFKA_TOPIC, &kafka.settings.topic);
+            out.value(env::KAFKA_GROUP, &kafka.group);
+            out.value(env::KAFKA_PARTITIONS, kafka.settings.partitions);
+            out.value(env::KAFKA_REPLICATION_FACTOR, kafka.settings.replication);
+            out.value(env::TOPOLOGY, "verify");
+            if let Some(ca) = &kafka.ca_secret {
+                out.file(env::KAFKA_CA_FILE, "kafka-ca", ca, "ca.crt");
+            }
+            if let Some(sasl) = &kafka.sasl {
+                out.value(env::KAFKA_SASL_MECHANISM, sasl.mechanism.as_str());
+                out.0.push(WorkerVar::SecretValue {
+                    name: env::KAFKA_SASL_USERNAME.to_string(),
+                    secret: SecretKeyRef {
+                        name: sasl.secret.clone(),
+                        key: "username".into(),
+                    },
+                });
+                let password = SecretKeyRef {
+                    name: sasl.secret.clone(),
+                    key: "password".into(),
+                };
+                out.file(
+                    env::KAFKA_SASL_PASSWORD_FILE,
+                    "kafka-sasl",
+                    &password,
+                    "password",
+                );
+            }
+        }
     }
     out.value(env::CONCURRENCY, pipeline.worker.concurrency);
     let smtp = &pipeline.smtp;
@@ -317,7 +361,7 @@ pub fn worker_environment(pipeline: &ValidatedPipeline) -> Vec<WorkerVar> {
             "password",
         );
     }
-    out.value(env::SMTP_POOL_SIZE, pipeline.smtp_pool_size);
+    out.value(env::SMTP_POOL_SIZE, pool_per_worker(pipeline));
     if let Some(rate) = pipeline.rate_per_replica {
         out.value(env::SMTP_RATE_LIMIT, rate);
     }

@@ -112,14 +112,27 @@ pub async fn cleanup(
     };
     // The pipeline's own Secrets while they exist, else the kept copy.
     let mut referenced = broker_connection(&ctx.client, &namespace, &pipeline.spec).await?;
-    if referenced.amqp_url.is_none() && !ctx.keeper().recall(pipeline, &mut referenced).await? {
-        let secret = pipeline
-            .spec
-            .source
-            .rabbitmq
-            .as_ref()
-            .map(|r| r.connection_secret.name.clone())
-            .unwrap_or_default();
+    // A Kafka pipeline may need no Secret at all (no TLS CA, no SASL); one that needs them
+    // and lost them recalls the kept copy too.
+    let kafka = pipeline.spec.source.kafka.as_ref();
+    let needs_secrets = match kafka {
+        Some(k) => {
+            (k.ca_secret.is_some() && referenced.kafka_ca.is_none())
+                || (k.sasl.is_some() && referenced.kafka_sasl.is_none())
+        }
+        None => referenced.amqp_url.is_none(),
+    };
+    if needs_secrets && !ctx.keeper().recall(pipeline, &mut referenced).await? {
+        let secret = match (&pipeline.spec.source.rabbitmq, kafka) {
+            (Some(r), _) => r.connection_secret.name.clone(),
+            (None, Some(k)) => k
+                .sasl
+                .as_ref()
+                .map(|s| s.secret.clone())
+                .or_else(|| k.ca_secret.as_ref().map(|c| c.name.clone()))
+                .unwrap_or_default(),
+            (None, None) => String::new(),
+        };
         return waiting(
             "MissingReference",
             format!("Secret {secret:?} (the broker connection) is gone and no copy was kept"),
@@ -130,9 +143,6 @@ pub async fn cleanup(
     let topology = match topology_of(&valid, &referenced, ctx) {
         Ok(topology) => topology,
         Err(error) => return waiting(error.category(), error.to_string(), stopped_at).await,
-    };
-    let Some(topology) = topology else {
-        return let_go().await;
     };
     // The deletion protocol: no job may be dropped, waiting in the work queue, in flight at
     // a worker, or waiting out a retry delay.

@@ -19,8 +19,32 @@ pub struct Referenced {
     pub amqp_ca: Option<String>,
     /// The RabbitMQ management API URL with credentials. Secret: never logged.
     pub management_url: Option<String>,
+    /// A PEM CA bundle for the Kafka brokers.
+    pub kafka_ca: Option<String>,
+    /// The Kafka SASL user name and password. Secret: never logged.
+    pub kafka_sasl: Option<(String, String)>,
     /// A digest of every referenced key's content.
     pub digest: String,
+}
+
+impl std::fmt::Debug for Referenced {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Referenced")
+            .field("amqp_url", &self.amqp_url.as_ref().map(|_| "***"))
+            .field("kafka_sasl", &self.kafka_sasl.as_ref().map(|_| "***"))
+            .field("digest", &self.digest)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The Secret keys holding a Kafka SASL login.
+fn sasl_keys(spec: &EmailPipelineSpec) -> Option<(SecretKeyRef, SecretKeyRef)> {
+    let sasl = spec.source.kafka.as_ref()?.sasl.as_ref()?;
+    let key = |key: &str| SecretKeyRef {
+        name: sasl.secret.clone(),
+        key: key.to_string(),
+    };
+    Some((key("username"), key("password")))
 }
 
 /// The Secret keys a spec refers to.
@@ -33,6 +57,9 @@ pub fn secret_keys(spec: &EmailPipelineSpec) -> Vec<SecretKeyRef> {
     }
     if let Some(kafka) = &spec.source.kafka {
         keys.extend(kafka.ca_secret.clone());
+    }
+    if let Some((username, password)) = sasl_keys(spec) {
+        keys.extend([username, password]);
     }
     keys.extend(spec.smtp.ca_secret.clone());
     if let Some(credentials) = &spec.smtp.credentials_secret {
@@ -121,10 +148,13 @@ pub async fn dereference(
             .map(|b| String::from_utf8_lossy(b).trim().to_string())
     };
     let rabbit = spec.source.rabbitmq.as_ref();
+    let sasl = sasl_keys(spec);
     Ok(Referenced {
         amqp_url: text(&rabbit.map(|r| r.connection_secret.clone())),
         amqp_ca: text(&rabbit.and_then(|r| r.ca_secret.clone())),
         management_url: text(&rabbit.and_then(|r| r.management_secret.clone())),
+        kafka_ca: text(&spec.source.kafka.as_ref().and_then(|k| k.ca_secret.clone())),
+        kafka_sasl: sasl.and_then(|(user, password)| text(&Some(user)).zip(text(&Some(password)))),
         digest: references_digest(values.iter().map(|(k, v)| (k.clone(), v.as_slice()))),
     })
 }
@@ -151,10 +181,16 @@ pub async fn broker_connection(
         }
     };
     let rabbit = spec.source.rabbitmq.as_ref();
+    let sasl = match sasl_keys(spec) {
+        Some((user, password)) => read(Some(user)).await?.zip(read(Some(password)).await?),
+        None => None,
+    };
     Ok(Referenced {
         amqp_url: read(rabbit.map(|r| r.connection_secret.clone())).await?,
         amqp_ca: read(rabbit.and_then(|r| r.ca_secret.clone())).await?,
         management_url: read(rabbit.and_then(|r| r.management_secret.clone())).await?,
+        kafka_ca: read(spec.source.kafka.as_ref().and_then(|k| k.ca_secret.clone())).await?,
+        kafka_sasl: sasl,
         digest: String::new(),
     })
 }

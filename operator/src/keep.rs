@@ -26,6 +26,22 @@ use crate::MANAGER;
 const AMQP_URL: &str = "amqp-url";
 const AMQP_CA: &str = "amqp-ca";
 const MANAGEMENT_URL: &str = "management-url";
+const KAFKA_CA: &str = "kafka-ca";
+const KAFKA_SASL_USERNAME: &str = "kafka-sasl-username";
+const KAFKA_SASL_PASSWORD: &str = "kafka-sasl-password";
+
+/// What a kept copy holds: each key with its value, where there is one.
+fn kept_values(referenced: &Referenced) -> [(&'static str, Option<&String>); 6] {
+    let sasl = referenced.kafka_sasl.as_ref();
+    [
+        (AMQP_URL, referenced.amqp_url.as_ref()),
+        (AMQP_CA, referenced.amqp_ca.as_ref()),
+        (MANAGEMENT_URL, referenced.management_url.as_ref()),
+        (KAFKA_CA, referenced.kafka_ca.as_ref()),
+        (KAFKA_SASL_USERNAME, sasl.map(|(user, _)| user)),
+        (KAFKA_SASL_PASSWORD, sasl.map(|(_, password)| password)),
+    ]
+}
 
 /// The kept copies this process wrote, by pipeline uid: their digest, so an unchanged
 /// connection is not written again on every reconcile.
@@ -47,13 +63,9 @@ pub fn secret_name(pipeline: &EmailPipeline) -> String {
 
 fn digest(referenced: &Referenced) -> String {
     crate::build::references_digest(
-        [
-            (AMQP_URL, &referenced.amqp_url),
-            (AMQP_CA, &referenced.amqp_ca),
-            (MANAGEMENT_URL, &referenced.management_url),
-        ]
-        .into_iter()
-        .filter_map(|(k, v)| v.as_ref().map(|v| (k.to_string(), v.as_bytes()))),
+        kept_values(referenced)
+            .into_iter()
+            .filter_map(|(k, v)| v.map(|v| (k.to_string(), v.as_bytes()))),
     )
 }
 
@@ -74,11 +86,7 @@ impl Keeper<'_> {
             return Ok(());
         }
         let mut data = BTreeMap::new();
-        for (key, value) in [
-            (AMQP_URL, &referenced.amqp_url),
-            (AMQP_CA, &referenced.amqp_ca),
-            (MANAGEMENT_URL, &referenced.management_url),
-        ] {
+        for (key, value) in kept_values(referenced) {
             if let Some(value) = value {
                 data.insert(key, ByteString(value.clone().into_bytes()));
             }
@@ -129,6 +137,11 @@ impl Keeper<'_> {
             .management_url
             .take()
             .or_else(|| text(MANAGEMENT_URL));
+        referenced.kafka_ca = referenced.kafka_ca.take().or_else(|| text(KAFKA_CA));
+        referenced.kafka_sasl = referenced
+            .kafka_sasl
+            .take()
+            .or_else(|| text(KAFKA_SASL_USERNAME).zip(text(KAFKA_SASL_PASSWORD)));
         Ok(true)
     }
 

@@ -24,8 +24,9 @@ use crate::keep::{Keeper, Kept};
 use crate::metrics::Metrics;
 use crate::scaling::scaler::{BrokerAccess, BrokerUrls};
 use crate::status::{self, set_conditions, ConditionUpdate};
+use crate::topology::kafka::KafkaTopology;
 use crate::topology::rabbitmq::{Connections, RabbitTopology};
-use crate::topology::{BrokerTopology, TopologyError};
+use crate::topology::{BrokerTopology, PipelineTopology, TopologyError};
 use crate::validate::{validate, ValidatedPipeline, ValidatedSource};
 use crate::MANAGER;
 
@@ -388,7 +389,7 @@ pub(crate) fn topology_of(
     valid: &ValidatedPipeline,
     referenced: &Referenced,
     ctx: &Context,
-) -> Result<Option<RabbitTopology>, TopologyError> {
+) -> Result<PipelineTopology, TopologyError> {
     match &valid.source {
         ValidatedSource::Rabbit { settings, plan, .. } => {
             let topology = RabbitTopology::new(
@@ -399,12 +400,39 @@ pub(crate) fn topology_of(
             )
             .with_smtp_budget(valid.smtp_pool_size)
             .sharing(ctx.connections.clone());
-            Ok(Some(match &referenced.management_url {
-                Some(base) => topology.with_management(base)?,
-                None => topology,
-            }))
+            Ok(PipelineTopology::Rabbit(Box::new(
+                match &referenced.management_url {
+                    Some(base) => topology.with_management(base)?,
+                    None => topology,
+                },
+            )))
         }
-        ValidatedSource::Kafka(_) => Ok(None),
+        ValidatedSource::Kafka(kafka) => Ok(PipelineTopology::Kafka(KafkaTopology::new(
+            kafka_connection(kafka, referenced),
+            kafka.plan.clone(),
+            kafka.group.clone(),
+        ))),
+    }
+}
+
+/// How the operator reaches a Kafka pipeline's brokers: TLS when the spec names a CA
+/// Secret, SASL when it names a login Secret.
+pub(crate) fn kafka_connection(
+    kafka: &crate::validate::KafkaTarget,
+    referenced: &Referenced,
+) -> mailpipe_contract::kafka::Connection {
+    mailpipe_contract::kafka::Connection {
+        bootstrap: kafka.bootstrap.clone(),
+        ca_file: None,
+        ca_pem: referenced.kafka_ca.clone(),
+        tls: kafka.ca_secret.is_some(),
+        sasl: kafka.sasl.as_ref().zip(referenced.kafka_sasl.as_ref()).map(
+            |(sasl, (username, password))| mailpipe_contract::kafka::SaslLogin {
+                mechanism: sasl.mechanism,
+                username: username.clone(),
+                password: password.clone(),
+            },
+        ),
     }
 }
 
@@ -453,13 +481,7 @@ async fn apply(
 
     // ensure topology (broker required).
     let topology = match topology_of(&valid, &referenced, ctx) {
-        Ok(Some(topology)) => topology,
-        Ok(None) => {
-            let message =
-                "Kafka sources are not supported by this version of the operator".to_string();
-            fail(api, pipeline, ctx, "TopologyReady", "Unsupported", message).await?;
-            return Ok(Action::await_change());
-        }
+        Ok(topology) => topology,
         Err(error) => return topology_failed(api, pipeline, ctx, error).await,
     };
     if let (Some(url), Some(uid)) = (&referenced.amqp_url, pipeline.uid()) {
@@ -469,6 +491,18 @@ async fn apply(
                 url: url.clone(),
                 ca: referenced.amqp_ca.clone(),
                 management: referenced.management_url.clone(),
+                kafka: None,
+            },
+        );
+    }
+    if let (ValidatedSource::Kafka(kafka), Some(uid)) = (&valid.source, pipeline.uid()) {
+        ctx.broker_urls.remember(
+            &uid,
+            BrokerAccess {
+                url: String::new(),
+                ca: None,
+                management: None,
+                kafka: Some(kafka_connection(kafka, &referenced)),
             },
         );
     }
@@ -567,22 +601,20 @@ async fn apply(
     // failed; not on every retry of a pipeline whose children fail.
     let recovered = status::has_condition(pipeline.status.as_ref(), "TopologyReady", "False");
     if !declared_before || recovered {
-        let ValidatedSource::Rabbit { plan, settings, .. } = &valid.source else {
-            unreachable!("only RabbitMQ has a topology here")
-        };
-        publish(
-            ctx,
-            pipeline,
-            EventType::Normal,
-            "TopologyReady",
-            format!(
+        let message = match &valid.source {
+            ValidatedSource::Rabbit { plan, settings, .. } => format!(
                 "exchange {}, queue {} and {} more queues (retry, dead-letter) are declared",
                 settings.exchange,
                 settings.queue,
                 plan.queues.len() - 1
             ),
-        )
-        .await;
+            ValidatedSource::Kafka(kafka) => format!(
+                "topic {} and {} more topics (retry, dead-letter) exist",
+                kafka.settings.topic,
+                kafka.plan.topics.len() - 1
+            ),
+        };
+        publish(ctx, pipeline, EventType::Normal, "TopologyReady", message).await;
     }
 
     // build (no client required), then apply (client required).

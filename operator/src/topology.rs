@@ -2,8 +2,10 @@
 //! pipeline's exchanges, queues and bindings (or topics) exist, and deletes the topology
 //! when the pipeline goes with `deletionPolicy: Delete`, only when a census found nothing
 //! left in it. The scaler reads backlogs itself (`scaling::observe`).
-//! Implementations: `rabbitmq` (here); Kafka comes with the Kafka issue.
+//! Implementations: `rabbitmq` and `kafka`, picked for a pipeline as a
+//! [`PipelineTopology`].
 
+pub mod kafka;
 pub mod management;
 pub mod rabbitmq;
 
@@ -98,4 +100,50 @@ pub trait BrokerTopology {
     /// Deletes the queues, then the exchanges nothing else uses. Only after a census found
     /// every queue empty, no consumer, and the intake stopped.
     fn remove(&self) -> impl Future<Output = Result<(), TopologyError>> + Send;
+}
+
+/// The topology of one pipeline, on the broker its source names.
+#[derive(Debug)]
+pub enum PipelineTopology {
+    /// Exchanges and queues on RabbitMQ.
+    Rabbit(Box<rabbitmq::RabbitTopology>),
+    /// Topics on Kafka.
+    Kafka(kafka::KafkaTopology),
+}
+
+impl BrokerTopology for PipelineTopology {
+    async fn ensure(&self) -> Result<(), TopologyError> {
+        match self {
+            PipelineTopology::Rabbit(t) => t.ensure().await,
+            PipelineTopology::Kafka(t) => t.ensure().await,
+        }
+    }
+
+    async fn census(&self) -> Result<Census, TopologyError> {
+        match self {
+            PipelineTopology::Rabbit(t) => t.census().await,
+            PipelineTopology::Kafka(t) => t.census().await,
+        }
+    }
+
+    async fn retire_binding(&self, exchange: &str, routing_key: &str) -> Result<(), TopologyError> {
+        match self {
+            PipelineTopology::Rabbit(t) => t.retire_binding(exchange, routing_key).await,
+            PipelineTopology::Kafka(t) => t.retire_binding(exchange, routing_key).await,
+        }
+    }
+
+    async fn stop_intake(&self) -> Result<(), TopologyError> {
+        match self {
+            PipelineTopology::Rabbit(t) => t.stop_intake().await,
+            PipelineTopology::Kafka(t) => t.stop_intake().await,
+        }
+    }
+
+    async fn remove(&self) -> Result<(), TopologyError> {
+        match self {
+            PipelineTopology::Rabbit(t) => t.remove().await,
+            PipelineTopology::Kafka(t) => t.remove().await,
+        }
+    }
 }

@@ -12,6 +12,7 @@ use std::fmt;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{EnvVar, ResourceRequirements, Toleration};
+use mailpipe_contract::topics::{KafkaSettings, TopicPlan};
 use mailpipe_contract::topology::{RabbitSettings, TopologyPlan};
 use mailpipe_contract::RetryPolicy;
 
@@ -52,8 +53,21 @@ pub enum ValidatedSource {
         plan: TopologyPlan,
         connection: RabbitConnection,
     },
-    /// Kafka (its topology comes with the Kafka issue).
-    Kafka(crd::KafkaSource),
+    /// Kafka, with the topic plan both the operator and the worker create.
+    Kafka(KafkaTarget),
+}
+
+/// A Kafka source: its topics, the consumer group and how to reach the brokers (Secret
+/// references, mounted in the workers, read by the operator for its admin client).
+#[derive(Debug, Clone, PartialEq)]
+pub struct KafkaTarget {
+    pub settings: KafkaSettings,
+    pub plan: TopicPlan,
+    /// `host:port,...`
+    pub bootstrap: String,
+    pub group: String,
+    pub ca_secret: Option<SecretKeyRef>,
+    pub sasl: Option<crd::Sasl>,
 }
 
 /// How the workers reach RabbitMQ: Secret references (mounted, never read here) and the
@@ -147,7 +161,7 @@ impl ValidatedPipeline {
     pub fn source_label(&self) -> String {
         match &self.source {
             ValidatedSource::Rabbit { settings, .. } => format!("rabbitmq/{}", settings.queue),
-            ValidatedSource::Kafka(kafka) => format!("kafka/{}", kafka.topic),
+            ValidatedSource::Kafka(kafka) => format!("kafka/{}", kafka.settings.topic),
         }
     }
 }
@@ -223,7 +237,44 @@ pub fn validate(
                 },
             }
         }
-        (None, Some(kafka)) => ValidatedSource::Kafka(kafka.clone()),
+        (None, Some(kafka)) => {
+            let settings = KafkaSettings {
+                topic: kafka.topic.clone(),
+                partitions: kafka.partitions,
+                replication: kafka.replication_factor,
+                dead_letter: delivery.dead_letter,
+            };
+            settings
+                .validate(&retry)
+                .map_err(|e| invalid("spec.source.kafka", e.to_string()))?;
+            let plain = kafka
+                .sasl
+                .as_ref()
+                .is_some_and(|s| s.mechanism == crd::SaslMechanism::Plain);
+            if plain && kafka.ca_secret.is_none() {
+                return Err(invalid(
+                    "spec.source.kafka.sasl.mechanism",
+                    "SASL PLAIN sends the password as it is: set spec.source.kafka.caSecret (TLS) or use SCRAM",
+                ));
+            }
+            let plan = settings.plan(&retry);
+            ValidatedSource::Kafka(KafkaTarget {
+                settings,
+                plan,
+                bootstrap: kafka
+                    .bootstrap_servers
+                    .iter()
+                    .map(|s| s.0.as_str())
+                    .collect::<Vec<_>>()
+                    .join(","),
+                group: kafka
+                    .consumer_group
+                    .clone()
+                    .unwrap_or_else(|| format!("{namespace}.{name}")),
+                ca_secret: kafka.ca_secret.clone(),
+                sasl: kafka.sasl.clone(),
+            })
+        }
         _ => {
             return Err(invalid(
                 "spec.source",
@@ -607,5 +658,92 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(err.field, "spec.worker.env");
+    }
+
+    fn kafka(patch: serde_json::Value) -> EmailPipelineSpec {
+        let mut base = json!({
+            "source": {"rabbitmq": null, "kafka": {"bootstrapServers": ["k1:9092", "k2:9092"], "topic": "email-events"}},
+            "scaling": {"maxReplicas": 4},
+        });
+        merge(&mut base, patch);
+        let mut out = spec(base);
+        out.source.rabbitmq = None;
+        out
+    }
+
+    #[test]
+    fn a_kafka_source_gets_its_topic_plan_group_and_worker_environment() {
+        let valid = validate(
+            "events",
+            "mail",
+            &kafka(json!({"source": {"kafka": {
+                "caSecret": {"name": "kafka-ca", "key": "ca.crt"},
+                "sasl": {"mechanism": "SCRAM-SHA-512", "secret": "kafka-login"}}}})),
+        )
+        .unwrap();
+        let ValidatedSource::Kafka(target) = &valid.source else {
+            panic!("a Kafka source")
+        };
+        assert_eq!(target.bootstrap, "k1:9092,k2:9092");
+        assert_eq!(
+            target.group, "mail.events",
+            "the namespace and name by default"
+        );
+        assert_eq!(target.plan.work(), "email-events");
+        assert_eq!(target.plan.topics.last().unwrap().name, "email-events-dlq");
+        assert_eq!(valid.source_label(), "kafka/email-events");
+        let vars = crate::build::worker_environment(&valid);
+        let value = |name: &str| {
+            vars.iter().find_map(|v| match v {
+                crate::build::WorkerVar::Value(n, value) if n == name => Some(value.clone()),
+                _ => None,
+            })
+        };
+        assert_eq!(value("MAILPIPE_SOURCE").as_deref(), Some("kafka"));
+        assert_eq!(
+            value("MAILPIPE_KAFKA_TOPIC").as_deref(),
+            Some("email-events")
+        );
+        assert_eq!(
+            value("MAILPIPE_KAFKA_GROUP").as_deref(),
+            Some("mail.events")
+        );
+        assert_eq!(value("MAILPIPE_TOPOLOGY").as_deref(), Some("verify"));
+        assert_eq!(
+            value("MAILPIPE_KAFKA_SASL_MECHANISM").as_deref(),
+            Some("SCRAM-SHA-512")
+        );
+        assert_eq!(
+            value("MAILPIPE_SMTP_POOL_SIZE").as_deref(),
+            Some("5"),
+            "an equal share of the pool (20) at the most replicas (4): no budget queue on Kafka"
+        );
+        assert!(value("MAILPIPE_SMTP_BUDGET_QUEUE").is_none());
+        let password_is_a_file = vars.iter().any(|v| {
+            matches!(v, crate::build::WorkerVar::SecretFile { name, secret, .. }
+                if name == "MAILPIPE_KAFKA_SASL_PASSWORD_FILE" && secret.name == "kafka-login" && secret.key == "password")
+        });
+        assert!(password_is_a_file, "the password only as a mounted file");
+        assert!(value("MAILPIPE_KAFKA_SASL_PASSWORD").is_none());
+    }
+
+    #[test]
+    fn sasl_plain_without_tls_is_refused() {
+        let err = validate(
+            "events",
+            "mail",
+            &kafka(
+                json!({"source": {"kafka": {"sasl": {"mechanism": "PLAIN", "secret": "login"}}}}),
+            ),
+        )
+        .unwrap_err();
+        assert_eq!(err.field, "spec.source.kafka.sasl.mechanism");
+        let err = validate(
+            "events",
+            "mail",
+            &kafka(json!({"source": {"kafka": {"topic": "a b"}}})),
+        )
+        .unwrap_err();
+        assert_eq!(err.field, "spec.source.kafka");
     }
 }

@@ -228,6 +228,18 @@ impl KafkaBroker {
             .sum()
     }
 
+    /// The topics the broker lists.
+    pub fn topics(&self) -> Vec<String> {
+        let consumer: BaseConsumer = self.client_config().create().expect("consumer");
+        let metadata = consumer.fetch_metadata(None, CALL).expect("metadata");
+        metadata
+            .topics()
+            .iter()
+            .filter(|t| t.error().is_none())
+            .map(|t| t.name().to_string())
+            .collect()
+    }
+
     /// Every record of `topic` now, in partition and offset order.
     pub fn records(&self, topic: &str, partitions: i32) -> Vec<Record> {
         let consumer: BaseConsumer = self

@@ -33,12 +33,47 @@ pub struct QueueBacklog {
     pub dead_letter: Option<u64>,
 }
 
-/// A Kafka pipeline's consumer-group lag (the Kafka source brings the reader).
+/// A Kafka pipeline's consumer-group lag.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TopicLag {
-    /// Committed offset to high watermark, per partition (a partition never committed counts
-    /// from its low watermark).
+    /// The work topic's committed offset to high watermark, per partition (a partition
+    /// never committed counts from its low watermark).
     pub per_partition: Vec<u64>,
+    /// Records of the retry topics not consumed yet (jobs waiting out a delay).
+    pub delayed: u64,
+    /// Records in the dead-letter topic, when the pipeline has one.
+    pub dead_letter: Option<u64>,
+}
+
+/// Reads a Kafka pipeline's lag: OffsetFetch and ListOffsets for each of its topics (a
+/// client of its own per reading; librdkafka's calls block, so on a blocking thread).
+pub async fn read_lag(
+    connection: mailpipe_contract::kafka::Connection,
+    kafka: &crate::validate::KafkaTarget,
+) -> Result<TopicLag, TopologyError> {
+    let topology = crate::topology::kafka::KafkaTopology::new(
+        connection,
+        kafka.plan.clone(),
+        kafka.group.clone(),
+    );
+    let work = kafka.plan.work().to_string();
+    let dead_letter = naming::dead_letter_topic(&work);
+    let topics = topology.backlog_by_partition().await?;
+    let mut lag = TopicLag {
+        per_partition: Vec::new(),
+        delayed: 0,
+        dead_letter: None,
+    };
+    for (topic, per_partition) in topics {
+        if topic == work {
+            lag.per_partition = per_partition;
+        } else if topic == dead_letter {
+            lag.dead_letter = Some(per_partition.iter().sum());
+        } else {
+            lag.delayed += per_partition.iter().sum::<u64>();
+        }
+    }
+    Ok(lag)
 }
 
 /// One reading of a pipeline's backlog.

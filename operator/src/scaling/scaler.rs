@@ -57,6 +57,8 @@ pub struct BrokerAccess {
     pub ca: Option<String>,
     /// The management API URL with credentials, when the pipeline names one.
     pub management: Option<String>,
+    /// A Kafka pipeline's brokers (then `url` is empty).
+    pub kafka: Option<mailpipe_contract::kafka::Connection>,
 }
 
 /// The broker each pipeline's topology was declared on, as the reconcile last read it from
@@ -102,7 +104,10 @@ pub fn policy_of(valid: &ValidatedPipeline) -> Policy {
         fallback_replicas: scaling.fallback_replicas,
         fallback_after: FALLBACK_AFTER,
         connection_budget: valid.smtp_pool_size,
-        connections_per_replica: valid.worker.concurrency.min(valid.smtp_pool_size),
+        connections_per_replica: valid
+            .worker
+            .concurrency
+            .min(crate::build::pool_per_worker(valid)),
     }
 }
 
@@ -324,7 +329,22 @@ async fn tick(
                 }
             }
         }
-        ValidatedSource::Kafka(_) => return,
+        ValidatedSource::Kafka(kafka) => {
+            let Some(connection) = ctx.broker_urls.get(&uid).and_then(|a| a.kafka) else {
+                return;
+            };
+            match super::observe::read_lag(connection, kafka).await {
+                Ok(lag) => {
+                    let ready = lag.per_partition.iter().sum();
+                    tracked.state.meter.observe(at, current.running, ready);
+                    Some(Reading::Lag(lag))
+                }
+                Err(error) => {
+                    tracing::debug!(pipeline = %name, "cannot read the consumer group's lag: {error}");
+                    None
+                }
+            }
+        }
     };
     // Jobs held by workers, where the management API tells (its figures lag up to 5 s).
     let in_flight = tracked
@@ -377,17 +397,22 @@ async fn tick(
         let work = observation.work.map_or(0, |w| w.ready + w.in_flight);
         announce(ctx, pipeline, current.desired, &decision, work).await;
     }
-    if let Some(Reading::Queue(backlog)) = &reading {
+    let (backlog_now, dead_letters) = match &reading {
+        Some(Reading::Queue(backlog)) => (Some(backlog.ready), backlog.dead_letter),
+        Some(Reading::Lag(lag)) => (Some(lag.per_partition.iter().sum()), lag.dead_letter),
+        None => (None, None),
+    };
+    if let Some(ready) = backlog_now {
         ctx.metrics
             .backlog
             .with_label_values(&[namespace, name])
-            .set(backlog.ready as i64);
-        if let Some(depth) = backlog.dead_letter {
-            ctx.metrics
-                .dead_letter_depth
-                .with_label_values(&[namespace, name])
-                .set(depth as i64);
-        }
+            .set(ready as i64);
+    }
+    if let Some(depth) = dead_letters {
+        ctx.metrics
+            .dead_letter_depth
+            .with_label_values(&[namespace, name])
+            .set(depth as i64);
     }
     ctx.metrics
         .replicas
@@ -417,14 +442,10 @@ async fn tick(
             .with_label_values(&[namespace, name])
             .set(within.as_secs() as i64);
     }
-    let backlog = match &reading {
-        Some(Reading::Queue(backlog)) => Some(*backlog),
-        _ => None,
-    };
     let shown = Shown {
         desired: decision.replicas,
-        backlog: backlog.map(|b| b.ready),
-        dead_letter: backlog.and_then(|b| b.dead_letter),
+        backlog: backlog_now,
+        dead_letter: dead_letters,
         in_flight,
         rate: rate_text.clone(),
         eta: eta_seconds,

@@ -148,6 +148,7 @@ impl KafkaArgs {
             connection: Connection {
                 bootstrap: bootstrap.to_string(),
                 ca_file: self.kafka_ca_file.clone(),
+                ca_pem: None,
                 tls,
                 sasl,
             },
