@@ -13,11 +13,13 @@
 //! the parts of a run interleaved.
 //!
 //! Run: `scripts/bench.sh [JOBS]` (release build; RabbitMQ on 127.0.0.1:5672);
-//! `scripts/bench.sh latency` measures the single-job latency alone.
+//! `scripts/bench.sh latency` measures the single-job latency alone; `scripts/bench.sh
+//! kafka [JOBS]` the worker against Kafka (`kafka_bench`).
 //! `MAILPIPE_BENCH_PERF=FILE`: a `perf record` (cpu-clock, call graphs) of the worker in the
 //! last run, for `perf report -i FILE`.
 #![forbid(unsafe_code)]
 
+mod kafka_bench;
 mod sink;
 
 use std::sync::atomic::Ordering;
@@ -587,6 +589,15 @@ async fn single_job_latency(
 async fn main() -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let (port, stats) = sink::start().await?;
+    // `kafka [JOBS]`: the worker against Kafka, beside the same broker's raw consume rate.
+    if std::env::args().nth(1).as_deref() == Some("kafka") {
+        let n: usize = std::env::args()
+            .nth(2)
+            .map(|s| s.parse())
+            .transpose()?
+            .unwrap_or(20_000);
+        return kafka_bench::run(port, &stats, n).await;
+    }
     // `latency`: the single-job latency alone (to compare worker binaries quickly).
     if std::env::args().nth(1).as_deref() == Some("latency") {
         let (median_latency, most) = single_job_latency(port, &stats, 101).await?;

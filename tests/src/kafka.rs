@@ -100,6 +100,11 @@ impl KafkaBroker {
         std::fs::read_to_string(self.dir.path().join("tansu.log")).unwrap_or_default()
     }
 
+    /// The broker process's id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().map(Proc::pid)
+    }
+
     /// `127.0.0.1:PORT`, for `bootstrap.servers`.
     pub fn bootstrap(&self) -> String {
         format!("127.0.0.1:{}", self.port)

@@ -1,7 +1,8 @@
 //! `mailpipe local`, run as a user runs it, non-interactively, against the shared RabbitMQ
 //! and an SMTP server of the test's own: a burst scales the workers up and back to zero and
 //! every job arrives once; a worker killed with SIGKILL is restarted and nothing is lost; a
-//! pipeline file with an error is refused with the field named, before anything starts.
+//! pipeline file with an error is refused with the field named, before anything starts; a
+//! Kafka pipeline (on a Tansu broker of the test's own) runs, scales and drains the same way.
 
 use std::path::Path;
 use std::process::Stdio;
@@ -432,4 +433,80 @@ async fn a_pipeline_file_with_an_error_is_refused_naming_the_field() {
         err.contains("spec.scaling.maxReplica: unknown field"),
         "{err}"
     );
+}
+
+#[tokio::test]
+async fn a_kafka_pipeline_runs_locally_scales_on_lag_within_its_partitions_and_drains() {
+    const N: usize = 1500;
+    let broker = mailpipe_tests::kafka::KafkaBroker::start().await;
+    let smtp = SmtpServer::start(SmtpOptions::default()).await;
+    let topic = mailpipe_tests::unique("local-events");
+    let dir = tempfile::tempdir().expect("a directory");
+    let file = dir.path().join("pipeline.yaml");
+    // The pipeline of the other tests, on a 3-partition topic instead of a queue.
+    let text = format!(
+        "apiVersion: mailpipe.dev/v1alpha1
+kind: EmailPipeline
+metadata:
+  name: local-burst
+spec:
+  source:
+    kafka:
+      bootstrapServers: [\"{bootstrap}\"]
+      topic: {topic}
+      partitions: 3
+      replicationFactor: 1
+  smtp:
+    host: 127.0.0.1
+    port: {port}
+    tls: none
+    from: {{address: noreply@example.com}}
+    poolSize: 16
+    rateLimit: 200
+  worker:
+    concurrency: 4
+  scaling:
+    minReplicas: 0
+    maxReplicas: 4
+    pollInterval: 1s
+    scaleDownStabilization: 10s
+",
+        bootstrap = broker.bootstrap(),
+        port = smtp.port
+    );
+    std::fs::write(&file, text).expect("written");
+    let child = local(
+        &file,
+        dir.path(),
+        &[
+            "--burst",
+            &N.to_string(),
+            "--exit-when-drained",
+            "--every",
+            "5s",
+        ],
+    );
+    let (code, out, err) = finish(child, Duration::from_secs(240)).await;
+    println!("--- stdout\n{out}\n--- stderr\n{err}");
+    assert_eq!(code, Some(0), "exits 0 once drained");
+    assert!(out.contains(&format!("topic {topic}")), "{out}");
+    let decisions: Vec<&str> = out.lines().filter(|l| l.contains(": scaled ")).collect();
+    assert!(
+        decisions.iter().any(|l| l.contains("-> 3 ")),
+        "scaled on the lag up to the partitions: {decisions:?}"
+    );
+    assert!(
+        decisions.iter().all(|l| !l.contains("-> 4 ")),
+        "never more workers than partitions (maxReplicas is 4): {decisions:?}"
+    );
+    assert!(
+        decisions.last().is_some_and(|l| l.contains("-> 0 ")),
+        "ends at 0: {decisions:?}"
+    );
+    assert!(
+        out.contains(&format!("published {N}, sent {N}, dead-lettered 0")),
+        "the summary: {out}"
+    );
+    assert_eq!(tally(&smtp, N).await, Tally::EXACT);
+    assert_eq!(broker.lag("default.local-burst", &topic, 3), 0);
 }

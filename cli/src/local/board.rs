@@ -46,7 +46,9 @@ impl Totals {
 pub struct Row {
     /// `namespace/name`.
     pub name: String,
+    /// Where jobs enter (`exchange X` or `kafka host:port`).
     pub exchange: String,
+    /// What the workers consume (`queue Y` or `topic Z`).
     pub queue: String,
     pub min_replicas: u32,
     /// The last reading of its queues; `None` until one succeeds.

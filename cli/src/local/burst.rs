@@ -1,5 +1,6 @@
 //! burst: test jobs published into a pipeline the way an application publishes them (to
-//! its exchange, with its routing key, persistent, each confirmed by the broker), so a
+//! its exchange, with its routing key, persistent, each confirmed by the broker; or to its
+//! Kafka topic, each acknowledged by all in-sync replicas), so a
 //! local run shows the workers scale up and back down. Job `n` of the run `<id>` has the id
 //! `local-<id>-<n>`, the subject `Job <n> of local-<id>` and a recipient at `example.com`.
 
@@ -43,12 +44,71 @@ pub async fn publish(
     started: tokio::time::Instant,
     stop: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
-    let ValidatedSource::Rabbit { settings, .. } = &valid.source else {
-        anyhow::bail!("{}: bursts go to RabbitMQ pipelines", valid.name);
-    };
     board.update(index, |row| row.publishing = true);
-    let result = async {
-        let connection = connections.get(&reach.url, reach.ca.as_deref()).await?;
+    let result = match (&valid.source, reach) {
+        (ValidatedSource::Rabbit { settings, .. }, Reach::Rabbit { url, ca }) => {
+            let target = Target {
+                exchange: &settings.exchange,
+                routing_key: &settings.routing_key,
+            };
+            to_rabbit(
+                &connections,
+                url,
+                ca.as_deref(),
+                target,
+                board,
+                index,
+                run,
+                first,
+                count,
+                &stop,
+            )
+            .await
+        }
+        (ValidatedSource::Kafka(kafka), Reach::Kafka(connection)) => {
+            to_kafka(
+                connection,
+                &kafka.settings.topic,
+                board,
+                index,
+                run,
+                first,
+                count,
+                &stop,
+            )
+            .await
+        }
+        _ => unreachable!("a pipeline's reach is made from its source"),
+    };
+    board.update(index, |row| {
+        row.publishing = false;
+        row.published_at = Some(started.elapsed());
+    });
+    result
+}
+
+/// Where a RabbitMQ burst goes.
+struct Target<'a> {
+    exchange: &'a str,
+    routing_key: &'a str,
+}
+
+/// Publishes to a RabbitMQ exchange, each batch confirmed whole.
+#[allow(clippy::too_many_arguments)]
+async fn to_rabbit(
+    connections: &Connections,
+    url: &str,
+    ca: Option<&str>,
+    target: Target<'_>,
+    board: &Board,
+    index: usize,
+    run: &str,
+    first: u64,
+    count: u64,
+    stop: &tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
+    {
+        let connection = connections.get(url, ca).await?;
         let channel = connection.create_channel().await?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
@@ -64,8 +124,8 @@ pub async fn publish(
                 confirms.push(
                     channel
                         .basic_publish(
-                            settings.exchange.as_str().into(),
-                            settings.routing_key.as_str().into(),
+                            target.exchange.into(),
+                            target.routing_key.into(),
                             BasicPublishOptions::default(),
                             &job(run, i),
                             properties.clone(),
@@ -86,10 +146,51 @@ pub async fn publish(
         let _ = channel.close(200, "burst published".into()).await;
         anyhow::Ok(())
     }
-    .await;
-    board.update(index, |row| {
-        row.publishing = false;
-        row.published_at = Some(started.elapsed());
-    });
-    result
+}
+
+/// Produces to a Kafka topic (keyed by job id, so partitions share the work), each batch
+/// acknowledged whole.
+#[allow(clippy::too_many_arguments)]
+async fn to_kafka(
+    connection: &mailpipe_contract::kafka::Connection,
+    topic: &str,
+    board: &Board,
+    index: usize,
+    run: &str,
+    first: u64,
+    count: u64,
+    stop: &tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
+    let mut config = connection.client_config();
+    config.set("acks", "all").set("linger.ms", "5");
+    let producer: rdkafka::producer::FutureProducer = config.create()?;
+    let mut n = first;
+    while n < first + count && !stop.is_cancelled() {
+        let end = (n + BATCH as u64).min(first + count);
+        let sends = (n..end).map(|i| {
+            let producer = producer.clone();
+            let (key, payload) = (format!("local-{run}-{i}"), job(run, i));
+            async move {
+                producer
+                    .send(
+                        rdkafka::producer::FutureRecord::to(topic)
+                            .key(&key)
+                            .payload(&payload),
+                        std::time::Duration::from_secs(5),
+                    )
+                    .await
+                    .map(drop)
+                    .map_err(|(error, _)| {
+                        anyhow::anyhow!("the brokers refused a job of the burst: {error}")
+                    })
+            }
+        });
+        for result in futures::future::join_all(sends).await {
+            result?;
+        }
+        let done = end - n;
+        board.update(index, |row| row.published += done);
+        n = end;
+    }
+    Ok(())
 }

@@ -25,13 +25,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
+use mailpipe_operator::crd::SecretKeyRef;
 use mailpipe_operator::dereference::secret_keys;
 use mailpipe_operator::scaling::actuator::Workload;
 use mailpipe_operator::scaling::observe::Brokers;
 use mailpipe_operator::scaling::process_pool::ProcessPool;
+use mailpipe_operator::topology::kafka::KafkaTopology;
 use mailpipe_operator::topology::rabbitmq::{Connections, RabbitTopology};
 use mailpipe_operator::topology::BrokerTopology;
-use mailpipe_operator::validate::ValidatedSource;
+use mailpipe_operator::validate::{KafkaTarget, ValidatedSource};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -89,15 +91,6 @@ pub async fn run(options: Options) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(2));
         }
     };
-    for pipeline in &loaded {
-        if let ValidatedSource::Kafka(_) = pipeline.valid.source {
-            eprintln!(
-                "mailpipe local: {}: spec.source.kafka: local mode runs RabbitMQ pipelines for now",
-                pipeline.origin
-            );
-            return Ok(ExitCode::from(2));
-        }
-    }
     let secrets = LocalSecrets::new(options.secrets_dir.clone());
     let mut missing = Vec::new();
     for pipeline in &loaded {
@@ -190,40 +183,56 @@ async fn run_in(run: Run<'_>) -> anyhow::Result<ExitCode> {
     let mut workloads = Vec::new();
     for pipeline in loaded {
         let valid = &pipeline.valid;
-        let ValidatedSource::Rabbit {
-            settings,
-            plan,
-            connection,
-        } = &valid.source
-        else {
-            unreachable!("Kafka pipelines are refused above");
+        let (reach, row) = match &valid.source {
+            ValidatedSource::Rabbit {
+                settings,
+                plan,
+                connection,
+            } => {
+                let (url, ca) = (
+                    secrets.read(&connection.connection_secret)?,
+                    connection
+                        .ca_secret
+                        .as_ref()
+                        .map(|key| secrets.read(key))
+                        .transpose()?,
+                );
+                let mut topology =
+                    RabbitTopology::new(url.clone(), ca.clone(), settings.clone(), plan.clone())
+                        .with_smtp_budget(valid.smtp_pool_size)
+                        .sharing(connections.clone());
+                let management = pipeline
+                    .spec
+                    .source
+                    .rabbitmq
+                    .as_ref()
+                    .and_then(|r| r.management_secret.as_ref());
+                if let Some(key) = management {
+                    topology = topology.with_management(&secrets.read(key)?)?;
+                }
+                ensure(&topology, &pipeline.origin).await?;
+                (
+                    Reach::Rabbit { url, ca },
+                    (
+                        format!("exchange {}", settings.exchange),
+                        format!("queue {}", settings.queue),
+                    ),
+                )
+            }
+            ValidatedSource::Kafka(kafka) => {
+                let connection = kafka_connection(kafka, secrets)?;
+                let topology =
+                    KafkaTopology::new(connection.clone(), kafka.plan.clone(), kafka.group.clone());
+                ensure(&topology, &pipeline.origin).await?;
+                (
+                    Reach::Kafka(connection),
+                    (
+                        format!("kafka {}", kafka.bootstrap),
+                        format!("topic {}", kafka.settings.topic),
+                    ),
+                )
+            }
         };
-        let reach = Reach {
-            url: secrets.read(&connection.connection_secret)?,
-            ca: connection
-                .ca_secret
-                .as_ref()
-                .map(|key| secrets.read(key))
-                .transpose()?,
-        };
-        let mut topology = RabbitTopology::new(
-            reach.url.clone(),
-            reach.ca.clone(),
-            settings.clone(),
-            plan.clone(),
-        )
-        .with_smtp_budget(valid.smtp_pool_size)
-        .sharing(connections.clone());
-        let management = pipeline
-            .spec
-            .source
-            .rabbitmq
-            .as_ref()
-            .and_then(|r| r.management_secret.as_ref());
-        if let Some(key) = management {
-            topology = topology.with_management(&secrets.read(key)?)?;
-        }
-        ensure(&topology, &pipeline.origin).await?;
         let workload = Workload {
             namespace: valid.namespace.clone(),
             name: format!("{}-worker", valid.name),
@@ -244,8 +253,8 @@ async fn run_in(run: Run<'_>) -> anyhow::Result<ExitCode> {
         pool.add(workload.clone(), command);
         rows.push(Row {
             name: format!("{}/{}", valid.namespace, valid.name),
-            exchange: settings.exchange.clone(),
-            queue: settings.queue.clone(),
+            exchange: row.0,
+            queue: row.1,
             min_replicas: valid.scaling.min_replicas,
             ..Row::default()
         });
@@ -282,7 +291,7 @@ async fn run_in(run: Run<'_>) -> anyhow::Result<ExitCode> {
         );
         for (row, pipeline) in board.rows().iter().zip(loaded) {
             println!(
-                "   {}: exchange {} -> queue {}, {}..{} replicas, topology ready",
+                "   {}: {} -> {}, {}..{} replicas, topology ready",
                 row.name,
                 row.exchange,
                 row.queue,
@@ -509,7 +518,41 @@ impl Bursts<'_> {
 
 /// Ensures `topology`, waiting for a broker that is still starting; a refusal (bad
 /// credentials, a queue declared with other arguments) ends the run at once.
-async fn ensure(topology: &RabbitTopology, origin: &str) -> anyhow::Result<()> {
+/// How local mode reaches a Kafka pipeline's brokers: its CA and SASL login from the local
+/// Secrets.
+fn kafka_connection(
+    kafka: &KafkaTarget,
+    secrets: &LocalSecrets,
+) -> anyhow::Result<mailpipe_contract::kafka::Connection> {
+    let ca_pem = kafka
+        .ca_secret
+        .as_ref()
+        .map(|key| secrets.read(key))
+        .transpose()?;
+    let sasl = match &kafka.sasl {
+        Some(sasl) => {
+            let key = |key: &str| SecretKeyRef {
+                name: sasl.secret.clone(),
+                key: key.to_string(),
+            };
+            Some(mailpipe_contract::kafka::SaslLogin {
+                mechanism: sasl.mechanism,
+                username: secrets.read(&key("username"))?,
+                password: secrets.read(&key("password"))?,
+            })
+        }
+        None => None,
+    };
+    Ok(mailpipe_contract::kafka::Connection {
+        bootstrap: kafka.bootstrap.clone(),
+        ca_file: None,
+        tls: ca_pem.is_some(),
+        ca_pem,
+        sasl,
+    })
+}
+
+async fn ensure(topology: &impl BrokerTopology, origin: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + ENSURE_WITHIN;
     let mut told = false;
     loop {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use mailpipe_operator::scaling::actuator::{Actuator, Workload};
 use mailpipe_operator::scaling::engine::{read_backlog, PipelineState};
-use mailpipe_operator::scaling::observe::{Brokers, Reading};
+use mailpipe_operator::scaling::observe::{read_lag, Brokers, QueueBacklog, Reading};
 use mailpipe_operator::scaling::process_pool::ProcessPool;
 use mailpipe_operator::scaling::scaler::policy_of;
 use mailpipe_operator::validate::{ValidatedPipeline, ValidatedSource};
@@ -17,11 +17,14 @@ use tokio_util::sync::CancellationToken;
 
 use super::board::{Board, Scaled};
 
-/// How to reach a pipeline's broker (the URL carries credentials: never logged).
+/// How to reach a pipeline's broker (the URL and the SASL login carry credentials: never
+/// logged).
 #[derive(Clone)]
-pub struct Reach {
-    pub url: String,
-    pub ca: Option<String>,
+pub enum Reach {
+    /// RabbitMQ: the AMQP URL and CA bundle.
+    Rabbit { url: String, ca: Option<String> },
+    /// Kafka: the brokers and how to reach them.
+    Kafka(mailpipe_contract::kafka::Connection),
 }
 
 /// Scales `valid`'s workers (`workload` in `pool`, row `index` of `board`) until `stop`.
@@ -37,9 +40,6 @@ pub async fn run(
     started: Instant,
     stop: CancellationToken,
 ) {
-    let ValidatedSource::Rabbit { settings, plan, .. } = &valid.source else {
-        return;
-    };
     let policy = policy_of(&valid);
     let mut state = PipelineState::new(None);
     let mut next = Instant::now();
@@ -51,20 +51,21 @@ pub async fn run(
         // On a fixed schedule, never owing looks after a stall.
         next = (next + valid.poll_interval).max(Instant::now());
         let at = started.elapsed();
-        let detail = state.fresh_detail();
-        let read = read_backlog(
-            &brokers,
-            &reach.url,
-            reach.ca.as_deref(),
-            settings,
-            plan,
-            detail,
-        )
-        .await;
-        let reading = state.take_in(read, at);
         let current = match pool.replicas(&workload).await {
             Ok(Some(current)) => current,
             _ => return,
+        };
+        let reading = match (&valid.source, &reach) {
+            (ValidatedSource::Rabbit { settings, plan, .. }, Reach::Rabbit { url, ca }) => {
+                let detail = state.fresh_detail();
+                let read = read_backlog(&brokers, url, ca.as_deref(), settings, plan, detail).await;
+                state.take_in(read, at)
+            }
+            (ValidatedSource::Kafka(kafka), Reach::Kafka(connection)) => {
+                let lag = read_lag(connection.clone(), kafka).await;
+                state.take_lag(lag, current.running, at)
+            }
+            _ => unreachable!("a pipeline's reach is made from its source"),
         };
         let in_flight = board.in_flight(index);
         let step = state
@@ -103,7 +104,16 @@ pub async fn run(
                     row.unreadable = None;
                     row.read_at = Some(at);
                 }
-                Ok(Reading::Lag(_)) => {}
+                Ok(Reading::Lag(lag)) => {
+                    row.backlog = Some(QueueBacklog {
+                        ready: lag.per_partition.iter().sum(),
+                        consumers: 0,
+                        delayed: lag.delayed,
+                        dead_letter: lag.dead_letter,
+                    });
+                    row.unreadable = None;
+                    row.read_at = Some(at);
+                }
                 Err(error) => row.unreadable = Some(error.to_string()),
             }
             row.reason = step.decision.reason.as_str();

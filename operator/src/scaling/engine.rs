@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::actuator::{Actuator, ActuatorError, Replicas, Workload};
-use super::observe::{Brokers, QueueBacklog, Reading};
+use super::observe::{Brokers, QueueBacklog, Reading, TopicLag};
 use super::policy::{Decision, History, Observation, Policy};
 use super::rate::RateMeter;
 use crate::topology::TopologyError;
@@ -103,6 +103,20 @@ impl PipelineState {
         }
         self.meter.observe(at, backlog.consumers, backlog.ready);
         Ok(Reading::Queue(backlog))
+    }
+
+    /// Takes a Kafka group's lag in (`consumers`: the workers running, since a group's
+    /// members cannot be counted on every broker); a good one feeds the rate meter.
+    pub fn take_lag(
+        &mut self,
+        lag: Result<TopicLag, TopologyError>,
+        consumers: u32,
+        at: Duration,
+    ) -> Result<Reading, TopologyError> {
+        let lag = lag?;
+        self.meter
+            .observe(at, consumers, lag.per_partition.iter().sum());
+        Ok(Reading::Lag(lag))
     }
 
     /// Decides on `reading` (`None`: unreadable) and asks `actuator` for the count when it

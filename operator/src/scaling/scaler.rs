@@ -333,12 +333,9 @@ async fn tick(
             let Some(connection) = ctx.broker_urls.get(&uid).and_then(|a| a.kafka) else {
                 return;
             };
-            match super::observe::read_lag(connection, kafka).await {
-                Ok(lag) => {
-                    let ready = lag.per_partition.iter().sum();
-                    tracked.state.meter.observe(at, current.running, ready);
-                    Some(Reading::Lag(lag))
-                }
+            let lag = super::observe::read_lag(connection, kafka).await;
+            match tracked.state.take_lag(lag, current.running, at) {
+                Ok(reading) => Some(reading),
                 Err(error) => {
                     tracing::debug!(pipeline = %name, "cannot read the consumer group's lag: {error}");
                     None

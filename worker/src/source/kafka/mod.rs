@@ -98,6 +98,9 @@ pub(super) struct Shared {
     stopped: AtomicBool,
     /// Records the poll thread still held when it closed.
     held_at_close: AtomicUsize,
+    /// Revocations so far (the poll thread drops what it holds of revoked partitions when
+    /// this moved).
+    revocations: AtomicUsize,
     health: Arc<Health>,
     metrics: Metrics,
 }
@@ -156,6 +159,7 @@ impl Shared {
             state.assigned.remove(partition);
             state.offsets.forget(partition);
         }
+        self.revocations.fetch_add(1, Ordering::SeqCst);
     }
 
     /// The generation records of this partition are handed out under, unless it is not
@@ -260,6 +264,7 @@ impl KafkaSource {
             closing: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
             held_at_close: AtomicUsize::new(0),
+            revocations: AtomicUsize::new(0),
             health,
             metrics,
         });

@@ -217,6 +217,7 @@ struct Held {
 pub(super) fn run(consumer: Arc<KafkaConsumer>, shared: Arc<Shared>, out: mpsc::Sender<Fetched>) {
     let mut held = Held::default();
     let mut probed = Instant::now();
+    let mut revocations = 0;
     while !shared.closing.load(Ordering::SeqCst) {
         if !shared.health.is_up(Component::Broker) && probed.elapsed() >= PROBE_EVERY {
             probed = Instant::now();
@@ -243,7 +244,11 @@ pub(super) fn run(consumer: Arc<KafkaConsumer>, shared: Arc<Shared>, out: mpsc::
             Some(Err(error)) => tracing::debug!(%error, "kafka consumer"),
             None => {}
         }
-        drop_revoked(&shared, &mut held);
+        let now_revoked = shared.revocations.load(Ordering::SeqCst);
+        if now_revoked != revocations {
+            revocations = now_revoked;
+            drop_revoked(&shared, &mut held);
+        }
     }
     let unsent: usize = held.queues.values().map(VecDeque::len).sum();
     shared.held_at_close.store(unsent, Ordering::SeqCst);
