@@ -72,6 +72,21 @@ async fn a_thousand_jobs_over_three_partitions_are_sent_exactly_once_and_committ
     );
     assert_eq!(worker.metric("mailpipe_jobs_sent_total").await, N as f64);
     assert_eq!(broker.lag(&group, &topic, PARTITIONS), 0);
+    // The worker's own lag gauges (librdkafka's statistics, every 5 s) come down to 0 for
+    // each partition of the work topic.
+    eventually(Duration::from_secs(20), "the lag gauges at 0", || async {
+        let metrics = worker.metrics().await;
+        let lags: Vec<f64> = metrics
+            .iter()
+            .filter(|(name, _)| {
+                name.starts_with("mailpipe_kafka_consumer_lag{")
+                    && name.contains(&format!("topic=\"{topic}\""))
+            })
+            .map(|(_, value)| *value)
+            .collect();
+        (lags.len() == PARTITIONS as usize && lags.iter().all(|v| *v == 0.0)).then_some(())
+    })
+    .await;
     // The worker created the retry and dead-letter topics beside the work topic.
     for (name, _) in consumed(&topic).iter().skip(1) {
         assert_eq!(

@@ -46,7 +46,7 @@ pub struct KafkaArgs {
     pub kafka_sasl_username: Option<String>,
     /// KiB of records fetched ahead of the jobs in flight, over all partitions (librdkafka's
     /// `queued.max.messages.kbytes`, 64 MiB by default there).
-    #[arg(long, env = env::KAFKA_FETCH_KBYTES, default_value_t = 2048)]
+    #[arg(long, env = env::KAFKA_FETCH_KBYTES, default_value_t = 4096)]
     pub kafka_fetch_kbytes: u32,
 }
 

@@ -156,7 +156,7 @@ fn a_kafka_source_needs_no_amqp_url_and_takes_the_seeds_names() {
     assert_eq!(k.group, "mailpipe");
     assert_eq!(k.connection.bootstrap, "k1:9092,k2:9093");
     assert!(!k.connection.tls);
-    assert_eq!(k.fetch_kbytes, 2048, "far below librdkafka's 64 MiB");
+    assert_eq!(k.fetch_kbytes, 4096, "far below librdkafka's 64 MiB");
     let plan = k.settings.plan(&cfg.retry);
     assert_eq!(plan.topics.last().unwrap().name, "email-events-dlq");
 }

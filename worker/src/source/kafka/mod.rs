@@ -282,6 +282,10 @@ impl KafkaSource {
                 config.fetch_kbytes.to_string(),
             )
             .set("queued.min.messages", "1000")
+            // Past those thresholds librdkafka waits this long before it fetches the
+            // partition again (1 s by default): with a small fetch-ahead that wait, not the
+            // brokers, would set the pace.
+            .set("fetch.queue.backoff.ms", "10")
             .set("statistics.interval.ms", "5000")
             .set(
                 "fetch.max.bytes",
@@ -380,14 +384,16 @@ impl KafkaSource {
             .subscribe(&consumed)
             .map_err(|e| SetupError(e.to_string()))?;
         tracing::info!(topics = ?consumed, group = %self.config.group, "joined the consumer group");
-        // Room for the jobs being started plus a few: the rest waits in librdkafka's queue.
-        let (sender, records) = mpsc::channel(64);
+        // Room for a few batches of jobs: the rest waits in librdkafka's queue.
+        let (sender, records) = mpsc::channel(256);
         let thread = {
             let consumer = consumer.clone();
             let shared = self.shared.clone();
+            // As much again as librdkafka may fetch ahead.
+            let hold = self.config.fetch_kbytes as usize * 1024;
             std::thread::Builder::new()
                 .name("kafka-poll".into())
-                .spawn(move || poller::run(consumer, shared, sender))
+                .spawn(move || poller::run(consumer, shared, sender, hold))
                 .map_err(|e| SetupError(e.to_string()))?
         };
         self.shared.health.set(Component::Broker, true);

@@ -7,14 +7,16 @@
 //! runtime, so `poll` runs here, on a thread of its own, which may block in the callback while
 //! the runtime finishes those jobs ([`Shared::settled`] wakes it).
 //!
-//! Records go to the runtime through a bounded channel. A record that cannot go yet is held
-//! here, in its partition's queue, and the partition is paused so librdkafka stops fetching
-//! it: a retry record not yet due (each retry topic's records fall due in the order they were
-//! written, so the head of a partition decides), or any record while the channel is full.
+//! Records go to the runtime through a bounded channel. While it is full the thread waits
+//! for room (serving callbacks at least every 100 ms) instead of fetching more. A record that
+//! cannot go yet is held here, in its partition's queue: a retry record not yet due (each
+//! retry topic's records fall due in the order they were written, so the head of a
+//! partition decides; that partition is paused), or one polled while the channel was full.
+//! Past a bound of held bytes every partition is paused until the holding is down again.
 //! Held records were never handed out, so a revoked partition's held records are dropped:
 //! nothing of them was committed, and the next owner reads them again.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -46,8 +48,8 @@ const POLL: Duration = Duration::from_millis(100);
 /// back even while there is nothing to consume.
 const PROBE_EVERY: Duration = Duration::from_secs(5);
 
-/// `poll` wait while records wait for room in the channel.
-const POLL_WHILE_FULL: Duration = Duration::from_millis(5);
+/// How often a full channel is looked at for room.
+const ROOM_EVERY: Duration = Duration::from_millis(1);
 
 /// The consumer's callbacks: rebalances and errors.
 pub(super) struct Context {
@@ -206,16 +208,106 @@ fn fetched(message: &BorrowedMessage<'_>, generation: u64) -> (Fetched, Option<S
     (record, not_before(message))
 }
 
-/// Records held back, per partition, in offset order.
-#[derive(Default)]
+/// Records held back, per partition, in offset order, with what pausing they caused.
+///
+/// librdkafka drops what it fetched ahead for a partition when the partition is paused and
+/// fetches it again on resume, so pausing for every full channel would turn each batch
+/// into a new fetch. Records that merely wait for room are held here instead, up to `high`
+/// bytes; only past that is every partition paused, until the holding is down to `low`.
+/// A partition whose head is a retry not yet due is paused at once: nothing of it can go.
 struct Held {
     queues: BTreeMap<Partition, VecDeque<(Fetched, Option<SystemTime>)>>,
+    /// Bytes held, roughly (payloads, keys and headers).
+    bytes: usize,
+    /// Past this, every partition is paused.
+    high: usize,
+    /// Back under this, they resume.
+    low: usize,
+    /// Every partition is paused because the holding reached `high`.
+    backpressure: bool,
+    /// Partitions whose held head is not due yet.
+    not_due: BTreeSet<Partition>,
+    /// Partitions this thread paused (for either reason).
+    paused: BTreeSet<Partition>,
+}
+
+impl Held {
+    fn new(high: usize) -> Held {
+        Held {
+            queues: BTreeMap::new(),
+            bytes: 0,
+            high,
+            low: high / 4,
+            backpressure: false,
+            not_due: BTreeSet::new(),
+            paused: BTreeSet::new(),
+        }
+    }
+
+    fn pause(&mut self, consumer: &KafkaConsumer, partition: &Partition) {
+        if self.paused.insert(partition.clone()) {
+            set_paused(consumer, &one(partition), true);
+        }
+    }
+
+    fn resume(&mut self, consumer: &KafkaConsumer, partition: &Partition) {
+        if self.paused.remove(partition) {
+            set_paused(consumer, &one(partition), false);
+        }
+    }
+
+    /// Pauses every assigned partition (the holding reached `high`).
+    fn pause_all(&mut self, consumer: &KafkaConsumer) {
+        self.backpressure = true;
+        for partition in assigned(consumer) {
+            self.pause(consumer, &partition);
+        }
+    }
+
+    /// Resumes every partition paused for the holding (the holding is down to `low`).
+    fn resume_all(&mut self, consumer: &KafkaConsumer) {
+        self.backpressure = false;
+        let paused: Vec<Partition> = self
+            .paused
+            .iter()
+            .filter(|p| !self.not_due.contains(*p))
+            .cloned()
+            .collect();
+        for partition in paused {
+            self.resume(consumer, &partition);
+        }
+    }
+}
+
+/// The partitions assigned now.
+fn assigned(consumer: &KafkaConsumer) -> Vec<Partition> {
+    consumer
+        .assignment()
+        .map(|list| partitions_of(&list))
+        .unwrap_or_default()
+}
+
+/// Roughly what a record takes in memory.
+fn size(record: &Fetched) -> usize {
+    record.payload.len()
+        + record.key.as_ref().map_or(0, Vec::len)
+        + record
+            .headers
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum::<usize>()
+        + 64
 }
 
 /// Runs the poll loop until `shared.closing`, then closes the consumer (committing what was
-/// settled).
-pub(super) fn run(consumer: Arc<KafkaConsumer>, shared: Arc<Shared>, out: mpsc::Sender<Fetched>) {
-    let mut held = Held::default();
+/// settled). At most `hold_bytes` of fetched records are held beside librdkafka's own queue.
+pub(super) fn run(
+    consumer: Arc<KafkaConsumer>,
+    shared: Arc<Shared>,
+    out: mpsc::Sender<Fetched>,
+    hold_bytes: usize,
+) {
+    let mut held = Held::new(hold_bytes);
     let mut probed = Instant::now();
     let mut revocations = 0;
     while !shared.closing.load(Ordering::SeqCst) {
@@ -226,8 +318,23 @@ pub(super) fn run(consumer: Arc<KafkaConsumer>, shared: Arc<Shared>, out: mpsc::
                 shared.health.set(Component::Broker, true);
             }
         }
-        let full = release(&consumer, &shared, &mut held, &out);
-        let wait = if full { POLL_WHILE_FULL } else { POLL };
+        let mut wait = POLL;
+        if release(&consumer, &shared, &mut held, &out) {
+            // The jobs make room as they take records: wait for it here rather than fetch
+            // more to hold (or pause, which drops what librdkafka fetched ahead), still
+            // serving librdkafka's callbacks (rebalances) at least every `POLL`.
+            let until = Instant::now() + POLL;
+            while out.capacity() == 0
+                && Instant::now() < until
+                && !shared.closing.load(Ordering::SeqCst)
+            {
+                std::thread::sleep(ROOM_EVERY);
+            }
+            if out.capacity() > 0 {
+                continue;
+            }
+            wait = Duration::ZERO;
+        }
         let wait = next_due(&held)
             .and_then(|due| due.duration_since(SystemTime::now()).ok())
             .map_or(wait, |until| until.min(wait));
@@ -247,7 +354,7 @@ pub(super) fn run(consumer: Arc<KafkaConsumer>, shared: Arc<Shared>, out: mpsc::
         let now_revoked = shared.revocations.load(Ordering::SeqCst);
         if now_revoked != revocations {
             revocations = now_revoked;
-            drop_revoked(&shared, &mut held);
+            drop_revoked(&consumer, &shared, &mut held);
         }
     }
     let unsent: usize = held.queues.values().map(VecDeque::len).sum();
@@ -266,8 +373,20 @@ fn close(consumer: Arc<KafkaConsumer>) {
     drop(consumer);
 }
 
+/// Pauses or resumes `list`, logging (at debug) what librdkafka refuses.
+fn set_paused(consumer: &KafkaConsumer, list: &TopicPartitionList, pause: bool) {
+    let result = if pause {
+        consumer.pause(list)
+    } else {
+        consumer.resume(list)
+    };
+    if let Err(error) = result {
+        tracing::debug!(%error, pause, "pausing or resuming partitions");
+    }
+}
+
 /// A new record: handed out at once when its partition holds nothing back, it is due and
-/// the channel has room; else held (and its partition paused).
+/// the channel has room; else held.
 fn route(
     consumer: &KafkaConsumer,
     shared: &Shared,
@@ -288,24 +407,34 @@ fn route(
     } else {
         record
     };
-    let queue = held.queues.entry(partition.clone()).or_default();
-    if queue.is_empty() {
-        if let Err(error) = consumer.pause(&one(&partition)) {
-            tracing::debug!(%error, "pausing a partition");
+    if !waiting && !ready {
+        held.not_due.insert(partition.clone());
+        held.pause(consumer, &partition);
+    }
+    held.bytes += size(&record);
+    if held.bytes > held.high {
+        if held.backpressure {
+            // Assigned since the others were paused.
+            held.pause(consumer, &partition);
+        } else {
+            held.pause_all(consumer);
         }
     }
-    queue.push_back((record, due));
+    held.queues
+        .entry(partition)
+        .or_default()
+        .push_back((record, due));
 }
 
-/// Hands out the held records that are due while the channel has room, resuming partitions
-/// whose queue emptied. True when the channel filled up.
+/// Hands out the held records that are due while the channel has room; resumes what can
+/// fetch again. True when the channel filled up.
 fn release(
     consumer: &KafkaConsumer,
     shared: &Shared,
     held: &mut Held,
     out: &mpsc::Sender<Fetched>,
 ) -> bool {
-    if shared.stopped.load(Ordering::SeqCst) {
+    if shared.stopped.load(Ordering::SeqCst) || held.queues.is_empty() {
         return false;
     }
     let now = SystemTime::now();
@@ -321,6 +450,7 @@ fn release(
                 break;
             };
             let (record, _) = queue.pop_front().expect("a front");
+            held.bytes = held.bytes.saturating_sub(size(&record));
             permit.send(record);
         }
         if queue.is_empty() {
@@ -332,9 +462,12 @@ fn release(
     }
     for partition in emptied {
         held.queues.remove(&partition);
-        if let Err(error) = consumer.resume(&one(&partition)) {
-            tracing::debug!(%error, "resuming a partition");
+        if held.not_due.remove(&partition) && !held.backpressure {
+            held.resume(consumer, &partition);
         }
+    }
+    if held.backpressure && held.bytes < held.low {
+        held.resume_all(consumer);
     }
     full
 }
@@ -347,11 +480,36 @@ fn next_due(held: &Held) -> Option<SystemTime> {
         .min()
 }
 
-/// Drops the held records of partitions no longer assigned (or assigned anew since).
-fn drop_revoked(shared: &Shared, held: &mut Held) {
+/// Drops the held records of partitions no longer assigned (or assigned anew since), and
+/// pauses again what still needs it (a new assignment starts resumed).
+fn drop_revoked(consumer: &KafkaConsumer, shared: &Shared, held: &mut Held) {
     held.queues.retain(|partition, queue| {
         let current = shared.generation(&partition.0, partition.1);
         queue.retain(|(record, _)| Some(record.generation) == current);
         !queue.is_empty()
     });
+    held.bytes = held
+        .queues
+        .values()
+        .flat_map(|q| q.iter().map(|(record, _)| size(record)))
+        .sum();
+    let queues = &held.queues;
+    held.not_due
+        .retain(|partition| queues.contains_key(partition));
+    // A new assignment starts resumed (post_rebalance); what is held decides again, and a
+    // partition kept through the rebalance is resumed unless it still needs the pause.
+    let before = std::mem::take(&mut held.paused);
+    held.backpressure = false;
+    for partition in held.not_due.clone() {
+        held.pause(consumer, &partition);
+    }
+    if held.bytes > held.low {
+        held.pause_all(consumer);
+    }
+    let kept = assigned(consumer);
+    for partition in before.difference(&held.paused) {
+        if kept.contains(partition) {
+            set_paused(consumer, &one(partition), false);
+        }
+    }
 }
