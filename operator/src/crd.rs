@@ -455,6 +455,11 @@ pub struct Scaling {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 32), regex(pattern = DURATION))]
     pub drain_within: Option<String>,
+    /// Kafka: let the scaler run more workers than the topic has partitions (the extra ones
+    /// stand by without a partition until a rebalance gives them one). Off, the partitions
+    /// cap the workers.
+    #[serde(default)]
+    pub allow_idle_consumers: bool,
 }
 
 /// One row of a scaling table.
@@ -671,6 +676,7 @@ impl Default for Scaling {
             thresholds: Vec::new(),
             fallback_replicas: None,
             drain_within: None,
+            allow_idle_consumers: false,
         }
     }
 }

@@ -117,6 +117,8 @@ pub struct ScalingRules {
     pub thresholds: Vec<(u64, u32)>,
     /// The drain-time objective.
     pub drain_within: Option<Duration>,
+    /// Kafka: workers beyond the partition count are allowed (they stand by).
+    pub allow_idle_consumers: bool,
 }
 
 /// Deduplication through Redis, its record kept for `ttl`.
@@ -437,6 +439,7 @@ pub fn validate(
                 .map(|t| (t.backlog.max(0) as u64, t.replicas.max(0) as u32))
                 .collect(),
             drain_within,
+            allow_idle_consumers: scaling.allow_idle_consumers,
         },
         smtp_pool_size: pool_size,
         retry,

@@ -49,6 +49,8 @@ pub struct KafkaBroker {
     /// Its port (kept across restarts).
     pub port: u16,
     dir: tempfile::TempDir,
+    /// With `--authentication`: the SCRAM-SHA-256 login the test's own clients use.
+    login: Option<(String, String)>,
 }
 
 impl KafkaBroker {
@@ -58,7 +60,30 @@ impl KafkaBroker {
             proc: None,
             port: crate::free_port(),
             dir: tempfile::tempdir().expect("temp dir"),
+            login: None,
         };
+        broker.launch().await;
+        broker
+    }
+
+    /// Starts one that requires SASL, with the SCRAM-SHA-256 user `user`: created with
+    /// `tansu user create` on a broker without authentication, which then restarts with
+    /// it on the same store. The test's own clients log in as that user.
+    pub async fn start_with_user(user: &str, password: &str) -> KafkaBroker {
+        let mut broker = KafkaBroker::start().await;
+        let created = Command::new(tansu_bin())
+            .current_dir(broker.dir.path())
+            .args(["user", "create", user, password, "--mechanism", "scram256"])
+            .args(["--broker", &format!("tcp://127.0.0.1:{}", broker.port)])
+            .output()
+            .expect("tansu user create runs");
+        assert!(
+            created.status.success(),
+            "tansu user create: {}",
+            String::from_utf8_lossy(&created.stderr)
+        );
+        broker.stop();
+        broker.login = Some((user.to_string(), password.to_string()));
         broker.launch().await;
         broker
     }
@@ -84,6 +109,9 @@ impl KafkaBroker {
             .args(["--listener-url", &listener])
             .args(["--advertised-listener-url", &listener])
             .args(["--storage-engine", "sqlite://tansu.db"]);
+        if self.login.is_some() {
+            command.arg("--authentication");
+        }
         let proc = Proc::spawn("tansu", command, &self.dir.path().join("tansu.log"));
         let port = self.port;
         eventually(Duration::from_secs(20), "tansu to listen", || async move {
@@ -127,7 +155,26 @@ impl KafkaBroker {
         config
             .set("bootstrap.servers", self.bootstrap())
             .set("broker.address.family", "v4");
+        if let Some((user, password)) = &self.login {
+            config
+                .set("security.protocol", "sasl_plaintext")
+                .set("sasl.mechanism", "SCRAM-SHA-256")
+                .set("sasl.username", user)
+                .set("sasl.password", password);
+        }
         config
+    }
+
+    /// The partitions `topic` has.
+    pub fn partitions(&self, topic: &str) -> usize {
+        let consumer: BaseConsumer = self.client_config().create().expect("consumer");
+        let metadata = consumer
+            .fetch_metadata(Some(topic), CALL)
+            .expect("metadata");
+        metadata
+            .topics()
+            .first()
+            .map_or(0, |t| t.partitions().len())
     }
 
     /// Creates `topic` with `partitions` partitions (replication 1).

@@ -153,3 +153,34 @@ async fn a_kafka_pipeline_gets_its_topics_delivers_scales_on_lag_and_is_deleted_
     let tally = smtp.tally(&run, N).await;
     assert_eq!(tally.lost, 0, "{tally:?}");
 }
+
+#[tokio::test]
+async fn a_topic_with_fewer_partitions_than_asked_is_reported_and_left_as_it_is() {
+    let cluster = Cluster::start().await;
+    let broker = KafkaBroker::start().await;
+    let smtp = SmtpServer::start(SmtpOptions::default()).await;
+    let _operator = cluster.operator("op-a");
+    let topic = unique("events");
+    broker.create_topic(&topic, 1).await;
+    cluster
+        .apply(&kafka_manifest(
+            "narrow", &broker, &topic, smtp.port, "Retain",
+        ))
+        .await;
+    wait_condition(
+        &cluster,
+        "narrow",
+        "TopologyReady",
+        "False",
+        "TopologyConflict",
+    )
+    .await;
+    let message = condition(&cluster, "narrow", "TopologyReady", "message").await;
+    assert!(
+        message.contains(&format!(
+            "topic {topic} has 1 partitions, the pipeline asks for 3"
+        )),
+        "{message}"
+    );
+    assert_eq!(broker.partitions(&topic), 1, "the topic is left as it is");
+}

@@ -214,21 +214,52 @@ async fn slow_smtp(delay_ms: u32) -> SmtpServer {
     .await
 }
 
-#[tokio::test]
-async fn two_workers_split_the_partitions_and_a_sigkill_loses_nothing() {
-    const N: usize = 600;
+/// A run of a consumer group: a 3-partition topic on a broker of its own, a slow SMTP
+/// server (`delay_ms` a message) and the spec of the group's workers (`concurrency` jobs
+/// each, idempotency on, as users run it).
+struct GroupRun {
+    broker: KafkaBroker,
+    smtp: SmtpServer,
+    topic: String,
+    group: String,
+    run: String,
+    spec: WorkerSpec,
+}
+
+async fn group_run(delay_ms: u32, concurrency: &str) -> GroupRun {
     let broker = KafkaBroker::start().await;
-    let smtp = slow_smtp(50).await;
+    let smtp = slow_smtp(delay_ms).await;
     let (topic, group, run) = (unique("jobs"), unique("group"), unique("run"));
     broker.create_topic(&topic, PARTITIONS).await;
     let spec = WorkerSpec::kafka(&broker.bootstrap(), &topic, &group, smtp.port)
         .args(&[
             "--concurrency",
-            "4",
+            concurrency,
             "--idempotency-prefix",
-            &unique("kafka-kill"),
+            &unique("kafka-group"),
         ])
         .env("MAILPIPE_REDIS_URL", SHARED_REDIS);
+    GroupRun {
+        broker,
+        smtp,
+        topic,
+        group,
+        run,
+        spec,
+    }
+}
+
+#[tokio::test]
+async fn two_workers_split_the_partitions_and_a_sigkill_loses_nothing() {
+    const N: usize = 600;
+    let GroupRun {
+        broker,
+        smtp,
+        topic,
+        group,
+        run,
+        spec,
+    } = group_run(50, "4").await;
     // The survivor joins first and leads the group (Tansu keeps the first member as the
     // leader), then the doomed worker joins.
     let survivor = spec.spawn();
@@ -304,20 +335,16 @@ async fn two_workers_split_the_partitions_and_a_sigkill_loses_nothing() {
 #[tokio::test]
 async fn a_third_worker_joining_and_one_leaving_mid_run_lose_nothing_and_send_nothing_twice() {
     const N: usize = 900;
-    let broker = KafkaBroker::start().await;
     // Two workers at 2 jobs of 100 ms at once: about 20 s for the run, time for a third to
     // join and one to leave in the middle of it.
-    let smtp = slow_smtp(100).await;
-    let (topic, group, run) = (unique("jobs"), unique("group"), unique("run"));
-    broker.create_topic(&topic, PARTITIONS).await;
-    let spec = WorkerSpec::kafka(&broker.bootstrap(), &topic, &group, smtp.port)
-        .args(&[
-            "--concurrency",
-            "2",
-            "--idempotency-prefix",
-            &unique("kafka-rebalance"),
-        ])
-        .env("MAILPIPE_REDIS_URL", SHARED_REDIS);
+    let GroupRun {
+        broker,
+        smtp,
+        topic,
+        group,
+        run,
+        spec,
+    } = group_run(100, "2").await;
     let first = spec.spawn();
     let mut leaving = spec.spawn();
     first.wait_ready(Duration::from_secs(30)).await;
@@ -411,4 +438,56 @@ async fn a_broker_restart_during_a_run_loses_nothing() {
         worker.output()
     );
     assert_eq!(tally.foreign, 0);
+}
+
+#[tokio::test]
+async fn a_worker_logs_in_with_scram_and_a_wrong_password_is_refused_without_leaking_it() {
+    const N: usize = 20;
+    let broker = KafkaBroker::start_with_user("mailer", "s3cret-pw").await;
+    let smtp = SmtpServer::start(SmtpOptions::default()).await;
+    let (topic, group, run) = (unique("jobs"), unique("group"), unique("run"));
+    broker.create_topic(&topic, PARTITIONS).await;
+    broker
+        .produce(&topic, PARTITIONS, (0..N).map(|n| jobs::numbered(&run, n)))
+        .await;
+    let spec = WorkerSpec::kafka(&broker.bootstrap(), &topic, &group, smtp.port).args(&[
+        "--kafka-sasl-username",
+        "mailer",
+        "--kafka-sasl-mechanism",
+        "SCRAM-SHA-256",
+    ]);
+
+    // A wrong password: never ready, nothing consumed, and the password in no log line.
+    let wrong = spec
+        .clone()
+        .env("MAILPIPE_KAFKA_SASL_PASSWORD", "not-the-pw")
+        .spawn();
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert!(!wrong.is_ready().await, "{}", wrong.output());
+    assert_eq!(smtp.count().await, 0);
+    assert!(!wrong.output().contains("not-the-pw"));
+    drop(wrong);
+
+    // The right one, from a file as a mounted Secret gives it.
+    let dir = tempfile::tempdir().expect("a directory");
+    let file = dir.path().join("password");
+    std::fs::write(&file, "s3cret-pw\n").expect("written");
+    let worker = spec
+        .env(
+            "MAILPIPE_KAFKA_SASL_PASSWORD_FILE",
+            file.to_str().expect("UTF-8 path"),
+        )
+        .spawn();
+    worker.wait_ready(Duration::from_secs(30)).await;
+    wait_for_mail(&smtp, N, Duration::from_secs(60), &[&worker]).await;
+    broker
+        .wait_consumed(
+            &group,
+            &consumed(&topic),
+            &[&worker],
+            Duration::from_secs(60),
+        )
+        .await;
+    assert_eq!(smtp.tally(&run, N).await, Tally::EXACT);
+    assert!(!worker.output().contains("s3cret-pw"));
 }

@@ -64,6 +64,8 @@ pub struct Policy {
     pub connection_budget: u32,
     /// The most connections one replica uses (its concurrency, within the budget).
     pub connections_per_replica: u32,
+    /// Kafka: replicas beyond the partition count are allowed (they stand by).
+    pub idle_consumers: bool,
 }
 
 /// What the scaler saw at one tick.
@@ -312,7 +314,8 @@ impl Policy {
             // Work that is there always gets a replica, however small against the target.
             (n.max(1), reason)
         };
-        let (recommended, reason) = self.bounded(raw, reason, seen.partitions);
+        let partitions = seen.partitions.filter(|_| !self.idle_consumers);
+        let (recommended, reason) = self.bounded(raw, reason, partitions);
 
         // Stabilization (the HPA's): forget what is older than the longer window, then
         // take the lowest of the up window going up, the highest of the down window going
@@ -390,6 +393,7 @@ mod tests {
             fallback_after: Duration::from_secs(30),
             connection_budget: 20,
             connections_per_replica: 1,
+            idle_consumers: false,
         }
     }
 
@@ -480,6 +484,12 @@ mod tests {
         kafka.partitions = Some(3);
         let d = decide(&policy(), kafka);
         assert_eq!((d.replicas, d.reason), (3, Reason::Partitions));
+        let standbys = Policy {
+            idle_consumers: true,
+            ..policy()
+        };
+        let d = decide(&standbys, kafka);
+        assert!(d.replicas > 3, "idle consumers allowed: {d:?}");
     }
 
     #[test]

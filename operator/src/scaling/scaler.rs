@@ -108,6 +108,7 @@ pub fn policy_of(valid: &ValidatedPipeline) -> Policy {
             .worker
             .concurrency
             .min(crate::build::pool_per_worker(valid)),
+        idle_consumers: scaling.allow_idle_consumers,
     }
 }
 
