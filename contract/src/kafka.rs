@@ -167,10 +167,13 @@ pub async fn create<C: ClientContext + 'static>(
     let new: Vec<NewTopic<'_>> = topics
         .iter()
         .map(|t| {
-            NewTopic::new(
-                &t.name,
-                t.partitions,
-                TopicReplication::Fixed(t.replication.into()),
+            t.config.iter().fold(
+                NewTopic::new(
+                    &t.name,
+                    t.partitions,
+                    TopicReplication::Fixed(t.replication.into()),
+                ),
+                |topic, (key, value)| topic.set(key, value),
             )
         })
         .collect();
@@ -271,6 +274,7 @@ mod tests {
             partitions: 3,
             replication: 1,
             role,
+            config: BTreeMap::new(),
         };
         TopicPlan {
             topics: vec![

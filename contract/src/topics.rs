@@ -11,6 +11,7 @@
 //! be sent is copied to `topic-dlq`. Every topic has the work topic's partition count, so the
 //! consumers that share the work share the retries too.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use crate::naming;
@@ -31,6 +32,8 @@ pub struct KafkaSettings {
     pub replication: i16,
     /// Whether jobs that can never be sent are kept in the dead-letter topic.
     pub dead_letter: bool,
+    /// Topic configuration (`retention.ms`, say) for every topic created.
+    pub config: BTreeMap<String, String>,
 }
 
 /// What one topic of the plan is for.
@@ -55,6 +58,8 @@ pub struct TopicDecl {
     pub replication: i16,
     /// What it holds.
     pub role: TopicRole,
+    /// Configuration set at creation.
+    pub config: BTreeMap<String, String>,
 }
 
 /// Every topic of a pipeline: the work topic first, then the retry topics shortest delay
@@ -128,6 +133,7 @@ impl KafkaSettings {
             partitions: self.partitions,
             replication: self.replication,
             role,
+            config: self.config.clone(),
         };
         let mut topics = vec![topic(self.topic.clone(), TopicRole::Work)];
         for delay in retry.distinct_delays() {
@@ -156,6 +162,7 @@ mod tests {
             partitions: 3,
             replication: 1,
             dead_letter: true,
+            config: BTreeMap::new(),
         }
     }
 

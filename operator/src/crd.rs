@@ -195,6 +195,11 @@ pub struct KafkaSource {
     /// SASL credentials (a Secret with `username` and `password` keys).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sasl: Option<Sasl>,
+    /// Topic configuration set on every topic the operator creates (`retention.ms`, say);
+    /// existing topics are not changed.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 32))]
+    pub topic_config: BTreeMap<String, String>,
 }
 
 /// One bootstrap broker, `host:port`.

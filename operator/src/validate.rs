@@ -245,10 +245,22 @@ pub fn validate(
                 partitions: kafka.partitions,
                 replication: kafka.replication_factor,
                 dead_letter: delivery.dead_letter,
+                config: kafka.topic_config.clone(),
             };
             settings
                 .validate(&retry)
                 .map_err(|e| invalid("spec.source.kafka", e.to_string()))?;
+            if let Some(key) = kafka.topic_config.keys().find(|k| {
+                k.is_empty()
+                    || !k
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.')
+            }) {
+                return Err(invalid(
+                    "spec.source.kafka.topicConfig",
+                    format!("{key:?} is not a Kafka topic configuration name (like retention.ms)"),
+                ));
+            }
             let plain = kafka
                 .sasl
                 .as_ref()
@@ -748,5 +760,26 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(err.field, "spec.source.kafka");
+        let err = validate(
+            "events",
+            "mail",
+            &kafka(json!({"source": {"kafka": {"topicConfig": {"Retention MS": "1"}}}})),
+        )
+        .unwrap_err();
+        assert_eq!(err.field, "spec.source.kafka.topicConfig");
+        let valid = validate(
+            "events",
+            "mail",
+            &kafka(json!({"source": {"kafka": {"topicConfig": {"retention.ms": "86400000"}}}})),
+        )
+        .unwrap();
+        let ValidatedSource::Kafka(target) = valid.source else {
+            panic!("a Kafka source")
+        };
+        assert!(target.plan.topics.iter().all(|t| t
+            .config
+            .get("retention.ms")
+            .map(String::as_str)
+            == Some("86400000")));
     }
 }

@@ -165,6 +165,24 @@ impl KafkaBroker {
         config
     }
 
+    /// The value of configuration `key` of `topic`, as the broker describes it.
+    pub async fn topic_config(&self, topic: &str, key: &str) -> Option<String> {
+        let admin: AdminClient<DefaultClientContext> =
+            self.client_config().create().expect("admin client");
+        let described = admin
+            .describe_configs(
+                &[rdkafka::admin::ResourceSpecifier::Topic(topic)],
+                &AdminOptions::new().request_timeout(Some(CALL)),
+            )
+            .await
+            .expect("DescribeConfigs");
+        let resource = described
+            .into_iter()
+            .next()?
+            .expect("the topic's configuration");
+        resource.get(key).and_then(|entry| entry.value.clone())
+    }
+
     /// The partitions `topic` has.
     pub fn partitions(&self, topic: &str) -> usize {
         let consumer: BaseConsumer = self.client_config().create().expect("consumer");

@@ -54,6 +54,10 @@ fn kafka_manifest(
                 .to_string(),
         ),
         ("deletionPolicy: Retain", format!("deletionPolicy: {policy}")),
+        (
+            "      consumerGroup:",
+            "      topicConfig: {retention.ms: \"86400000\"}\n      consumerGroup:".to_string(),
+        ),
     ] {
         assert!(text.contains(from), "the example has {from:?}");
         text = text.replace(from, &to);
@@ -98,6 +102,11 @@ async fn a_kafka_pipeline_gets_its_topics_delivers_scales_on_lag_and_is_deleted_
         assert!(listed.contains(&name), "{name} in {listed:?}");
         assert_eq!(broker.high_watermarks(&name, PARTITIONS).len(), 3);
     }
+    // With the configuration the spec gives.
+    assert_eq!(
+        broker.topic_config(&topic, "retention.ms").await.as_deref(),
+        Some("86400000")
+    );
     wait_condition(&cluster, "events", "Ready", "True", "Ready").await;
     let table = cluster.kubectl_ok(&["get", "emp", "events"]).await;
     assert!(table.contains(&format!("kafka/{topic}")), "{table}");

@@ -31,6 +31,7 @@ fn settings(topic: &str) -> KafkaSettings {
         partitions: PARTITIONS,
         replication: 1,
         dead_letter: true,
+        config: Default::default(),
     }
 }
 

@@ -104,6 +104,7 @@ impl KafkaArgs {
             partitions: self.kafka_partitions,
             replication: self.kafka_replication_factor,
             dead_letter,
+            config: Default::default(),
         };
         settings
             .validate(retry)
