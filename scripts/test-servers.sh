@@ -2,7 +2,7 @@
 # Installs and starts what the tests and the demo need, when missing:
 # RabbitMQ (shared node on 127.0.0.1:5672, management API on 15672), Redis (127.0.0.1:6379), python3-aiosmtpd
 # (the test SMTP server), Postfix (tests run private instances of it), promtool (Debian's
-# prometheus package; no service is started), openssl, maildev (npm, into $MAILPIPE_TOOLS, outside the clone), and the
+# prometheus package; no service is started), openssl, socat (the Kafka TLS test's front), maildev (npm, into $MAILPIPE_TOOLS, outside the clone), and the
 # Kafka-compatible broker Tansu (cargo install into ~/.cargo/bin, once per machine: a cold
 # build takes 15-20 minutes; the Kafka tests start a broker of their own each).
 # Safe to run again: it only acts on what is missing.
@@ -49,6 +49,8 @@ command -v openssl >/dev/null || missing+=(openssl)
 command -v npm >/dev/null || missing+=(npm)
 if [ "$tests" = 1 ]; then
   command -v promtool >/dev/null || missing+=(prometheus)
+  # The TLS front of the Kafka TLS test (Tansu 0.6 does not serve TLS itself).
+  command -v socat >/dev/null || missing+=(socat)
 fi
 if [ "$tests" = 1 ] && [ ! -x /usr/sbin/postfix ]; then
   # Postfix for the tests' private instances only: no system configuration, no service.

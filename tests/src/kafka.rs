@@ -51,6 +51,17 @@ pub struct KafkaBroker {
     dir: tempfile::TempDir,
     /// With `--authentication`: the SCRAM-SHA-256 login the test's own clients use.
     login: Option<(String, String)>,
+    /// A TLS front every client goes through (Tansu 0.6 does not serve TLS itself).
+    tls: Option<TlsFront>,
+}
+
+/// socat terminating TLS with the test PKI's server certificate in front of the broker,
+/// which advertises the front's address, so every connection (bootstrap and the brokers
+/// from metadata) is TLS.
+struct TlsFront {
+    port: u16,
+    pki: crate::certs::TestPki,
+    proc: Option<Proc>,
 }
 
 impl KafkaBroker {
@@ -61,9 +72,37 @@ impl KafkaBroker {
             port: crate::free_port(),
             dir: tempfile::tempdir().expect("temp dir"),
             login: None,
+            tls: None,
         };
         broker.launch().await;
         broker
+    }
+
+    /// Starts one that clients reach only over TLS, through a socat front with a
+    /// certificate for `localhost` signed by the test CA (`ca()`).
+    pub async fn start_behind_tls() -> KafkaBroker {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let pki = crate::certs::make(dir.path());
+        let mut broker = KafkaBroker {
+            proc: None,
+            port: crate::free_port(),
+            dir,
+            login: None,
+            tls: Some(TlsFront {
+                port: crate::free_port(),
+                pki,
+                proc: None,
+            }),
+        };
+        broker.launch().await;
+        broker
+    }
+
+    /// The CA that signed the TLS front's certificate, and one that signed nothing served.
+    pub fn ca(&self) -> Option<(&std::path::Path, &std::path::Path)> {
+        self.tls
+            .as_ref()
+            .map(|t| (t.pki.ca.as_path(), t.pki.other_ca.as_path()))
     }
 
     /// Starts one that requires SASL, with the SCRAM-SHA-256 user `user`: created with
@@ -101,13 +140,17 @@ impl KafkaBroker {
             );
         }
         let listener = format!("tcp://127.0.0.1:{}", self.port);
+        let advertised = match &self.tls {
+            Some(front) => format!("tcp://localhost:{}", front.port),
+            None => listener.clone(),
+        };
         // Tansu reads the path of a sqlite:// URL relative to its working directory.
         let mut command = Command::new(&bin);
         command
             .current_dir(self.dir.path())
             .arg("broker")
             .args(["--listener-url", &listener])
-            .args(["--advertised-listener-url", &listener])
+            .args(["--advertised-listener-url", &advertised])
             .args(["--storage-engine", "sqlite://tansu.db"]);
         if self.login.is_some() {
             command.arg("--authentication");
@@ -121,6 +164,35 @@ impl KafkaBroker {
         })
         .await;
         self.proc = Some(proc);
+        if let Some(front) = &mut self.tls {
+            if front.proc.is_none() {
+                let mut socat = Command::new("socat");
+                socat
+                    .arg(format!(
+                        "OPENSSL-LISTEN:{},bind=127.0.0.1,reuseaddr,fork,cert={},key={},verify=0",
+                        front.port,
+                        front.pki.cert.display(),
+                        front.pki.key.display()
+                    ))
+                    .arg(format!("TCP:127.0.0.1:{port}"));
+                front.proc = Some(Proc::spawn(
+                    "socat",
+                    socat,
+                    &self.dir.path().join("socat.log"),
+                ));
+                let front_port = front.port;
+                eventually(
+                    Duration::from_secs(20),
+                    "the TLS front to listen",
+                    || async move {
+                        std::net::TcpStream::connect(("127.0.0.1", front_port))
+                            .ok()
+                            .map(drop)
+                    },
+                )
+                .await;
+            }
+        }
     }
 
     /// What the broker printed (for a failing test's message).
@@ -133,8 +205,11 @@ impl KafkaBroker {
         self.proc.as_ref().map(Proc::pid)
     }
 
-    /// `127.0.0.1:PORT`, for `bootstrap.servers`.
+    /// `127.0.0.1:PORT` (`localhost:PORT` of the TLS front), for `bootstrap.servers`.
     pub fn bootstrap(&self) -> String {
+        if let Some(front) = &self.tls {
+            return format!("localhost:{}", front.port);
+        }
         format!("127.0.0.1:{}", self.port)
     }
 
@@ -155,6 +230,11 @@ impl KafkaBroker {
         config
             .set("bootstrap.servers", self.bootstrap())
             .set("broker.address.family", "v4");
+        if let Some(front) = &self.tls {
+            config
+                .set("security.protocol", "ssl")
+                .set("ssl.ca.location", front.pki.ca.display().to_string());
+        }
         if let Some((user, password)) = &self.login {
             config
                 .set("security.protocol", "sasl_plaintext")

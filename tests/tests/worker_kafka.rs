@@ -492,3 +492,42 @@ async fn a_worker_logs_in_with_scram_and_a_wrong_password_is_refused_without_lea
     assert_eq!(smtp.tally(&run, N).await, Tally::EXACT);
     assert!(!worker.output().contains("s3cret-pw"));
 }
+
+#[tokio::test]
+async fn a_worker_reaches_the_brokers_over_verified_tls_and_refuses_an_unknown_ca() {
+    const N: usize = 20;
+    let broker = KafkaBroker::start_behind_tls().await;
+    let (ca, other_ca) = broker.ca().expect("a TLS front");
+    let smtp = SmtpServer::start(SmtpOptions::default()).await;
+    let (topic, group, run) = (unique("jobs"), unique("group"), unique("run"));
+    broker.create_topic(&topic, PARTITIONS).await;
+    broker
+        .produce(&topic, PARTITIONS, (0..N).map(|n| jobs::numbered(&run, n)))
+        .await;
+    let spec = WorkerSpec::kafka(&broker.bootstrap(), &topic, &group, smtp.port);
+
+    // A CA that did not sign the brokers' certificate: never ready, nothing consumed.
+    let untrusting = spec
+        .clone()
+        .args(&["--kafka-ca-file", other_ca.to_str().expect("UTF-8 path")])
+        .spawn();
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert!(!untrusting.is_ready().await, "{}", untrusting.output());
+    assert_eq!(smtp.count().await, 0);
+    drop(untrusting);
+
+    let worker = spec
+        .args(&["--kafka-ca-file", ca.to_str().expect("UTF-8 path")])
+        .spawn();
+    worker.wait_ready(Duration::from_secs(30)).await;
+    wait_for_mail(&smtp, N, Duration::from_secs(60), &[&worker]).await;
+    broker
+        .wait_consumed(
+            &group,
+            &consumed(&topic),
+            &[&worker],
+            Duration::from_secs(60),
+        )
+        .await;
+    assert_eq!(smtp.tally(&run, N).await, Tally::EXACT);
+}
