@@ -3,9 +3,10 @@
 //!
 //! The worker Deployment carries only the environment the contract names; secrets reach
 //! it as mounted Secret files (the AMQP and Redis URLs, the SMTP password, CA bundles) or a
-//! `secretKeyRef` (the SMTP user name), never as values. `spec.replicas` is left out on
-//! purpose: the scaler owns it through `/scale`, and server-side apply leaves a field alone
-//! that the applier does not send. A hash of the rendered configuration and of the
+//! `secretKeyRef` (the SMTP user name), never as values. `spec.replicas` is sent only when
+//! the Deployment is created (the count the scaler would hold it at, not the API server's
+//! default of one); after that the scaler owns it through `/scale`, and server-side apply
+//! leaves a field alone that the applier does not send and another manager owns. A hash of the rendered configuration and of the
 //! referenced Secrets and ConfigMaps sits on the pod template, so a change to either rolls
 //! the pods.
 
@@ -46,6 +47,9 @@ pub struct Inputs {
     pub default_image: String,
     /// A digest of the referenced Secrets' and ConfigMaps' content (see `references_digest`).
     pub references: String,
+    /// The worker count to create the Deployment with; `None` once it exists (the
+    /// scaler's from then on).
+    pub starting_replicas: Option<u32>,
 }
 
 /// `<pipeline>-worker`: the Deployment, Service and PodDisruptionBudget share it.
@@ -439,7 +443,7 @@ fn default_resources() -> ResourceRequirements {
     }
 }
 
-/// The worker Deployment (without `spec.replicas`: the scaler's).
+/// The worker Deployment (`spec.replicas` only when it is created: the scaler's after).
 pub fn worker_deployment(pipeline: &ValidatedPipeline, inputs: &Inputs) -> Deployment {
     let worker = &pipeline.worker;
     let Environment {
@@ -517,7 +521,7 @@ pub fn worker_deployment(pipeline: &ValidatedPipeline, inputs: &Inputs) -> Deplo
     Deployment {
         metadata: metadata(pipeline, inputs),
         spec: Some(DeploymentSpec {
-            replicas: None,
+            replicas: inputs.starting_replicas.map(|n| n as i32),
             selector: LabelSelector {
                 match_labels: Some(selector_labels(pipeline)),
                 match_expressions: None,

@@ -22,7 +22,7 @@ use crate::dereference::{dereference, Referenced};
 use crate::error::Error;
 use crate::keep::{Keeper, Kept};
 use crate::metrics::Metrics;
-use crate::scaling::scaler::{BrokerAccess, BrokerUrls};
+use crate::scaling::scaler::{starting_replicas, BrokerAccess, BrokerUrls, SCALER_MANAGER};
 use crate::status::{self, set_conditions, ConditionUpdate};
 use crate::topology::kafka::KafkaTopology;
 use crate::topology::rabbitmq::{Connections, RabbitTopology};
@@ -358,6 +358,48 @@ where
     Ok(api.patch(&name, &params, &Patch::Apply(child)).await?)
 }
 
+/// Whether the worker Deployment is still to be created. The cache answers when it holds
+/// it; when it does not (just created, or an operator that has just started), only the API
+/// server can say it is absent, since a count sent to an existing Deployment would reset
+/// the scaler's. It is asked through `/scale`, which the scaler may read already.
+async fn worker_is_new(ctx: &Context, namespace: &str, worker: &str) -> Result<bool, Error> {
+    if ctx.deployments.get(namespace, worker).is_some() {
+        return Ok(false);
+    }
+    let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), namespace);
+    match api.get_scale(worker).await {
+        Ok(_) => Ok(false),
+        Err(kube::Error::Api(response)) if response.code == 404 => Ok(true),
+        Err(error) => Err(error.into()),
+    }
+}
+
+/// Makes the scaler's field manager a co-owner of the count the Deployment was just created
+/// with. Server-side apply removes a field its applier stops sending when nobody else owns
+/// it: without this, the next apply (which leaves `spec.replicas` out) would reset the count
+/// to the API server's default of one.
+async fn hand_replicas_to_scaler(
+    ctx: &Context,
+    namespace: &str,
+    worker: &str,
+    replicas: u32,
+) -> Result<(), Error> {
+    let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), namespace);
+    let count = serde_json::json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": worker},
+        "spec": {"replicas": replicas},
+    });
+    api.patch(
+        worker,
+        &PatchParams::apply(SCALER_MANAGER).force(),
+        &Patch::Apply(&count),
+    )
+    .await?;
+    Ok(())
+}
+
 /// Reports a topology failure (condition, event, metric) and returns it as the error.
 async fn topology_failed(
     api: &Api<EmailPipeline>,
@@ -618,18 +660,25 @@ async fn apply(
     }
 
     // build (no client required), then apply (client required).
+    let worker = build::worker_name(&valid);
+    let starting_replicas = worker_is_new(ctx, &namespace, &worker)
+        .await?
+        .then(|| starting_replicas(pipeline, &valid));
     let inputs = Inputs {
         owner: pipeline
             .controller_owner_ref(&())
             .expect("a stored object has a name and uid"),
         default_image: ctx.default_image.clone(),
         references: referenced.digest.clone(),
+        starting_replicas,
     };
     let params = PatchParams::apply(MANAGER).force();
-    let worker = build::worker_name(&valid);
     let children = async {
         let applied: Deployment =
             apply_child(ctx, &namespace, &build::worker_deployment(&valid, &inputs)).await?;
+        if let Some(replicas) = starting_replicas {
+            hand_replicas_to_scaler(ctx, &namespace, &worker, replicas).await?;
+        }
         let _: Service =
             apply_child(ctx, &namespace, &build::metrics_service(&valid, &inputs)).await?;
         let _: PodDisruptionBudget =

@@ -45,6 +45,7 @@ fn inputs(references: &str) -> Inputs {
         },
         default_image: "ghcr.io/mailpipe/mailpipe-worker:0.1.0".into(),
         references: references.into(),
+        starting_replicas: None,
     }
 }
 
@@ -167,8 +168,19 @@ fn the_worker_deployment_carries_the_spec_as_contract_env_and_secrets_as_files()
         "{}",
         serde_json::to_string_pretty(&actual).unwrap()
     );
-    // No replicas: the scaler owns them.
+    // No replicas on an existing Deployment: the scaler owns them.
     assert!(deployment.spec.unwrap().replicas.is_none());
+    // A new one starts at the count it is given, zero included.
+    for n in [0, 3] {
+        let created = build::worker_deployment(
+            &pipeline(full()),
+            &Inputs {
+                starting_replicas: Some(n),
+                ..inputs("r1")
+            },
+        );
+        assert_eq!(created.spec.unwrap().replicas, Some(n as i32));
+    }
 }
 
 #[test]

@@ -4,6 +4,8 @@
 
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::apps::v1::Deployment;
+
 use mailpipe_tests::amqp::{self, Names, SHARED_URL};
 use mailpipe_tests::cluster::Cluster;
 use mailpipe_tests::jobs::Tally;
@@ -183,6 +185,102 @@ async fn drain_within_clears_a_backlog_of_minutes_in_about_that_time() {
     delete_topology(&names).await;
 }
 
+/// A new pipeline's worker Deployment is created at the count the scaler would hold it at,
+/// not the API server's default of one: paused at 0, or at `minReplicas: 0` with nothing
+/// queued, no worker process ever starts, not at creation and not after a spec change
+/// (an apply that leaves `spec.replicas` out); at `minReplicas: 2` it is created at 2.
+#[tokio::test]
+async fn a_new_pipeline_starts_at_the_scalers_count_and_a_paused_one_starts_no_worker() {
+    let (cluster, smtp, _operator) = with_operator(SmtpOptions::default()).await;
+    assert!(cluster.apply(ADMIN_SECRET).await.status.success());
+    let bounds =
+        |min: u32| format!("    minReplicas: {min}\n    maxReplicas: 3\n    pollInterval: 1s\n");
+    let all = [("held", 1, true), ("idle", 0, false), ("pair", 2, false)];
+    let mut topologies = Vec::new();
+    for (name, min, paused) in all {
+        let names = Names::new(&format!("start{name}"));
+        let mut pipeline = sending_pipeline(name, &names, smtp.port, &bounds(min));
+        if paused {
+            pipeline = pipeline.replacen(
+                &format!("  name: {name}\n"),
+                &format!(
+                    "  name: {name}\n  annotations:\n    mailpipe.dev/paused-replicas: \"0\"\n"
+                ),
+                1,
+            );
+        }
+        assert!(cluster.apply(&pipeline).await.status.success());
+        topologies.push(names);
+    }
+    let deployments: kube::Api<Deployment> = kube::Api::default_namespaced(cluster.client.clone());
+    let generation_and_replicas = |name: &str| {
+        let deployments = deployments.clone();
+        let name = format!("{name}-worker");
+        async move {
+            let d = deployments.get(&name).await.expect("the worker Deployment");
+            (
+                d.metadata.generation.unwrap_or(0),
+                d.spec.and_then(|s| s.replicas),
+            )
+        }
+    };
+    for name in ["held", "idle"] {
+        wait_condition(&cluster, name, "WorkerReady", "True", "ScaledToZero").await;
+    }
+    eventually(Cluster::SETTLE, "pair runs 2 workers", || async {
+        (cluster.runner.pods("default", "pair-worker").len() == 2).then_some(())
+    })
+    .await;
+    // Created at 2: a later /scale write would have been a second generation.
+    assert_eq!(generation_and_replicas("pair").await, (1, Some(2)));
+    // A spec change: the operator applies again without spec.replicas.
+    for name in ["held", "idle"] {
+        cluster
+            .kubectl_ok(&[
+                "patch",
+                "emp",
+                name,
+                "--type",
+                "merge",
+                "-p",
+                r#"{"spec":{"worker":{"concurrency":5}}}"#,
+            ])
+            .await;
+    }
+    for name in ["held", "idle"] {
+        eventually(
+            Cluster::SETTLE,
+            "the changed template is applied",
+            || async { (generation_and_replicas(name).await.0 >= 2).then_some(()) },
+        )
+        .await;
+    }
+    // Longer than the runner takes to start a pod and the scaler to see it.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    for name in ["held", "idle"] {
+        let deployment = format!("{name}-worker");
+        assert_eq!(generation_and_replicas(name).await.1, Some(0), "{name}");
+        assert!(
+            cluster.runner.pods("default", &deployment).is_empty(),
+            "{name}"
+        );
+        let ran: Vec<_> = cluster
+            .runner
+            .finished()
+            .into_iter()
+            .filter(|f| f.deployment == deployment)
+            .collect();
+        assert!(ran.is_empty(), "{name} never started a worker: {ran:?}");
+    }
+    assert!(cluster.check_operator_rbac() > 0);
+    for (name, _, _) in all {
+        cluster.kubectl_ok(&["delete", "emp", name]).await;
+    }
+    for names in &topologies {
+        delete_topology(names).await;
+    }
+}
+
 /// The issue's run: 5,000 jobs into a pipeline with min 0 and max 5 and an SMTP server that
 /// answers slowly. The jobs wait while the pause annotation holds the workers at 0 (the
 /// status still shows the backlog); once it is removed the workers go from 0 to 5 in one
@@ -214,13 +312,13 @@ async fn five_thousand_jobs_scale_up_in_one_step_and_down_without_a_redelivery()
     assert!(cluster.apply(&pipeline).await.status.success());
     wait_condition(&cluster, "burst", "TopologyReady", "True", "Declared").await;
     let replicas = || worker_replicas(&cluster, "burst");
-    // The API server's default of one replica may have started a worker before the pause
-    // took effect: wait until it has gone, so nothing is consumed while paused.
+    // The Deployment is created paused: no worker ever starts to consume while paused.
     eventually(Cluster::SETTLE, "paused at no workers", || async {
-        (replicas().await == Some(0) && amqp::consumers(SHARED_URL, &names.queue).await == 0)
-            .then_some(())
+        (replicas().await == Some(0)).then_some(())
     })
     .await;
+    assert!(cluster.runner.pods("default", "burst-worker").is_empty());
+    assert!(cluster.runner.finished().is_empty(), "no worker started");
     let run = unique("burst");
     amqp::publish_numbered(SHARED_URL, &names.exchange, &run, 0..N).await;
     let waited = Instant::now();

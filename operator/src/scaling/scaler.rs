@@ -154,6 +154,17 @@ fn paused_replicas(pipeline: &EmailPipeline) -> Result<Option<u32>, String> {
     }
 }
 
+/// The count a pipeline's worker Deployment is created with: the pause annotation's when
+/// it holds one, else `minReplicas` (from 0 the scaler starts workers once the backlog
+/// passes the activation mark). Never the API server's default of one, which would start
+/// a worker a paused or scaled-to-zero pipeline does not want, even for a moment.
+pub fn starting_replicas(pipeline: &EmailPipeline, valid: &ValidatedPipeline) -> u32 {
+    paused_replicas(pipeline)
+        .ok()
+        .flatten()
+        .unwrap_or(valid.scaling.min_replicas)
+}
+
 /// The management API's figures are in flight counts for this long after they were read.
 const STATS_FRESH: Duration = Duration::from_secs(15);
 
