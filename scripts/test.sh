@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, from a bare machine: installs and starts the servers the tests need,
-# checks formatting, lints, checks generated artifacts for drift, builds the workspace once
-# and runs every test (unit and end-to-end) in parallel with nextest.
+# checks formatting, lints, checks generated artifacts for drift, builds the workspace once,
+# builds the container images (static binaries, buildah) and runs every test (unit and
+# end-to-end) in parallel with nextest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,6 +29,9 @@ bash scripts/generate.sh --check
 
 step "build"
 cargo build --workspace --bins --locked
+
+step "images (scripts/images.sh)"
+bash scripts/images.sh
 
 step "tests"
 cargo nextest run --workspace --locked --profile ci "$@"

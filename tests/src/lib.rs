@@ -11,6 +11,7 @@
 pub mod amqp;
 pub mod certs;
 pub mod cluster;
+pub mod images;
 pub mod jobs;
 pub mod kafka;
 pub mod pipelines;
