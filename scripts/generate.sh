@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Regenerates committed artifacts from the Rust types: the email job JSON Schema and the
-# EmailPipeline CRD. With --check, fails when a committed artifact differs from what the
-# code generates.
+# Regenerates committed artifacts: from the Rust types, the email job JSON Schema and the
+# EmailPipeline CRD (with its copies in the chart and in deploy/); the chart's copy of the
+# alert rules (deploy/prometheus/alerts.yaml); and from the chart, deploy/operator.yaml
+# (with helm-python-sdk from ~/.cache/mailpipe/helm-venv, which scripts/test-servers.sh
+# installs). With --check, fails when a committed artifact differs from what is generated.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/mailpipe/target}"
@@ -13,9 +15,16 @@ dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
 cargo run -q --locked -p mailpipe-contract --features schema --bin mailpipe-contract-schema > "$dir/job"
 cargo run -q --locked -p mailpipe-operator -- crd > "$dir/crd"
+cp "$dir/crd" "$dir/chart-crd"
+cp deploy/prometheus/alerts.yaml "$dir/chart-alerts"
+"${MAILPIPE_HELM_PYTHON:-$HOME/.cache/mailpipe/helm-venv/bin/python}" scripts/plain-manifests.py \
+  charts/mailpipe "$dir/operator"
 
 stale=0
-for pair in "job:contract/schema/email-job.v1.json" "crd:crds/emailpipelines.mailpipe.dev.yaml"; do
+for pair in "job:contract/schema/email-job.v1.json" "crd:crds/emailpipelines.mailpipe.dev.yaml" \
+  "chart-crd:charts/mailpipe/crds/emailpipelines.mailpipe.dev.yaml" \
+  "chart-alerts:charts/mailpipe/files/alerts.yaml" "crd:deploy/crd/emailpipelines.mailpipe.dev.yaml" \
+  "operator:deploy/operator.yaml"; do
   generated="$dir/${pair%%:*}"
   target="${pair#*:}"
   if [ "$check" = 1 ]; then

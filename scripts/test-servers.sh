@@ -4,7 +4,8 @@
 # (the test SMTP server), Postfix (tests run private instances of it), promtool (Debian's
 # prometheus package; no service is started), openssl, socat (the Kafka TLS test's front), maildev (npm, into $MAILPIPE_TOOLS, outside the clone), and the
 # Kafka-compatible broker Tansu (cargo install into ~/.cargo/bin, once per machine: a cold
-# build takes 15-20 minutes; the Kafka tests start a broker of their own each).
+# build takes 15-20 minutes; the Kafka tests start a broker of their own each), and
+# helm-python-sdk (Helm's engine, for the chart tests) in ~/.cache/mailpipe/helm-venv.
 # Safe to run again: it only acts on what is missing.
 # With `demo` as its argument (scripts/demo.sh), only what the demo needs: no Postfix,
 # promtool or Tansu.
@@ -95,8 +96,18 @@ if [ "$tests" = 1 ] && ! "${MAILPIPE_TANSU_BIN:-$HOME/.cargo/bin/tansu}" --versi
     cargo install tansu --version "$TANSU_VERSION" --locked --features libsql,dynostore --quiet
 fi
 
+# Helm's engine as a library (helm-python-sdk, a 75 MB wheel) in a virtual environment
+# outside the clone: the chart tests render and lint the chart with it.
+HELM_SDK_VERSION=0.2.2
+HELM_VENV="$HOME/.cache/mailpipe/helm-venv"
+if [ "$tests" = 1 ] && ! "$HELM_VENV/bin/python" -c "import helm_python" 2>/dev/null; then
+  log "pip install helm-python-sdk $HELM_SDK_VERSION into $HELM_VENV"
+  python3 -m venv "$HELM_VENV"
+  "$HELM_VENV/bin/pip" install -q "helm-python-sdk==$HELM_SDK_VERSION"
+fi
+
 if [ "$tests" = 1 ]; then
-  log "ready: RabbitMQ 5672 (management 15672), Redis 6379, aiosmtpd, postfix, promtool, maildev ($TOOLS), tansu $TANSU_VERSION"
+  log "ready: RabbitMQ 5672 (management 15672), Redis 6379, aiosmtpd, postfix, promtool, maildev ($TOOLS), tansu $TANSU_VERSION, helm-python-sdk ($HELM_VENV)"
 else
   log "ready: RabbitMQ 5672 (management 15672), Redis 6379, aiosmtpd, maildev ($TOOLS)"
 fi

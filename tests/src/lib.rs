@@ -10,6 +10,7 @@
 
 pub mod amqp;
 pub mod certs;
+pub mod chart;
 pub mod cluster;
 pub mod images;
 pub mod jobs;
