@@ -173,6 +173,7 @@ async fn serve(run: Run) -> anyhow::Result<()> {
         return Ok(());
     }
     tracing::info!(identity = %run.identity, "leading");
+    metrics.leader.set(1);
 
     let service_monitors = client
         .list_api_group_resources("monitoring.coreos.com/v1")

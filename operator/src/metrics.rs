@@ -2,7 +2,7 @@
 //! results and error categories are static, pipelines are what the cluster holds.
 
 use prometheus::{
-    GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+    GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
 
 /// All operator metrics.
@@ -29,8 +29,11 @@ pub struct Metrics {
     pub drain_objective: IntGaugeVec,
     /// Jobs a second one busy replica of a pipeline has been settling.
     pub send_rate_per_replica: GaugeVec,
-    /// Replica count changes made by the scaler, per pipeline and direction.
+    /// Replica count changes made by the scaler, per pipeline, direction and the decision's
+    /// reason (`Target`, `MaxReplicas`, `Idle`, ...: the Scaling condition's reasons).
     pub scale_events: IntCounterVec,
+    /// 1 while this replica leads (holds the Lease), 0 while it stands by.
+    pub leader: IntGauge,
     /// From the start of a scaler pass (every due pipeline's backlog read at once) to one
     /// pipeline's count decided and set.
     pub scale_decision_seconds: HistogramVec,
@@ -137,9 +140,20 @@ impl Metrics {
             ),
             scale_events: counter(
                 "mailpipe_operator_scale_events_total",
-                "Replica count changes made by the scaler.",
-                &["namespace", "pipeline", "direction"],
+                "Replica count changes made by the scaler, by direction and reason.",
+                &["namespace", "pipeline", "direction", "reason"],
             ),
+            leader: {
+                let g = IntGauge::new(
+                    "mailpipe_operator_leader",
+                    "1 while this replica leads (holds the Lease), 0 while it stands by.",
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(g.clone()))
+                    .expect("unique metric");
+                g
+            },
             build_info: gauge(
                 "mailpipe_operator_build_info",
                 "1, labelled with the version.",

@@ -489,6 +489,15 @@ async fn a_second_operator_replica_waits_and_takes_over_when_the_leader_dies() {
         .await;
     assert_eq!(monitor, "http");
 
+    // The leader says so in its metrics; the standby says it stands by.
+    let (leading, standing) = if first == "op-a" { (&a, &b) } else { (&b, &a) };
+    let leader_gauge = "\nmailpipe_operator_leader 1\n";
+    assert!(leading.metrics().await.contains(leader_gauge));
+    assert!(standing
+        .metrics()
+        .await
+        .contains("\nmailpipe_operator_leader 0\n"));
+
     // Kill the leader: the other replica takes the Lease and reconciles what comes next.
     let (leader, standby) = if first == "op-a" {
         (&mut a, "op-b")
@@ -510,6 +519,8 @@ async fn a_second_operator_replica_waits_and_takes_over_when_the_leader_dies() {
         deployments.get_opt("second-worker").await.ok().flatten()
     })
     .await;
+    let new_leader = if standby == "op-a" { &a } else { &b };
+    assert!(new_leader.metrics().await.contains(leader_gauge));
     for n in [&names, &second] {
         delete_topology(n).await;
     }
@@ -1038,7 +1049,7 @@ async fn a_backlog_scales_the_workers_up_in_one_step_and_an_empty_queue_back_to_
     assert!(events.contains("Scaled"), "{events}");
     let metrics = operator.metrics().await;
     for series in [
-        "mailpipe_operator_scale_events_total{direction=\"up\",namespace=\"default\",pipeline=\"scale\"} 1",
+        "mailpipe_operator_scale_events_total{direction=\"up\",namespace=\"default\",pipeline=\"scale\",reason=\"Target\"} 1",
         "mailpipe_operator_replicas{kind=\"desired\",namespace=\"default\",pipeline=\"scale\"} 4",
         "mailpipe_operator_backlog{namespace=\"default\",pipeline=\"scale\"} 35",
         "mailpipe_operator_scale_decision_duration_seconds_count",

@@ -401,7 +401,7 @@ async fn tick(
         };
         ctx.metrics
             .scale_events
-            .with_label_values(&[namespace, name, direction])
+            .with_label_values(&[namespace, name, direction, decision.reason.as_str()])
             .inc();
         let work = observation.work.map_or(0, |w| w.ready + w.in_flight);
         announce(ctx, pipeline, current.desired, &decision, work).await;
