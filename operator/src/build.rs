@@ -580,6 +580,10 @@ pub fn disruption_budget(pipeline: &ValidatedPipeline, inputs: &Inputs) -> PodDi
     }
 }
 
+/// The worker pods' `app.kubernetes.io/instance` (the pipeline's name) as Prometheus's
+/// Kubernetes service discovery names it.
+pub const PIPELINE_POD_LABEL: &str = "__meta_kubernetes_pod_label_app_kubernetes_io_instance";
+
 /// A prometheus-operator ServiceMonitor for the metrics Service (applied when that CRD
 /// exists in the cluster).
 pub fn service_monitor(pipeline: &ValidatedPipeline, inputs: &Inputs) -> serde_json::Value {
@@ -589,7 +593,15 @@ pub fn service_monitor(pipeline: &ValidatedPipeline, inputs: &Inputs) -> serde_j
         "metadata": metadata(pipeline, inputs),
         "spec": {
             "selector": {"matchLabels": selector_labels(pipeline)},
-            "endpoints": [{"port": "http", "path": "/metrics", "interval": "30s"}],
+            // The pod's pipeline label becomes the series' `pipeline` (the alerts and
+            // dashboards group worker series by namespace and pipeline, as the operator's
+            // own series are).
+            "endpoints": [{"port": "http", "path": "/metrics", "interval": "30s",
+                           "relabelings": [{
+                               "action": "replace",
+                               "sourceLabels": [PIPELINE_POD_LABEL],
+                               "targetLabel": "pipeline",
+                           }]}],
         },
     })
 }

@@ -295,7 +295,10 @@ fn the_metrics_service_and_the_disruption_budget_select_the_workers() {
             "apiVersion": "monitoring.coreos.com/v1", "kind": "ServiceMonitor",
             "metadata": {"name": "welcome-worker", "namespace": "mail", "labels": labels(), "ownerReferences": owner()},
             "spec": {"selector": {"matchLabels": selector()},
-                     "endpoints": [{"port": "http", "path": "/metrics", "interval": "30s"}]},
+                     "endpoints": [{"port": "http", "path": "/metrics", "interval": "30s",
+                                    "relabelings": [{"action": "replace",
+                                                     "sourceLabels": ["__meta_kubernetes_pod_label_app_kubernetes_io_instance"],
+                                                     "targetLabel": "pipeline"}]}]},
         })
     );
 }

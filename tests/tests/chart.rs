@@ -308,6 +308,8 @@ fn monitoring_objects_come_only_when_asked_for() {
     let monitor = find(&objects, "ServiceMonitor", "mailpipe", Some(NS));
     assert_eq!(monitor["metadata"]["labels"]["release"], "prom");
     assert_eq!(monitor["spec"]["endpoints"][0]["port"], "http");
+    // The operator's series keep their own namespace and pipeline labels.
+    assert_eq!(monitor["spec"]["endpoints"][0]["honorLabels"], true);
     let rule = find(&objects, "PrometheusRule", "mailpipe", Some(NS));
     let alerts: Value = serde_yaml_ng::from_str(
         &std::fs::read_to_string(repo_root().join("deploy/prometheus/alerts.yaml"))
