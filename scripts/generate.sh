@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Regenerates committed artifacts: from the Rust types, the email job JSON Schema and the
 # EmailPipeline CRD (with its copies in the chart and in deploy/); the chart's copy of the
-# alert rules (deploy/prometheus/alerts.yaml); and from the chart, deploy/operator.yaml
+# alert rules (deploy/prometheus/alerts.yaml); the Grafana dashboards (scripts/dashboards.py)
+# and the chart's copies of them; and from the chart, deploy/operator.yaml
 # (with helm-python-sdk from ~/.cache/mailpipe/helm-venv, which scripts/test-servers.sh
 # installs). With --check, fails when a committed artifact differs from what is generated.
 set -euo pipefail
@@ -19,12 +20,21 @@ cp "$dir/crd" "$dir/chart-crd"
 cp deploy/prometheus/alerts.yaml "$dir/chart-alerts"
 "${MAILPIPE_HELM_PYTHON:-$HOME/.cache/mailpipe/helm-venv/bin/python}" scripts/plain-manifests.py \
   charts/mailpipe "$dir/operator"
+python3 scripts/dashboards.py "$dir/dashboards"
+for board in mailpipe-pipeline mailpipe-operator; do
+  cp "$dir/dashboards/$board.json" "$dir/$board"
+  cp "$dir/dashboards/$board.json" "$dir/chart-$board"
+done
 
 stale=0
 for pair in "job:contract/schema/email-job.v1.json" "crd:crds/emailpipelines.mailpipe.dev.yaml" \
   "chart-crd:charts/mailpipe/crds/emailpipelines.mailpipe.dev.yaml" \
   "chart-alerts:charts/mailpipe/files/alerts.yaml" "crd:deploy/crd/emailpipelines.mailpipe.dev.yaml" \
-  "operator:deploy/operator.yaml"; do
+  "operator:deploy/operator.yaml" \
+  "mailpipe-pipeline:deploy/grafana/mailpipe-pipeline.json" \
+  "mailpipe-operator:deploy/grafana/mailpipe-operator.json" \
+  "chart-mailpipe-pipeline:charts/mailpipe/files/dashboards/mailpipe-pipeline.json" \
+  "chart-mailpipe-operator:charts/mailpipe/files/dashboards/mailpipe-operator.json"; do
   generated="$dir/${pair%%:*}"
   target="${pair#*:}"
   if [ "$check" = 1 ]; then

@@ -27,6 +27,19 @@ pub enum Error {
 }
 
 impl Error {
+    /// Every `category()`: the failure counter starts each at zero, so the first failure
+    /// of a kind is an increase a dashboard or an alert can see.
+    pub const CATEGORIES: [&'static str; 8] = [
+        "KubernetesApi",
+        "MissingReference",
+        "BrokerUnreachable",
+        "BrokerRefused",
+        "TopologyConflict",
+        "TopologyMissing",
+        "Finalizer",
+        "DeletionWaiting",
+    ];
+
     /// A bounded label: metrics, event reasons.
     pub fn category(&self) -> &'static str {
         match self {
@@ -48,5 +61,27 @@ impl Error {
             Error::Finalizer(_) => Duration::from_secs(5),
             Error::Waiting(_) => Duration::from_secs(10),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_category_is_listed() {
+        let text = || "x".to_string();
+        let all = [
+            Error::Kube(kube::Error::LinesCodecMaxLineLengthExceeded),
+            Error::MissingReference(text()),
+            Error::Topology(TopologyError::Unreachable(text())),
+            Error::Topology(TopologyError::Refused(text())),
+            Error::Topology(TopologyError::Conflict(text())),
+            Error::Topology(TopologyError::Missing(text())),
+            Error::Finalizer(text()),
+            Error::Waiting(text()),
+        ];
+        let categories: Vec<&str> = all.iter().map(Error::category).collect();
+        assert_eq!(categories, Error::CATEGORIES);
     }
 }

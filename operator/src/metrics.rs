@@ -165,6 +165,14 @@ impl Metrics {
             .build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        // Each result and failure category at zero from the start: a first failure is then
+        // an increase, which rate() and increase() see.
+        for result in ["ok", "error"] {
+            metrics.reconciles.with_label_values(&[result]);
+        }
+        for category in crate::error::Error::CATEGORIES {
+            metrics.reconcile_failures.with_label_values(&[category]);
+        }
         metrics
     }
 

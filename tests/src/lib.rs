@@ -18,6 +18,7 @@ pub mod kafka;
 pub mod pipelines;
 pub mod postfix;
 pub mod process;
+pub mod prometheus;
 pub mod proxy;
 pub mod quiet;
 pub mod rabbit_node;

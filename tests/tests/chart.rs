@@ -322,6 +322,42 @@ fn monitoring_objects_come_only_when_asked_for() {
     );
 }
 
+/// The Grafana dashboards as ConfigMaps for the sidecar, word for word `deploy/grafana/`.
+#[test]
+fn dashboards_come_as_configmaps_for_the_grafana_sidecar() {
+    let configmaps = |values: Value| -> Vec<Value> {
+        render(values, "mailpipe", NS)
+            .expect("renders")
+            .into_iter()
+            .filter(|o| o["kind"] == "ConfigMap")
+            .collect()
+    };
+    assert!(configmaps(json!({})).is_empty());
+    let rendered = configmaps(
+        json!({"dashboards": {"enabled": true, "namespace": "monitoring",
+                                                    "annotations": {"grafana_folder": "mailpipe"}}}),
+    );
+    assert_eq!(rendered.len(), 2);
+    for board in ["pipeline", "operator"] {
+        let map = find(
+            &rendered,
+            "ConfigMap",
+            &format!("mailpipe-dashboard-{board}"),
+            Some("monitoring"),
+        );
+        assert_eq!(map["metadata"]["labels"]["grafana_dashboard"], "1");
+        assert_eq!(map["metadata"]["annotations"]["grafana_folder"], "mailpipe");
+        let file = format!("mailpipe-{board}.json");
+        let committed = std::fs::read_to_string(repo_root().join("deploy/grafana").join(&file))
+            .expect("dashboard");
+        assert_eq!(
+            map["data"][&file].as_str().map(str::trim_end),
+            Some(committed.trim_end()),
+            "{file}"
+        );
+    }
+}
+
 #[test]
 fn the_values_schema_refuses_bad_values() {
     chart::validate(json!({})).expect("the defaults");
