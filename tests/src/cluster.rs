@@ -194,6 +194,21 @@ impl Cluster {
         requests.len()
     }
 
+    /// Who holds the operator's Lease (`mailpipe-operator` in `default`) now; empty when
+    /// nobody does yet.
+    pub async fn lease_holder(&self) -> String {
+        let out = self
+            .kubectl(&[
+                "get",
+                "lease",
+                "mailpipe-operator",
+                "-o",
+                "jsonpath={.spec.holderIdentity}",
+            ])
+            .await;
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// How long a test waits for the operator and the runner to converge.
     pub const SETTLE: Duration = Duration::from_secs(60);
 }

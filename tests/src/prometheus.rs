@@ -84,6 +84,29 @@ impl Prometheus {
         std::fs::rename(&staging, &file).expect("rename");
     }
 
+    /// Waits until `targets` targets of job `job` have been scraped (`up` is 1).
+    pub async fn wait_scraped(&self, job: &str, targets: usize) {
+        let expr = format!("up{{job=\"{job}\"}} == 1");
+        eventually(
+            Duration::from_secs(30),
+            &format!("{job} scraped"),
+            || async {
+                let start = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .expect("time")
+                    .as_secs_f64()
+                    - 1.0;
+                (self
+                    .query_range(&expr, start, Duration::from_secs(1))
+                    .await
+                    .len()
+                    >= targets)
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+
     /// `expr` evaluated every `step` from `start` (Unix seconds) to now: each series' labels
     /// and values. Panics with Prometheus's message when the query is refused.
     pub async fn query_range(

@@ -145,19 +145,7 @@ async fn every_panel_shows_what_a_run_did_in_a_real_prometheus() {
         )],
     );
     // Scraped before anything happens: a counter's first increase is then seen as one.
-    for _ in 0..60 {
-        let up = prometheus
-            .query_range(
-                "up{job=\"mailpipe-operator\"}",
-                now() - 1.0,
-                Duration::from_secs(1),
-            )
-            .await;
-        if up.iter().any(|(_, values)| values.contains(&1.0)) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    prometheus.wait_scraped("mailpipe-operator", 1).await;
     assert!(cluster.apply(SECRETS).await.status.success());
     let names = Names::new("boards");
     let mut pipeline = manifest("board", &names, smtp.port, "Retain");
@@ -224,6 +212,9 @@ async fn every_panel_shows_what_a_run_did_in_a_real_prometheus() {
             .collect::<BTreeSet<usize>>()
     };
     let phase = |what: &str| println!("{:.1}s: {what}", now() - started);
+
+    publish_targets();
+    prometheus.wait_scraped("mailpipe-worker", 1).await;
 
     // Deferred (451) attempts, retried; then refused (550) jobs, dead-lettered.
     smtp.set_fault(451, "4.7.1 try again later").await;

@@ -204,18 +204,7 @@ async fn the_operator_image_runs_read_only_as_65532_and_leads() {
     eventually(
         Duration::from_secs(30),
         "the operator holds the Lease",
-        || async {
-            let out = cluster
-                .kubectl(&[
-                    "get",
-                    "lease",
-                    "mailpipe-operator",
-                    "-o",
-                    "jsonpath={.spec.holderIdentity}",
-                ])
-                .await;
-            (out.stdout == b"from-the-image").then_some(())
-        },
+        || async { (cluster.lease_holder().await == "from-the-image").then_some(()) },
     )
     .await;
     drop(operator);

@@ -18,20 +18,6 @@ use mailpipe_tests::pipelines::{
 };
 use mailpipe_tests::smtp::{SmtpOptions, SmtpServer};
 
-/// Who holds the operator's Lease now.
-async fn lease_holder(cluster: &Cluster) -> String {
-    let out = cluster
-        .kubectl(&[
-            "get",
-            "lease",
-            "mailpipe-operator",
-            "-o",
-            "jsonpath={.spec.holderIdentity}",
-        ])
-        .await;
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// prometheus-operator's ServiceMonitor CRD, reduced to what the test needs.
 const SERVICE_MONITOR_CRD: &str = "apiVersion: apiextensions.k8s.io/v1
 kind: CustomResourceDefinition
@@ -461,7 +447,7 @@ async fn a_second_operator_replica_waits_and_takes_over_when_the_leader_dies() {
         .await
         .status
         .success());
-    let holder = || lease_holder(&cluster);
+    let holder = || cluster.lease_holder();
     let first = eventually(Cluster::SETTLE, "a leader", || async {
         let h = holder().await;
         (!h.is_empty()).then_some(h)
@@ -819,7 +805,7 @@ async fn a_leader_cut_off_from_the_api_server_stops_before_a_standby_takes_over(
     let cluster = Cluster::start().await;
     let proxy = Proxy::start(cluster.server.addr.port()).await;
     let mut a = cluster.operator_with("op-a", &[], Some(proxy.port));
-    let holder = || lease_holder(&cluster);
+    let holder = || cluster.lease_holder();
     eventually(Cluster::SETTLE, "op-a leading", || async {
         (holder().await == "op-a").then_some(())
     })

@@ -283,6 +283,15 @@ fn normalise(value: &mut Value) {
                     for entry in entries.iter_mut().filter_map(Value::as_object_mut) {
                         entry.remove("time");
                     }
+                    // Entries are ordered by operation, then time, then manager, version and
+                    // subresource. The recordings' writes fall within one second, a replay's
+                    // may straddle two (a loaded machine): without the time, compare them in
+                    // the order the rest of the key gives.
+                    let key = |e: &Value| {
+                        ["operation", "manager", "apiVersion", "subresource"]
+                            .map(|f| e[f].as_str().unwrap_or("").to_string())
+                    };
+                    entries.sort_by_key(key);
                 }
             }
             if let Some(Value::Object(details)) = map.get_mut("details") {
