@@ -6,9 +6,9 @@
 //! `secretKeyRef` (the SMTP user name), never as values. `spec.replicas` is sent only when
 //! the Deployment is created (the count the scaler would hold it at, not the API server's
 //! default of one); after that the scaler owns it through `/scale`, and server-side apply
-//! leaves a field alone that the applier does not send and another manager owns. A hash of the rendered configuration and of the
-//! referenced Secrets and ConfigMaps sits on the pod template, so a change to either rolls
-//! the pods.
+//! leaves a field alone that the applier does not send and another manager owns. A hash of
+//! the rendered configuration and of the referenced Secrets and ConfigMaps sits on the pod
+//! template, so a change to either rolls the pods.
 
 use std::collections::BTreeMap;
 
