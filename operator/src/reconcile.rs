@@ -674,10 +674,16 @@ async fn apply(
     };
     let params = PatchParams::apply(MANAGER).force();
     let children = async {
-        let applied: Deployment =
-            apply_child(ctx, &namespace, &build::worker_deployment(&valid, &inputs)).await?;
+        let mut deployment = build::worker_deployment(&valid, &inputs);
+        let mut applied: Deployment = apply_child(ctx, &namespace, &deployment).await?;
         if let Some(replicas) = starting_replicas {
             hand_replicas_to_scaler(ctx, &namespace, &worker, replicas).await?;
+            // ...and the operator lets go of the count at once: from the creating reconcile
+            // on, only the scaler's manager owns it.
+            if let Some(spec) = deployment.spec.as_mut() {
+                spec.replicas = None;
+            }
+            applied = apply_child(ctx, &namespace, &deployment).await?;
         }
         let _: Service =
             apply_child(ctx, &namespace, &build::metrics_service(&valid, &inputs)).await?;

@@ -86,12 +86,20 @@ async fn an_applied_pipeline_gets_its_topology_workers_and_status_and_delivers_m
     })
     .await;
 
-    // The children exist with the expected spec.
-    let deployments: Api<Deployment> = Api::default_namespaced(cluster.client.clone());
-    let deployment = eventually(Cluster::SETTLE, "the worker Deployment", || async {
-        deployments.get_opt("welcome-worker").await.ok().flatten()
+    // The children exist with the expected spec, once the reconcile that made them is done
+    // (it reports the workers last).
+    eventually(Cluster::SETTLE, "the workers reported", || async {
+        (!condition(&cluster, "welcome", "WorkerReady", "status")
+            .await
+            .is_empty())
+        .then_some(())
     })
     .await;
+    let deployments: Api<Deployment> = Api::default_namespaced(cluster.client.clone());
+    let deployment = deployments
+        .get("welcome-worker")
+        .await
+        .expect("the worker Deployment");
     let template = deployment.spec.as_ref().unwrap().template.clone();
     let env = template.spec.unwrap().containers[0].env.clone().unwrap();
     let value = |name: &str| {
@@ -125,6 +133,16 @@ async fn an_applied_pipeline_gets_its_topology_workers_and_status_and_delivers_m
         !fields.contains("f:replicas"),
         "the operator leaves spec.replicas to the scaler: {fields}"
     );
+    // The scaler's manager owns the count it was created with.
+    let scaler_entry = deployment
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .find(|e| e.manager.as_deref() == Some("mailpipe-operator-scaler"))
+        .expect("the scaler's entry");
+    let fields = serde_json::to_string(&scaler_entry.fields_v1).unwrap();
+    assert!(fields.contains("f:replicas"), "{fields}");
     let services: Api<Service> = Api::default_namespaced(cluster.client.clone());
     let service = services.get("welcome-worker").await.unwrap();
     assert_eq!(service.spec.unwrap().ports.unwrap()[0].port, 9090);
