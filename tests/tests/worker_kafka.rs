@@ -48,15 +48,15 @@ async fn a_thousand_jobs_over_three_partitions_are_sent_exactly_once_and_committ
 
     let worker = WorkerSpec::kafka(&broker.bootstrap(), &topic, &group, smtp.port).spawn();
     worker.wait_ready(Duration::from_secs(30)).await;
-    smtp.wait_for_count(N, Duration::from_secs(120)).await;
-    broker
-        .wait_consumed(
-            &group,
-            &consumed(&topic),
-            &[&worker],
-            Duration::from_secs(60),
-        )
-        .await;
+    wait_delivered_and_committed(
+        &broker,
+        &smtp,
+        (&group, &topic),
+        N,
+        &[&worker],
+        (Duration::from_secs(120), Duration::from_secs(60)),
+    )
+    .await;
 
     assert_eq!(
         smtp.tally(&run, N).await,
@@ -139,15 +139,15 @@ async fn poison_jobs_are_dead_lettered_with_reasons_and_4xx_answers_are_retried_
     assert_eq!(smtp.count().await, 0);
     smtp.clear_fault().await;
 
-    smtp.wait_for_count(N, Duration::from_secs(60)).await;
-    broker
-        .wait_consumed(
-            &group,
-            &consumed(&topic),
-            &[&worker],
-            Duration::from_secs(60),
-        )
-        .await;
+    wait_delivered_and_committed(
+        &broker,
+        &smtp,
+        (&group, &topic),
+        N,
+        &[&worker],
+        (Duration::from_secs(60), Duration::from_secs(60)),
+    )
+    .await;
     assert_eq!(
         smtp.tally(&run, N).await,
         Tally::EXACT,
@@ -182,6 +182,23 @@ async fn poison_jobs_are_dead_lettered_with_reasons_and_4xx_answers_are_retried_
         .map(|(name, p)| broker.high_watermarks(name, *p).iter().sum::<i64>())
         .sum();
     assert_eq!(retry_records as f64, retried);
+}
+
+/// Waits until the SMTP server has `n` messages (within `times.0`) and `group` has committed
+/// every partition of `topic`'s work and retry topics to its end (within `times.1`); on
+/// timeout, fails with the workers' logs.
+async fn wait_delivered_and_committed(
+    broker: &KafkaBroker,
+    smtp: &SmtpServer,
+    (group, topic): (&str, &str),
+    n: usize,
+    workers: &[&Worker],
+    times: (Duration, Duration),
+) {
+    wait_for_mail(smtp, n, times.0, workers).await;
+    broker
+        .wait_consumed(group, &consumed(topic), workers, times.1)
+        .await;
 }
 
 /// Waits until the SMTP server has `n` messages; on timeout, fails with the workers' logs.
@@ -299,21 +316,15 @@ async fn two_workers_split_the_partitions_and_a_sigkill_loses_nothing() {
     let replacement = spec.spawn();
     replacement.wait_ready(Duration::from_secs(30)).await;
 
-    wait_for_mail(
+    wait_delivered_and_committed(
+        &broker,
         &smtp,
+        (&group, &topic),
         N,
-        Duration::from_secs(150),
         &[&survivor, &replacement],
+        (Duration::from_secs(150), Duration::from_secs(120)),
     )
     .await;
-    broker
-        .wait_consumed(
-            &group,
-            &consumed(&topic),
-            &[&survivor, &replacement],
-            Duration::from_secs(120),
-        )
-        .await;
     let tally = smtp.tally(&run, N).await;
     let skipped = survivor
         .metric("mailpipe_jobs_duplicates_skipped_total")
@@ -370,15 +381,15 @@ async fn a_third_worker_joining_and_one_leaving_mid_run_lose_nothing_and_send_no
     leaving.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(leaving.wait_exit(Duration::from_secs(60)).success());
 
-    wait_for_mail(&smtp, N, Duration::from_secs(180), &[&first, &joining]).await;
-    broker
-        .wait_consumed(
-            &group,
-            &consumed(&topic),
-            &[&first, &joining],
-            Duration::from_secs(120),
-        )
-        .await;
+    wait_delivered_and_committed(
+        &broker,
+        &smtp,
+        (&group, &topic),
+        N,
+        &[&first, &joining],
+        (Duration::from_secs(180), Duration::from_secs(120)),
+    )
+    .await;
     // Each revocation waited for its partitions' jobs in flight and committed them before
     // the partitions moved. On Tansu 0.6 a member may still read a partition for a moment
     // after the rebalance gave it to another (the broker completes a rebalance before every
@@ -418,15 +429,15 @@ async fn a_broker_restart_during_a_run_loses_nothing() {
     tokio::time::sleep(Duration::from_secs(10)).await;
     broker.restart().await;
 
-    wait_for_mail(&smtp, N, Duration::from_secs(180), &[&worker]).await;
-    broker
-        .wait_consumed(
-            &group,
-            &consumed(&topic),
-            &[&worker],
-            Duration::from_secs(120),
-        )
-        .await;
+    wait_delivered_and_committed(
+        &broker,
+        &smtp,
+        (&group, &topic),
+        N,
+        &[&worker],
+        (Duration::from_secs(180), Duration::from_secs(120)),
+    )
+    .await;
     let tally = smtp.tally(&run, N).await;
     println!(
         "broker restart: {} jobs repeated (settled while the broker was away, so not committed)",
@@ -480,15 +491,15 @@ async fn a_worker_logs_in_with_scram_and_a_wrong_password_is_refused_without_lea
         )
         .spawn();
     worker.wait_ready(Duration::from_secs(30)).await;
-    wait_for_mail(&smtp, N, Duration::from_secs(60), &[&worker]).await;
-    broker
-        .wait_consumed(
-            &group,
-            &consumed(&topic),
-            &[&worker],
-            Duration::from_secs(60),
-        )
-        .await;
+    wait_delivered_and_committed(
+        &broker,
+        &smtp,
+        (&group, &topic),
+        N,
+        &[&worker],
+        (Duration::from_secs(60), Duration::from_secs(60)),
+    )
+    .await;
     assert_eq!(smtp.tally(&run, N).await, Tally::EXACT);
     assert!(!worker.output().contains("s3cret-pw"));
 }
@@ -520,14 +531,14 @@ async fn a_worker_reaches_the_brokers_over_verified_tls_and_refuses_an_unknown_c
         .args(&["--kafka-ca-file", ca.to_str().expect("UTF-8 path")])
         .spawn();
     worker.wait_ready(Duration::from_secs(30)).await;
-    wait_for_mail(&smtp, N, Duration::from_secs(60), &[&worker]).await;
-    broker
-        .wait_consumed(
-            &group,
-            &consumed(&topic),
-            &[&worker],
-            Duration::from_secs(60),
-        )
-        .await;
+    wait_delivered_and_committed(
+        &broker,
+        &smtp,
+        (&group, &topic),
+        N,
+        &[&worker],
+        (Duration::from_secs(60), Duration::from_secs(60)),
+    )
+    .await;
     assert_eq!(smtp.tally(&run, N).await, Tally::EXACT);
 }
