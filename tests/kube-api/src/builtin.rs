@@ -80,6 +80,12 @@ pub fn zero(kind: &Kind) -> Value {
             "disruptionsAllowed": 0, "currentHealthy": 0, "desiredHealthy": 0, "expectedPods": 0}}),
         ("", "namespaces") => json!({"metadata": meta, "spec": {}, "status": {}}),
         ("coordination.k8s.io", "leases") => json!({"metadata": meta, "spec": {}}),
+        ("rbac.authorization.k8s.io", "clusterroles" | "roles") => {
+            json!({"metadata": meta, "rules": null})
+        }
+        ("rbac.authorization.k8s.io", "clusterrolebindings" | "rolebindings") => {
+            json!({"metadata": meta, "roleRef": {"apiGroup": "", "kind": "", "name": ""}})
+        }
         ("apiextensions.k8s.io", "customresourcedefinitions") => json!({"metadata": meta,
             "spec": {"names": {}, "versions": null}, "status": {"acceptedNames": {}, "storedVersions": null}}),
         _ => json!({"metadata": meta}),
@@ -163,6 +169,16 @@ pub fn validate(
                 }
             }
         }
+        ("rbac.authorization.k8s.io", "clusterroles" | "roles") => {
+            errors.extend(rule_violations(object, kind.plural == "roles"));
+        }
+        ("rbac.authorization.k8s.io", "clusterrolebindings" | "rolebindings") => {
+            errors.extend(binding_violations(
+                object,
+                old,
+                kind.plural == "rolebindings",
+            ));
+        }
         ("events.k8s.io", "events") if old.is_none() => {
             let text = |field: &str| object[field].as_str().unwrap_or("");
             if !object["eventTime"].is_string() {
@@ -206,6 +222,145 @@ pub fn validate(
             }
         }
         _ => {}
+    }
+    errors
+}
+
+type Violations = Vec<(String, &'static str, String)>;
+
+fn required(field: String, why: &str) -> (String, &'static str, String) {
+    let message = if why.is_empty() {
+        "Required value".to_string()
+    } else {
+        format!("Required value: {why}")
+    };
+    (field, "FieldValueRequired", message)
+}
+
+/// A Role's or ClusterRole's rules, as `ValidatePolicyRule` checks them.
+fn rule_violations(object: &Value, namespaced: bool) -> Violations {
+    let mut errors = Vec::new();
+    let empty = |v: &Value| v.as_array().is_none_or(|a| a.is_empty());
+    for (i, rule) in object["rules"].as_array().into_iter().flatten().enumerate() {
+        let at = |field: &str| format!("rules[{i}].{field}");
+        if empty(&rule["verbs"]) {
+            errors.push(required(
+                at("verbs"),
+                "verbs must contain at least one value",
+            ));
+        }
+        if !empty(&rule["nonResourceURLs"]) {
+            if namespaced {
+                errors.push((
+                    at("nonResourceURLs"),
+                    "FieldValueInvalid",
+                    format!(
+                        "Invalid value: {}: namespaced rules cannot apply to non-resource URLs",
+                        go_json(&rule["nonResourceURLs"])
+                    ),
+                ));
+            }
+            if !empty(&rule["apiGroups"]) || !empty(&rule["resources"]) {
+                errors.push((
+                    at("nonResourceURLs"),
+                    "FieldValueInvalid",
+                    format!(
+                        "Invalid value: {}: rules cannot apply to both regular resources and non-resource URLs",
+                        go_json(&rule["nonResourceURLs"])
+                    ),
+                ));
+            }
+            continue;
+        }
+        if empty(&rule["apiGroups"]) {
+            errors.push(required(
+                at("apiGroups"),
+                "resource rules must supply at least one api group",
+            ));
+        }
+        if empty(&rule["resources"]) {
+            errors.push(required(
+                at("resources"),
+                "resource rules must supply at least one resource",
+            ));
+        }
+    }
+    errors
+}
+
+/// A RoleBinding's or ClusterRoleBinding's roleRef and subjects, as `ValidateRoleBinding`
+/// checks them; the roleRef of an existing binding cannot change.
+fn binding_violations(object: &Value, old: Option<&Value>, namespaced: bool) -> Violations {
+    let mut errors = Vec::new();
+    let role_ref = &object["roleRef"];
+    let text = |v: &Value| v.as_str().unwrap_or("").to_string();
+    if text(&role_ref["apiGroup"]) != "rbac.authorization.k8s.io" {
+        errors.push((
+            "roleRef.apiGroup".into(),
+            "FieldValueNotSupported",
+            format!(
+                "Unsupported value: \"{}\": supported values: \"rbac.authorization.k8s.io\"",
+                text(&role_ref["apiGroup"])
+            ),
+        ));
+    }
+    let kinds: &[&str] = if namespaced {
+        &["Role", "ClusterRole"]
+    } else {
+        &["ClusterRole"]
+    };
+    if !kinds.contains(&text(&role_ref["kind"]).as_str()) {
+        let supported: Vec<String> = kinds.iter().map(|k| format!("\"{k}\"")).collect();
+        errors.push((
+            "roleRef.kind".into(),
+            "FieldValueNotSupported",
+            format!(
+                "Unsupported value: \"{}\": supported values: {}",
+                text(&role_ref["kind"]),
+                supported.join(", ")
+            ),
+        ));
+    }
+    if text(&role_ref["name"]).is_empty() {
+        errors.push(required("roleRef.name".into(), ""));
+    }
+    for (i, subject) in object["subjects"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        let at = |field: &str| format!("subjects[{i}].{field}");
+        if text(&subject["name"]).is_empty() {
+            errors.push(required(at("name"), ""));
+        }
+        match text(&subject["kind"]).as_str() {
+            "ServiceAccount" => {
+                if !namespaced && text(&subject["namespace"]).is_empty() {
+                    errors.push(required(at("namespace"), ""));
+                }
+            }
+            "User" | "Group" => {}
+            other => errors.push((
+                at("kind"),
+                "FieldValueNotSupported",
+                format!(
+                    "Unsupported value: \"{other}\": supported values: \"ServiceAccount\", \"User\", \"Group\""
+                ),
+            )),
+        }
+    }
+    if let Some(old) = old {
+        if old["roleRef"] != object["roleRef"] {
+            errors.push((
+                "roleRef".into(),
+                "FieldValueInvalid",
+                format!(
+                    "Invalid value: {}: cannot change roleRef",
+                    go_json(role_ref)
+                ),
+            ));
+        }
     }
     errors
 }

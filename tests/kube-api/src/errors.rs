@@ -29,7 +29,12 @@ fn details(kind: &Kind, name: &str) -> Value {
 }
 
 impl ApiError {
-    fn new(code: u16, reason: &'static str, message: String, details: Option<Value>) -> ApiError {
+    pub(crate) fn new(
+        code: u16,
+        reason: &'static str,
+        message: String,
+        details: Option<Value>,
+    ) -> ApiError {
         ApiError {
             code,
             reason,

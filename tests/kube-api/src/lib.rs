@@ -10,6 +10,7 @@
 //! and `runner`, which plays the Deployment controller and kubelet.
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod builtin;
 pub mod errors;
 pub mod fields;
@@ -105,12 +106,22 @@ pub fn recorded_crd() -> serde_json::Value {
     fixture("006-create-crd.json")["request"]["body"].clone()
 }
 
-/// A kubeconfig for a server at `url`, with no credentials (the server does not ask).
+/// A kubeconfig for a server at `url`, with no credentials: the cluster admin (`auth`).
 pub fn kubeconfig(url: &str) -> String {
+    kubeconfig_with(url, "{}", "default")
+}
+
+/// A kubeconfig for a server at `url` that sends a ServiceAccount `token`, with
+/// `namespace` as its default namespace (what a pod of that namespace gets).
+pub fn token_kubeconfig(url: &str, token: &str, namespace: &str) -> String {
+    kubeconfig_with(url, &format!("{{token: {token}}}"), namespace)
+}
+
+fn kubeconfig_with(url: &str, user: &str, namespace: &str) -> String {
     format!(
         "apiVersion: v1\nkind: Config\nclusters:\n- name: mailpipe-test\n  cluster:\n    server: {url}\n\
-         users:\n- name: mailpipe-test\n  user: {{}}\ncontexts:\n- name: mailpipe-test\n  context:\n    \
-         cluster: mailpipe-test\n    user: mailpipe-test\n    namespace: default\n\
+         users:\n- name: mailpipe-test\n  user: {user}\ncontexts:\n- name: mailpipe-test\n  context:\n    \
+         cluster: mailpipe-test\n    user: mailpipe-test\n    namespace: {namespace}\n\
          current-context: mailpipe-test\n"
     )
 }

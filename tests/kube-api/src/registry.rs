@@ -72,6 +72,12 @@ impl Kind {
         }
     }
 
+    /// Whether this is ServiceAccount, whose `/token` subresource issues tokens
+    /// (TokenRequest).
+    pub fn issues_tokens(&self) -> bool {
+        self.group.is_empty() && self.plural == "serviceaccounts"
+    }
+
     fn verbs(&self) -> Vec<&'static str> {
         if self.custom {
             vec![
@@ -116,6 +122,9 @@ impl Kind {
         let status = json!({"subresource": "status", "responseKind": own(&self.kind), "verbs": ["get", "patch", "update"]});
         let scale = json!({"subresource": "scale", "responseKind": {"group": "autoscaling", "version": "v1", "kind": "Scale"}, "verbs": ["get", "patch", "update"]});
         let mut subresources = Vec::new();
+        if self.issues_tokens() {
+            subresources.push(json!({"subresource": "token", "responseKind": {"group": "authentication.k8s.io", "version": "v1", "kind": "TokenRequest"}, "verbs": ["create"]}));
+        }
         if self.status {
             subresources.push(status);
         }
@@ -160,6 +169,17 @@ impl Kind {
             main["categories"] = json!(self.categories);
         }
         let mut entries = vec![main];
+        if self.issues_tokens() {
+            entries.push(json!({
+                "name": format!("{}/token", self.plural),
+                "singularName": "",
+                "namespaced": true,
+                "group": "authentication.k8s.io",
+                "version": "v1",
+                "kind": "TokenRequest",
+                "verbs": ["create"],
+            }));
+        }
         if self.status {
             entries.push(json!({
                 "name": format!("{}/status", self.plural),
@@ -260,6 +280,16 @@ pub fn builtins() -> Vec<Kind> {
         builtin("", "Secret", "secrets", true, &[], false, false, false),
         builtin(
             "",
+            "ServiceAccount",
+            "serviceaccounts",
+            true,
+            &["sa"],
+            false,
+            false,
+            false,
+        ),
+        builtin(
+            "",
             "Service",
             "services",
             true,
@@ -304,6 +334,46 @@ pub fn builtins() -> Vec<Kind> {
             "events",
             true,
             &["ev"],
+            false,
+            false,
+            false,
+        ),
+        builtin(
+            "rbac.authorization.k8s.io",
+            "ClusterRole",
+            "clusterroles",
+            false,
+            &[],
+            false,
+            false,
+            false,
+        ),
+        builtin(
+            "rbac.authorization.k8s.io",
+            "ClusterRoleBinding",
+            "clusterrolebindings",
+            false,
+            &[],
+            false,
+            false,
+            false,
+        ),
+        builtin(
+            "rbac.authorization.k8s.io",
+            "Role",
+            "roles",
+            true,
+            &[],
+            false,
+            false,
+            false,
+        ),
+        builtin(
+            "rbac.authorization.k8s.io",
+            "RoleBinding",
+            "rolebindings",
+            true,
+            &[],
             false,
             false,
             false,

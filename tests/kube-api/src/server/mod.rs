@@ -3,7 +3,8 @@
 //!
 //! Paths: `/version`, `/healthz|readyz|livez`, discovery (`/api`, `/api/v1`, `/apis`,
 //! `/apis/G`, `/apis/G/V`), and resources under `/api/v1` or `/apis/G/V`:
-//! `[namespaces/NS/]PLURAL[/NAME[/SUBRESOURCE]]`.
+//! `[namespaces/NS/]PLURAL[/NAME[/SUBRESOURCE]]`. Every request is authenticated and
+//! authorized first (`crate::auth`); `serviceaccounts/NAME/token` issues tokens.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -13,6 +14,7 @@ use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 
+use crate::auth::{Attributes, Identity};
 use crate::errors::ApiError;
 use crate::patch;
 use crate::registry::Kind;
@@ -103,12 +105,26 @@ pub async fn handle(
         (&Method::GET, Some("1" | "true")) => "WATCH".to_string(),
         _ => method.to_string(),
     };
-    store.lock().expect("store lock").note_request(
-        format!("{verb} {}", uri.path()),
-        &accept,
-        user_agent,
-    );
+    let identity = {
+        let mut store = store.lock().expect("store lock");
+        store.note_request(format!("{verb} {}", uri.path()), &accept, user_agent);
+        // Authentication, then authorization, before anything is looked up: a refused
+        // request learns nothing of what exists.
+        let authorization = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        let identity = store.authenticate(authorization).and_then(|identity| {
+            store
+                .authorize(&identity, &Attributes::of(&verb, uri.path()))
+                .map(|()| identity)
+        });
+        match identity {
+            Ok(identity) => identity,
+            Err(error) => return error.into_response(),
+        }
+    };
     let request = Request {
+        identity: &identity,
         method: &method,
         path: uri.path(),
         query: &query,
@@ -145,6 +161,7 @@ fn serves_endpoints(path: &str) -> bool {
 
 /// What a handler needs of a request.
 struct Request<'a> {
+    identity: &'a Identity,
     method: &'a Method,
     path: &'a str,
     query: &'a HashMap<String, String>,
@@ -156,6 +173,7 @@ struct Request<'a> {
 
 async fn route(store: &Shared, request: &Request<'_>) -> Result<Response, ApiError> {
     let Request {
+        identity,
         method,
         path,
         query,
@@ -280,6 +298,15 @@ async fn route(store: &Shared, request: &Request<'_>) -> Result<Response, ApiErr
             ))
         }
         (None, None, Method::DELETE) => delete_collection(store, &target, query),
+        (Some(name), Some(sub), Method::POST) if sub == "token" && target.kind.issues_tokens() => {
+            let request = parse_json(body)?;
+            let namespace = target.namespace.clone().unwrap_or_default();
+            let issued = store
+                .lock()
+                .expect("store lock")
+                .request_token(&namespace, name, &request)?;
+            Ok(json_response(201, &issued))
+        }
         (Some(_), _, Method::POST) => Err(ApiError::method_not_allowed()),
         (Some(name), None, Method::GET) => {
             let namespace = target.namespace.clone().unwrap_or_default();
@@ -362,6 +389,11 @@ async fn route(store: &Shared, request: &Request<'_>) -> Result<Response, ApiErr
             let namespace = target.namespace.clone().unwrap_or_default();
             let force = query.get("force").is_some_and(|f| f == "true");
             let mut guard = begin(store, field_validation);
+            // An apply that creates its object is also a `create` of that name.
+            if guard.get(&target.kind, &namespace, name).is_err() {
+                let create = Attributes::of("PATCH", path).as_verb("create", name);
+                guard.authorize(identity, &create)?;
+            }
             let (object, created) = guard.apply(
                 &target.kind,
                 &namespace,

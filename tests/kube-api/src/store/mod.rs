@@ -167,6 +167,8 @@ pub struct Store {
     cluster_ips: u32,
     /// When the namespace controller may finish a terminating namespace.
     namespace_deadlines: BTreeMap<ObjectKey, std::time::Instant>,
+    /// Tokens given out, the RBAC grants used and the refusals (`crate::auth`).
+    pub(crate) auth: crate::auth::Ledger,
 }
 
 fn now() -> String {
@@ -273,6 +275,7 @@ impl Store {
             warnings: Vec::new(),
             cluster_ips: 0,
             namespace_deadlines: BTreeMap::new(),
+            auth: crate::auth::Ledger::default(),
         };
         let namespaces = store.kind("", "v1", "namespaces").expect("built in");
         for name in ["default", "kube-system", "kube-public"] {
