@@ -12,6 +12,50 @@ use mailpipe_kube_api::KubeApiServer;
 use crate::process::Proc;
 use crate::{built_binary, free_port, repo_root, worker};
 
+/// prometheus-operator's ServiceMonitor CRD, reduced to what the test needs.
+pub const SERVICE_MONITOR_CRD: &str = "apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata:
+  name: servicemonitors.monitoring.coreos.com
+spec:
+  group: monitoring.coreos.com
+  names: {kind: ServiceMonitor, listKind: ServiceMonitorList, plural: servicemonitors, singular: servicemonitor}
+  scope: Namespaced
+  versions:
+  - name: v1
+    served: true
+    storage: true
+    schema:
+      openAPIV3Schema:
+        type: object
+        properties:
+          spec:
+            type: object
+            x-kubernetes-preserve-unknown-fields: true
+";
+
+/// prometheus-operator's PrometheusRule CRD, reduced to what the tests need.
+pub const PROMETHEUS_RULE_CRD: &str = "apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata:
+  name: prometheusrules.monitoring.coreos.com
+spec:
+  group: monitoring.coreos.com
+  names: {kind: PrometheusRule, listKind: PrometheusRuleList, plural: prometheusrules, singular: prometheusrule}
+  scope: Namespaced
+  versions:
+  - name: v1
+    served: true
+    storage: true
+    schema:
+      openAPIV3Schema:
+        type: object
+        properties:
+          spec:
+            type: object
+            x-kubernetes-preserve-unknown-fields: true
+";
+
 /// An operator replica: its process and the port of its /metrics.
 pub struct Operator {
     pub proc: Proc,
@@ -55,6 +99,7 @@ impl Cluster {
                 mailpipe_contract::labels::WORKER_SELECTOR,
                 &dir.path().join("pods"),
             )
+            .api_server(&server.url())
             .program(mailpipe_contract::labels::WORKER_NAME, &worker::binary()),
         );
         let cluster = Cluster {

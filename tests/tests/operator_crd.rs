@@ -195,3 +195,77 @@ async fn the_crd_is_accepted_defaults_apply_and_bad_specs_are_refused_clearly() 
         .await
         .unwrap();
 }
+
+/// What of `written` the server kept in `stored` (defaults it added left out).
+fn kept(written: &Value, stored: &Value) -> Value {
+    match (written, stored) {
+        (Value::Object(w), Value::Object(s)) => Value::Object(
+            w.iter()
+                .filter_map(|(k, v)| s.get(k).map(|sv| (k.clone(), kept(v, sv))))
+                .collect(),
+        ),
+        (Value::Array(w), Value::Array(s)) if w.len() == s.len() => {
+            Value::Array(w.iter().zip(s).map(|(a, b)| kept(a, b)).collect())
+        }
+        (_, s) => s.clone(),
+    }
+}
+
+#[tokio::test]
+async fn every_example_pipeline_is_accepted_and_valid() {
+    let server = KubeApiServer::start().await.unwrap();
+    let crds: Api<
+        k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+    > = Api::all(server.client());
+    crds.create(&PostParams::default(), &mailpipe_operator::crd())
+        .await
+        .unwrap();
+    let api: Api<DynamicObject> = Api::default_namespaced_with(
+        server.client(),
+        &ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("mailpipe.dev", "v1alpha1", "EmailPipeline"),
+            "emailpipelines",
+        ),
+    );
+    let examples = mailpipe_tests::repo_root().join("deploy/examples");
+    let mut seen = Vec::new();
+    for entry in std::fs::read_dir(&examples).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "yaml") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        let object: DynamicObject = serde_yaml_ng::from_str(&text).unwrap();
+        let name = object.metadata.name.clone().unwrap();
+        // Admitted by the schema and the CEL rules, nothing pruned.
+        let created = api
+            .create(&PostParams::default(), &object)
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let written = serde_json::to_value(&object).unwrap()["spec"].clone();
+        let stored = serde_json::to_value(&created).unwrap()["spec"].clone();
+        assert_eq!(
+            kept(&written, &stored),
+            written,
+            "{}: fields dropped",
+            path.display()
+        );
+        // And what the operator makes of it: no invalid spec.
+        let pipeline: EmailPipeline =
+            serde_json::from_value(serde_json::to_value(&created).unwrap())
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        mailpipe_operator::validate::validate(&name, "default", &pipeline.spec)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        seen.push(path.file_name().unwrap().to_string_lossy().into_owned());
+    }
+    seen.sort();
+    assert_eq!(
+        seen,
+        [
+            "emailpipeline.yaml",
+            "kafka-emailpipeline.yaml",
+            "scaled-emailpipeline.yaml",
+            "transactional-emailpipeline.yaml"
+        ]
+    );
+}

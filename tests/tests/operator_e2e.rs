@@ -18,28 +18,6 @@ use mailpipe_tests::pipelines::{
 };
 use mailpipe_tests::smtp::{SmtpOptions, SmtpServer};
 
-/// prometheus-operator's ServiceMonitor CRD, reduced to what the test needs.
-const SERVICE_MONITOR_CRD: &str = "apiVersion: apiextensions.k8s.io/v1
-kind: CustomResourceDefinition
-metadata:
-  name: servicemonitors.monitoring.coreos.com
-spec:
-  group: monitoring.coreos.com
-  names: {kind: ServiceMonitor, listKind: ServiceMonitorList, plural: servicemonitors, singular: servicemonitor}
-  scope: Namespaced
-  versions:
-  - name: v1
-    served: true
-    storage: true
-    schema:
-      openAPIV3Schema:
-        type: object
-        properties:
-          spec:
-            type: object
-            x-kubernetes-preserve-unknown-fields: true
-";
-
 /// Waits until the pipeline `name` and its work queue `queue` are gone.
 async fn gone(cluster: &Cluster, name: &str, queue: &str, timeout: Duration) {
     eventually(
@@ -457,7 +435,11 @@ async fn a_second_operator_replica_waits_and_takes_over_when_the_leader_dies() {
     let cluster = Cluster::start().await;
     let smtp = SmtpServer::start(SmtpOptions::default()).await;
     // With prometheus-operator's ServiceMonitor served, pipelines get one.
-    assert!(cluster.apply(SERVICE_MONITOR_CRD).await.status.success());
+    assert!(cluster
+        .apply(mailpipe_tests::cluster::SERVICE_MONITOR_CRD)
+        .await
+        .status
+        .success());
     let mut a = cluster.operator("op-a");
     let mut b = cluster.operator("op-b");
     assert!(cluster

@@ -35,6 +35,9 @@ fn deployment(names: &Names) -> Deployment {
             "template": {
                 "metadata": {"labels": template_labels},
                 "spec": {
+                    // Workers never call the API: no ServiceAccount token, as the operator
+                    // writes them.
+                    "automountServiceAccountToken": false,
                     "terminationGracePeriodSeconds": 20,
                     "containers": [{
                         "name": "worker",

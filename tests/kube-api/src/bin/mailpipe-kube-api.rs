@@ -53,7 +53,8 @@ async fn main() -> anyhow::Result<()> {
     let runner = if args.run.is_empty() {
         None
     } else {
-        let mut config = RunnerConfig::new(&args.selector, &std::path::absolute(&args.pods)?);
+        let mut config = RunnerConfig::new(&args.selector, &std::path::absolute(&args.pods)?)
+            .api_server(&server.url());
         for (image, program) in &args.run {
             config = config.program(image, &std::path::absolute(program)?);
         }

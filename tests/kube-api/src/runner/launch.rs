@@ -9,8 +9,11 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
-use k8s_openapi::api::core::v1::{ConfigMap, Container, EnvVar, PodSpec, PodTemplateSpec, Secret};
-use kube::api::Api;
+use k8s_openapi::api::authentication::v1::TokenRequest;
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Container, EnvVar, PodSpec, PodTemplateSpec, Secret, ServiceAccount,
+};
+use kube::api::{Api, PostParams};
 use tokio::process::{Child, Command};
 
 use super::pod::{Key, Pod, State};
@@ -55,6 +58,9 @@ impl Kubelet {
         for value in env.values_mut() {
             *value = remap(value, &mounts);
         }
+        if let Some(kubeconfig) = self.credentials(&key.0, &spec, &pod.dir).await? {
+            env.insert("KUBECONFIG".to_string(), kubeconfig.display().to_string());
+        }
         env.insert(
             self.config.port_env.clone(),
             format!("127.0.0.1:{}", pod.port),
@@ -87,6 +93,58 @@ impl Kubelet {
         command
             .spawn()
             .with_context(|| format!("starting {}", program.display()))
+    }
+
+    /// The pod's API credentials, as the kubelet projects its ServiceAccount's token: a
+    /// token from the TokenRequest API for `serviceAccountName` (`default` when it names
+    /// none), unless the pod or its ServiceAccount sets `automountServiceAccountToken:
+    /// false`. They are handed over as a kubeconfig in the pod's directory (for
+    /// `KUBECONFIG`), not as the in-cluster files under /var/run/secrets, which a process
+    /// here cannot be given. A missing ServiceAccount keeps the pod waiting, as the real
+    /// API server refuses its pods.
+    async fn credentials(
+        &self,
+        namespace: &str,
+        spec: &PodSpec,
+        dir: &Path,
+    ) -> anyhow::Result<Option<PathBuf>> {
+        if spec.automount_service_account_token == Some(false) {
+            return Ok(None);
+        }
+        let name = spec
+            .service_account_name
+            .clone()
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| "default".to_string());
+        let accounts: Api<ServiceAccount> = Api::namespaced(self.client.clone(), namespace);
+        let account = accounts.get_opt(&name).await?.ok_or_else(|| {
+            anyhow!(
+                "error looking up service account {namespace}/{name}: serviceaccount \"{name}\" not found"
+            )
+        })?;
+        if spec.automount_service_account_token.is_none()
+            && account.automount_service_account_token == Some(false)
+        {
+            return Ok(None);
+        }
+        let server = self.config.api_server.as_deref().ok_or_else(|| {
+            anyhow!("the pod needs API credentials and the runner knows no API server address")
+        })?;
+        let request: TokenRequest = serde_json::from_value(serde_json::json!({
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "spec": {"audiences": [], "expirationSeconds": 3600},
+        }))?;
+        let issued = accounts
+            .create_token_request(&name, &PostParams::default(), &request)
+            .await?;
+        let token = issued
+            .status
+            .and_then(|s| s.token)
+            .ok_or_else(|| anyhow!("the TokenRequest for {namespace}/{name} gave no token"))?;
+        let path = dir.join("kubeconfig");
+        std::fs::write(&path, crate::token_kubeconfig(server, &token, namespace))?;
+        Ok(Some(path))
     }
 
     /// Writes the container's Secret, ConfigMap and emptyDir mounts under the pod's

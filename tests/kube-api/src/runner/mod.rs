@@ -11,6 +11,8 @@
 //! - Secret, ConfigMap and emptyDir volumes are written under the pod's directory, and every
 //!   argument or variable that names a path under a mount (alone, or after `=`) is rewritten
 //!   to that place;
+//! - a pod that mounts its ServiceAccount token (the default) gets one from the TokenRequest
+//!   API, as a kubeconfig named by `KUBECONFIG` instead of the in-cluster files;
 //! - each replica gets its own loopback HTTP port through `RunnerConfig::port_env`, and is
 //!   ready when the container's readiness probe path answers 2xx there (running, without one);
 //! - a changed template replaces the pods (RollingUpdate within maxSurge/maxUnavailable, or
@@ -60,6 +62,9 @@ pub struct RunnerConfig {
     pub port_env: String,
     /// How often pods are checked: exits, probes, replicas, status.
     pub period: Duration,
+    /// The API server address written into pods' credentials (`None`: pods that need
+    /// credentials wait).
+    pub api_server: Option<String>,
 }
 
 impl RunnerConfig {
@@ -71,7 +76,14 @@ impl RunnerConfig {
             root: root.to_path_buf(),
             port_env: "MAILPIPE_HTTP_ADDR".to_string(),
             period: Duration::from_millis(200),
+            api_server: None,
         }
+    }
+
+    /// Gives pods credentials for the API server at `url` (their ServiceAccount's token).
+    pub fn api_server(mut self, url: &str) -> RunnerConfig {
+        self.api_server = Some(url.to_string());
+        self
     }
 
     /// Runs `program` for containers of image `image`.
