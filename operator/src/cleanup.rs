@@ -10,7 +10,11 @@
 //! A namespace being deleted is the one case where no worker can ever drain what is left
 //! (its Deployment is gone and nothing may be created there): the topology is then kept on
 //! the broker with its jobs, as `Retain` would, a Warning says which queue holds how many,
-//! and the pipeline lets go so the namespace deletion completes.
+//! and the pipeline lets go so the namespace deletion completes. The namespace controller
+//! deletes the Roles in it too: when the operator watches a list of namespaces, a refused
+//! read of the pipeline's Secrets or write of its workers' count there is then taken as
+//! gone (the kept copy serves; the Deployment is being deleted), and the pipeline's own
+//! writes rest on cluster-wide rules (the chart's RBAC).
 
 use std::time::Duration;
 
@@ -22,7 +26,7 @@ use kube::{Api, ResourceExt};
 
 use crate::build;
 use crate::crd::{DeletionPolicy, EmailPipeline};
-use crate::dereference::broker_connection;
+use crate::dereference::{broker_connection, Referenced};
 use crate::error::Error;
 use crate::reconcile::{fail_from, publish, topology_of, Context, RELEASE_ANNOTATION};
 use crate::scaling::actuator::{Actuator, ActuatorError, DeploymentScale, Workload};
@@ -110,8 +114,14 @@ pub async fn cleanup(
         Ok(valid) => valid,
         Err(invalid) => return waiting("InvalidSpec", invalid.to_string(), stopped_at).await,
     };
-    // The pipeline's own Secrets while they exist, else the kept copy.
-    let mut referenced = broker_connection(&ctx.client, &namespace, &pipeline.spec).await?;
+    // The pipeline's own Secrets while they exist (and may be read), else the kept copy.
+    let mut referenced = match broker_connection(&ctx.client, &namespace, &pipeline.spec).await {
+        Err(e) if refused_while_terminating(ctx, &e, &namespace).await => {
+            tracing::info!(pipeline = %name, "the pipeline's Secrets may no longer be read in namespace {namespace}, which is being deleted; using the kept copy");
+            Referenced::default()
+        }
+        other => other?,
+    };
     // A Kafka pipeline may need no Secret at all (no TLS CA, no SASL); one that needs them
     // and lost them recalls the kept copy too.
     let kafka = pipeline.spec.source.kafka.as_ref();
@@ -259,8 +269,24 @@ async fn scale_workers(
         namespace: namespace.to_string(),
         name: name.to_string(),
     };
-    DeploymentScale::new(ctx.client.clone())
+    match DeploymentScale::new(ctx.client.clone())
         .scale(&workload, replicas)
         .await
-        .map_err(|ActuatorError::Kube(e)| Error::Kube(e))
+    {
+        Err(ActuatorError::Kube(e)) if refused_while_terminating(ctx, &e, namespace).await => {
+            // The namespace controller deletes the Deployment: its pods stop with their
+            // grace period, which the protocol waits out before removing anything.
+            tracing::info!(%namespace, deployment = %name, "the workers' count may no longer be set in a namespace being deleted; its Deployment goes with it");
+            Ok(())
+        }
+        Err(ActuatorError::Kube(e)) => Err(Error::Kube(e)),
+        Ok(()) => Ok(()),
+    }
+}
+
+/// Whether `error` is a refusal (403) in `namespace` while it is being deleted: the Roles
+/// that let the operator in were deleted with the rest of it.
+async fn refused_while_terminating(ctx: &Context, error: &kube::Error, namespace: &str) -> bool {
+    let forbidden = matches!(error, kube::Error::Api(status) if status.code == 403);
+    forbidden && namespace_terminating(ctx, namespace).await
 }

@@ -12,6 +12,7 @@ use crate::crd::{EmailPipelineSpec, SecretKeyRef};
 use crate::error::Error;
 
 /// What the referenced objects hold, as far as the operator needs it.
+#[derive(Default)]
 pub struct Referenced {
     /// The AMQP URL (RabbitMQ sources). Secret: never logged.
     pub amqp_url: Option<String>,

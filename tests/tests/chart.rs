@@ -182,7 +182,7 @@ fn the_default_rbac_is_deploy_rbac_yaml() {
 /// With `watchNamespaces`, each watched namespace gets the cluster-wide rules as a Role,
 /// and the ClusterRole keeps only the namespace reads.
 #[test]
-fn watched_namespaces_get_roles_and_only_namespace_reads_stay_cluster_wide() {
+fn watched_namespaces_get_roles_and_only_pipeline_writes_and_namespace_reads_stay_cluster_wide() {
     let objects = render(
         json!({"watchNamespaces": ["mail", "billing"]}),
         "mailpipe-operator",
@@ -196,12 +196,15 @@ fn watched_namespaces_get_roles_and_only_namespace_reads_stay_cluster_wide() {
         "mailpipe-operator",
         None,
     )));
+    // Cluster-wide: a namespace's deletion state, and the pipelines' writes (the finalizer,
+    // the status), which a namespace being deleted must not lose with its Roles.
     let namespaces: BTreeSet<_> = everywhere
         .iter()
-        .filter(|g| g.1 == "namespaces")
+        .filter(|g| g.1 == "namespaces" || (g.1.starts_with("emailpipelines") && g.2 == "patch"))
         .cloned()
         .collect();
     let per_namespace: BTreeSet<_> = everywhere.difference(&namespaces).cloned().collect();
+    assert_eq!(namespaces.len(), 3, "{namespaces:?}");
     assert_eq!(
         grants(&rules(find(
             &objects,

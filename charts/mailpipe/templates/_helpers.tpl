@@ -41,14 +41,9 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- include "mailpipe.fullname" . -}}
 {{- end -}}
 
-{{/* The rules in each watched namespace (cluster-wide when it watches all). */}}
+{{/* The rules in each watched namespace (cluster-wide when it watches all), but for the
+pipelines' own: see mailpipe.pipelineRules. */}}
 {{- define "mailpipe.watchedRules" }}
-  - apiGroups: ["mailpipe.dev"]
-    resources: ["emailpipelines"]
-    verbs: ["list", "watch", "patch"]
-  - apiGroups: ["mailpipe.dev"]
-    resources: ["emailpipelines/status"]
-    verbs: ["patch"]
   - apiGroups: ["apps"]
     resources: ["deployments"]
     verbs: ["list", "watch", "create", "patch"]
@@ -73,4 +68,20 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
   - apiGroups: ["events.k8s.io"]
     resources: ["events"]
     verbs: ["create", "patch"]
+{{- end }}
+
+{{/* The pipelines' own rules: reading them (`list`, `watch`) and writing them (`patch` of
+the finalizer, `patch` of the status). With watched namespaces the writes stay cluster-wide:
+deleting a namespace deletes the Roles in it together with the pipelines, and finishing a
+pipeline's deletion (its status while it waits for its queues, then the finalizer) must not
+depend on a Role that is already gone. */}}
+{{- define "mailpipe.pipelineRules" }}
+  - apiGroups: ["mailpipe.dev"]
+    resources: ["emailpipelines"]
+    verbs: [{{ if .reads }}"list", "watch"{{ end }}{{ if and .reads .writes }}, {{ end }}{{ if .writes }}"patch"{{ end }}]
+{{- if .writes }}
+  - apiGroups: ["mailpipe.dev"]
+    resources: ["emailpipelines/status"]
+    verbs: ["patch"]
+{{- end }}
 {{- end }}
