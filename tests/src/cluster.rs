@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::Duration;
 
+use k8s_openapi::api::authentication::v1::TokenRequest;
+use k8s_openapi::api::core::v1::ServiceAccount;
 use mailpipe_kube_api::runner::{Runner, RunnerConfig};
 use mailpipe_kube_api::KubeApiServer;
 
@@ -80,9 +82,16 @@ pub struct Cluster {
     pub server: KubeApiServer,
     pub client: kube::Client,
     pub runner: Runner,
+    /// The admin's kubeconfig (kubectl in tests).
     pub kubeconfig: PathBuf,
+    /// The operator ServiceAccount's token, which operator replicas authenticate with.
+    operator_token: String,
     dir: tempfile::TempDir,
 }
+
+/// The operator's ServiceAccount: `deploy/rbac.yaml`'s, in `default` instead of
+/// mailpipe-system.
+pub const OPERATOR_USER: &str = "system:serviceaccount:default:mailpipe-operator";
 
 impl Cluster {
     /// Starts the server, applies `crds/` with kubectl and starts the runner.
@@ -102,11 +111,12 @@ impl Cluster {
             .api_server(&server.url())
             .program(mailpipe_contract::labels::WORKER_NAME, &worker::binary()),
         );
-        let cluster = Cluster {
+        let mut cluster = Cluster {
             client: server.client(),
             server,
             runner,
             kubeconfig,
+            operator_token: String::new(),
             dir,
         };
         let crd = repo_root().join("crds/emailpipelines.mailpipe.dev.yaml");
@@ -123,6 +133,28 @@ impl Cluster {
             !stderr.contains("Warning"),
             "installing the CRD printed warnings: {stderr}"
         );
+        // The operator's ServiceAccount and RBAC as shipped: operator replicas run as it, so
+        // the server refuses whatever deploy/rbac.yaml does not grant.
+        let rbac = std::fs::read_to_string(repo_root().join("deploy/rbac.yaml"))
+            .expect("deploy/rbac.yaml")
+            .replace("mailpipe-system", "default");
+        let applied = cluster.apply(&rbac).await;
+        assert!(applied.status.success(), "deploy/rbac.yaml: {applied:?}");
+        let accounts: kube::Api<ServiceAccount> =
+            kube::Api::default_namespaced(cluster.client.clone());
+        let request: TokenRequest = serde_json::from_value(serde_json::json!({
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "spec": {"audiences": [], "expirationSeconds": 36000},
+        }))
+        .expect("a TokenRequest");
+        cluster.operator_token = accounts
+            .create_token_request("mailpipe-operator", &Default::default(), &request)
+            .await
+            .expect("a token for the operator")
+            .status
+            .and_then(|s| s.token)
+            .expect("the token");
         cluster
     }
 
@@ -186,18 +218,16 @@ impl Cluster {
     /// through that port (a fault proxy in front of it).
     pub fn operator_with(&self, identity: &str, args: &[&str], api_port: Option<u16>) -> Operator {
         let port = free_port();
-        let kubeconfig = match api_port {
-            None => self.kubeconfig.clone(),
-            Some(api_port) => {
-                let path = self.dir.path().join(format!("kubeconfig-{identity}"));
-                std::fs::write(
-                    &path,
-                    mailpipe_kube_api::kubeconfig(&format!("http://127.0.0.1:{api_port}")),
-                )
-                .expect("kubeconfig");
-                path
-            }
+        let url = match api_port {
+            None => self.server.url(),
+            Some(api_port) => format!("http://127.0.0.1:{api_port}"),
         };
+        let kubeconfig = self.dir.path().join(format!("kubeconfig-{identity}"));
+        std::fs::write(
+            &kubeconfig,
+            mailpipe_kube_api::token_kubeconfig(&url, &self.operator_token, "default"),
+        )
+        .expect("kubeconfig");
         let mut command = Command::new(built_binary("mailpipe-operator", "MAILPIPE_OPERATOR_BIN"));
         command
             .env_clear()
@@ -219,24 +249,18 @@ impl Cluster {
         Operator { proc, port }
     }
 
-    /// Fails the test when `deploy/rbac.yaml` does not allow a request the operator made
-    /// (its User-Agent is `mailpipe-operator/...`; its own namespace is `default` here).
-    /// Returns how many requests were checked.
+    /// Fails the test when the server refused a request of the operator (its replicas run
+    /// as its ServiceAccount, with `deploy/rbac.yaml`'s rules); returns how many of those
+    /// rules' permissions it used.
     pub fn check_operator_rbac(&self) -> usize {
-        let requests = self
-            .server
-            .store()
-            .lock()
-            .expect("store lock")
-            .requests_from("mailpipe-operator/");
-        let rbac = crate::rbac::Rbac::load(&repo_root().join("deploy/rbac.yaml"));
-        let refused = rbac.refused(&requests, "default");
+        let store = self.server.store().lock().expect("store lock");
+        let refused = store.refusals(OPERATOR_USER);
         assert!(
             refused.is_empty(),
             "deploy/rbac.yaml does not allow what the operator asked:\n{}",
             refused.join("\n")
         );
-        requests.len()
+        store.grants_used(OPERATOR_USER).len()
     }
 
     /// Who holds the operator's Lease (`mailpipe-operator` in `default`) now; empty when

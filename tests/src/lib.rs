@@ -22,7 +22,6 @@ pub mod prometheus;
 pub mod proxy;
 pub mod quiet;
 pub mod rabbit_node;
-pub mod rbac;
 pub mod redis_server;
 pub mod smtp;
 pub mod worker;
