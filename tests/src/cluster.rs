@@ -14,14 +14,17 @@ use mailpipe_kube_api::KubeApiServer;
 use crate::process::Proc;
 use crate::{built_binary, free_port, repo_root, worker};
 
-/// prometheus-operator's ServiceMonitor CRD, reduced to what the test needs.
-pub const SERVICE_MONITOR_CRD: &str = "apiVersion: apiextensions.k8s.io/v1
+/// A prometheus-operator CRD (group monitoring.coreos.com, v1) reduced to what the tests
+/// need: its names, and a spec of any shape.
+pub fn monitoring_crd(kind: &str, plural: &str) -> String {
+    format!(
+        "apiVersion: apiextensions.k8s.io/v1
 kind: CustomResourceDefinition
 metadata:
-  name: servicemonitors.monitoring.coreos.com
+  name: {plural}.monitoring.coreos.com
 spec:
   group: monitoring.coreos.com
-  names: {kind: ServiceMonitor, listKind: ServiceMonitorList, plural: servicemonitors, singular: servicemonitor}
+  names: {{kind: {kind}, listKind: {kind}List, plural: {plural}, singular: {singular}}}
   scope: Namespaced
   versions:
   - name: v1
@@ -34,29 +37,10 @@ spec:
           spec:
             type: object
             x-kubernetes-preserve-unknown-fields: true
-";
-
-/// prometheus-operator's PrometheusRule CRD, reduced to what the tests need.
-pub const PROMETHEUS_RULE_CRD: &str = "apiVersion: apiextensions.k8s.io/v1
-kind: CustomResourceDefinition
-metadata:
-  name: prometheusrules.monitoring.coreos.com
-spec:
-  group: monitoring.coreos.com
-  names: {kind: PrometheusRule, listKind: PrometheusRuleList, plural: prometheusrules, singular: prometheusrule}
-  scope: Namespaced
-  versions:
-  - name: v1
-    served: true
-    storage: true
-    schema:
-      openAPIV3Schema:
-        type: object
-        properties:
-          spec:
-            type: object
-            x-kubernetes-preserve-unknown-fields: true
-";
+",
+        singular = kind.to_ascii_lowercase()
+    )
+}
 
 /// An operator replica: its process and the port of its /metrics.
 pub struct Operator {

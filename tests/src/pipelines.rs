@@ -13,30 +13,38 @@ use crate::{eventually, repo_root};
 pub fn manifest(name: &str, names: &Names, smtp_port: u16, policy: &str) -> String {
     let example = std::fs::read_to_string(repo_root().join("deploy/examples/emailpipeline.yaml"))
         .expect("the example pipeline");
+    edited(
+        example,
+        [
+            ("name: welcome", format!("name: {name}")),
+            (
+                "exchange: smtp_send_email_exc",
+                format!("exchange: {}", names.exchange),
+            ),
+            ("queue: smtp_send_email", format!("queue: {}", names.queue)),
+            ("host: smtp.example.com", "host: 127.0.0.1".to_string()),
+            ("port: 587", format!("port: {smtp_port}")),
+            ("tls: starttls", "tls: none".to_string()),
+            ("initial: 5s", "initial: 200ms".to_string()),
+            ("max: 5m", "max: 2s".to_string()),
+            // A Delete deletion waits out the workers' grace period after the last job: keep it
+            // at the shortest the schema allows.
+            (
+                "  scaling:\n",
+                "  worker:\n    terminationGracePeriodSeconds: 10\n  scaling:\n".to_string(),
+            ),
+            (
+                "deletionPolicy: Retain",
+                format!("deletionPolicy: {policy}"),
+            ),
+        ],
+    )
+}
+
+/// `example` with each `(from, to)` edit made once, in order; each `from` must be there.
+pub fn edited<const N: usize>(example: String, edits: [(&str, String); N]) -> String {
     let mut text = example;
-    for (from, to) in [
-        ("name: welcome", format!("name: {name}")),
-        (
-            "exchange: smtp_send_email_exc",
-            format!("exchange: {}", names.exchange),
-        ),
-        ("queue: smtp_send_email", format!("queue: {}", names.queue)),
-        ("host: smtp.example.com", "host: 127.0.0.1".to_string()),
-        ("port: 587", format!("port: {smtp_port}")),
-        ("tls: starttls", "tls: none".to_string()),
-        ("initial: 5s", "initial: 200ms".to_string()),
-        ("max: 5m", "max: 2s".to_string()),
-        // A Delete deletion waits out the workers' grace period after the last job: keep it
-        // at the shortest the schema allows.
-        (
-            "  scaling:\n",
-            "  worker:\n    terminationGracePeriodSeconds: 10\n  scaling:\n".to_string(),
-        ),
-        (
-            "deletionPolicy: Retain",
-            format!("deletionPolicy: {policy}"),
-        ),
-    ] {
+    for (from, to) in edits {
         assert!(text.contains(from), "the example has {from:?}");
         text = text.replacen(from, &to, 1);
     }

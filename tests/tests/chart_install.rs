@@ -22,7 +22,7 @@ use mailpipe_kube_api::runner::{Runner, RunnerConfig};
 use mailpipe_tests::amqp::{self, Names, SHARED_URL};
 use mailpipe_tests::certs;
 use mailpipe_tests::chart::render;
-use mailpipe_tests::cluster::{Cluster, PROMETHEUS_RULE_CRD, SERVICE_MONITOR_CRD};
+use mailpipe_tests::cluster::{monitoring_crd, Cluster};
 use mailpipe_tests::pipelines::delete_topology;
 use mailpipe_tests::smtp::{SmtpOptions, SmtpServer, SmtpTls};
 use mailpipe_tests::{built_binary, eventually, redis_server, repo_root, unique};
@@ -101,35 +101,34 @@ fn pipeline(name: &str, names: &Names, smtp_port: u16) -> String {
         repo_root().join("deploy/examples/transactional-emailpipeline.yaml"),
     )
     .expect("the example");
-    let mut text = example;
-    for (from, to) in [
-        ("  name: transactional\n", format!("  name: {name}\n")),
-        (
-            "exchange: transactional_exc",
-            format!("exchange: {}", names.exchange),
-        ),
-        (
-            "queue: transactional\n",
-            format!("queue: {}\n", names.queue),
-        ),
-        ("host: smtp.example.com", "host: 127.0.0.1".to_string()),
-        ("port: 587", format!("port: {smtp_port}")),
-        (
-            "tls: starttls\n",
-            "tls: starttls\n    caSecret:\n      name: smtp-ca\n      key: ca.crt\n".to_string(),
-        ),
-        ("initial: 5s", "initial: 200ms".to_string()),
-        ("max: 10m", "max: 2s".to_string()),
-        // A Delete deletion waits out the workers' grace period: the shortest allowed.
-        (
-            "  worker:\n",
-            "  worker:\n    terminationGracePeriodSeconds: 10\n".to_string(),
-        ),
-    ] {
-        assert!(text.contains(from), "the example has {from:?}");
-        text = text.replacen(from, &to, 1);
-    }
-    text
+    mailpipe_tests::pipelines::edited(
+        example,
+        [
+            ("  name: transactional\n", format!("  name: {name}\n")),
+            (
+                "exchange: transactional_exc",
+                format!("exchange: {}", names.exchange),
+            ),
+            (
+                "queue: transactional\n",
+                format!("queue: {}\n", names.queue),
+            ),
+            ("host: smtp.example.com", "host: 127.0.0.1".to_string()),
+            ("port: 587", format!("port: {smtp_port}")),
+            (
+                "tls: starttls\n",
+                "tls: starttls\n    caSecret:\n      name: smtp-ca\n      key: ca.crt\n"
+                    .to_string(),
+            ),
+            ("initial: 5s", "initial: 200ms".to_string()),
+            ("max: 10m", "max: 2s".to_string()),
+            // A Delete deletion waits out the workers' grace period: the shortest allowed.
+            (
+                "  worker:\n",
+                "  worker:\n    terminationGracePeriodSeconds: 10\n".to_string(),
+            ),
+        ],
+    )
 }
 
 fn secret(name: &str, data: &[(&str, &str)]) -> String {
@@ -177,8 +176,15 @@ async fn kubectl_in(cluster: &Cluster, namespace: &str, args: &[&str]) -> String
 async fn install_and_run(values: Value) {
     let values_given = values.clone();
     let cluster = Cluster::start().await;
-    for crd in [SERVICE_MONITOR_CRD, PROMETHEUS_RULE_CRD] {
-        assert!(cluster.apply(crd).await.status.success());
+    for (kind, plural) in [
+        ("ServiceMonitor", "servicemonitors"),
+        ("PrometheusRule", "prometheusrules"),
+    ] {
+        assert!(cluster
+            .apply(&monitoring_crd(kind, plural))
+            .await
+            .status
+            .success());
     }
     // (kubectl create sends protobuf, which the test server does not read: manifests are
     // applied instead.)

@@ -436,7 +436,10 @@ async fn a_second_operator_replica_waits_and_takes_over_when_the_leader_dies() {
     let smtp = SmtpServer::start(SmtpOptions::default()).await;
     // With prometheus-operator's ServiceMonitor served, pipelines get one.
     assert!(cluster
-        .apply(mailpipe_tests::cluster::SERVICE_MONITOR_CRD)
+        .apply(&mailpipe_tests::cluster::monitoring_crd(
+            "ServiceMonitor",
+            "servicemonitors"
+        ))
         .await
         .status
         .success());

@@ -28,8 +28,9 @@ fn kafka_manifest(
     let example =
         std::fs::read_to_string(repo_root().join("deploy/examples/kafka-emailpipeline.yaml"))
             .expect("the example Kafka pipeline");
-    let mut text = example;
-    for (from, to) in [
+    mailpipe_tests::pipelines::edited(
+        example,
+        [
         ("name: email-events", format!("name: {name}")),
         (
             r#"bootstrapServers: ["kafka-0.kafka:9092", "kafka-1.kafka:9092", "kafka-2.kafka:9092"]"#,
@@ -58,11 +59,8 @@ fn kafka_manifest(
             "      consumerGroup:",
             "      topicConfig: {retention.ms: \"86400000\"}\n      consumerGroup:".to_string(),
         ),
-    ] {
-        assert!(text.contains(from), "the example has {from:?}");
-        text = text.replace(from, &to);
-    }
-    text
+        ],
+    )
 }
 
 /// The topics the brokers list.
