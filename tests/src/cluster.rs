@@ -1,6 +1,8 @@
 //! A cluster for end-to-end tests of the operator: the Kubernetes API test server, the
 //! generated CRD applied with kubectl, the runner playing kubelet for worker Deployments
-//! (real worker processes), and operator replicas as processes.
+//! (real worker processes), and operator replicas as processes that authenticate as the
+//! ServiceAccount of `deploy/rbac.yaml` (applied in `default`), so the server refuses what
+//! the shipped rules do not grant.
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
