@@ -15,6 +15,7 @@ pub mod idempotency;
 pub mod mailer;
 pub mod metrics;
 pub mod pipeline;
+pub mod reasons;
 pub mod render;
 pub mod shutdown;
 pub mod source;

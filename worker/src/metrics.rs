@@ -1,11 +1,17 @@
 //! The worker's Prometheus metrics (prefix `mailpipe_`), registered once and shared.
 //!
-//! Every label is bounded: reasons are the static labels of failures, never error text.
+//! Every label is bounded: reasons are the static labels of failures, never error text,
+//! listed in `reasons` and started at zero.
 //! Dashboards and alert rules depend on these names; rename nothing lightly.
 
 use prometheus::{
     Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
+
+use crate::reasons;
+
+/// The labels a reason-labelled counter can carry (a list of `reasons`).
+type Labels = fn() -> Vec<&'static str>;
 
 /// All worker metrics.
 #[derive(Clone)]
@@ -134,7 +140,7 @@ impl Metrics {
             .register(Box::new(kafka_consumer_lag.clone()))
             .expect("unique metric");
 
-        Metrics {
+        let metrics = Metrics {
             kafka_consumer_lag,
             consumed: counter(
                 "mailpipe_jobs_consumed_total",
@@ -218,7 +224,49 @@ impl Metrics {
             ),
             ready: gauge("mailpipe_worker_ready", "1 when the worker is ready."),
             registry,
+        };
+        // Every reason starts at zero (see `reasons`), and so do the other bounded labels.
+        for (family, known) in metrics.by_reason() {
+            for reason in known() {
+                family.with_label_values(&[reason]);
+            }
         }
+        for class in ["transient", "permanent"] {
+            metrics.recipients_refused.with_label_values(&[class]);
+        }
+        for operation in ["check", "record"] {
+            metrics.idempotency_errors.with_label_values(&[operation]);
+        }
+        metrics
+    }
+
+    fn by_reason(&self) -> [(&IntCounterVec, Labels); 4] {
+        [
+            (&self.failed, reasons::failed),
+            (&self.retried, reasons::retried),
+            (&self.dead_lettered, reasons::dead_lettered),
+            (&self.smtp_unavailable, reasons::unavailable),
+        ]
+    }
+
+    /// `mailpipe_jobs_failed_total` of `reason`.
+    pub fn failed_for(&self, reason: &str) -> IntCounter {
+        labelled(&self.failed, reasons::failed, reason)
+    }
+
+    /// `mailpipe_jobs_retried_total` of `reason`.
+    pub fn retried_for(&self, reason: &str) -> IntCounter {
+        labelled(&self.retried, reasons::retried, reason)
+    }
+
+    /// `mailpipe_jobs_dead_lettered_total` of `reason`.
+    pub fn dead_lettered_for(&self, reason: &str) -> IntCounter {
+        labelled(&self.dead_lettered, reasons::dead_lettered, reason)
+    }
+
+    /// `mailpipe_smtp_unavailable_total` of `reason`.
+    pub fn unavailable_for(&self, reason: &str) -> IntCounter {
+        labelled(&self.smtp_unavailable, reasons::unavailable, reason)
     }
 
     /// The Prometheus text exposition of every metric.
@@ -230,8 +278,51 @@ impl Metrics {
     }
 }
 
+/// The counter of `reason` in `family`, which must be one of `known()`: a reason nobody
+/// listed would be born at its first increment.
+fn labelled(family: &IntCounterVec, known: Labels, reason: &str) -> IntCounter {
+    debug_assert!(
+        known().contains(&reason),
+        "the reason {reason:?} is not listed in worker/src/reasons.rs"
+    );
+    family.with_label_values(&[reason])
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_reason_starts_at_zero() {
+        let text = Metrics::new().render();
+        for (family, reason) in [
+            ("mailpipe_jobs_failed_total", "smtp_5xx"),
+            ("mailpipe_jobs_failed_total", "malformed_json"),
+            ("mailpipe_jobs_retried_total", "smtp_4xx"),
+            ("mailpipe_jobs_dead_lettered_total", "max_attempts"),
+            ("mailpipe_jobs_dead_lettered_total", "expired"),
+            ("mailpipe_smtp_unavailable_total", "smtp_connection"),
+        ] {
+            let line = format!("{family}{{reason=\"{reason}\"}} 0\n");
+            assert!(text.contains(&line), "{line} in\n{text}");
+        }
+        let failed = text
+            .lines()
+            .filter(|l| l.starts_with("mailpipe_jobs_failed_total{"))
+            .count();
+        assert_eq!(failed, reasons::failed().len());
+    }
+
+    #[test]
+    #[should_panic(expected = "not listed")]
+    #[cfg(debug_assertions)]
+    fn a_reason_nobody_listed_is_caught_by_the_tests() {
+        Metrics::new().failed_for("made_up").inc();
     }
 }

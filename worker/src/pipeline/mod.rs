@@ -259,10 +259,7 @@ impl<M: Mailer> Pipeline<M> {
                     return Outcome::Sent(delivered);
                 }
                 Err(error) if error.is_server_trouble() => {
-                    self.metrics
-                        .smtp_unavailable
-                        .with_label_values(&[error.reason])
-                        .inc();
+                    self.metrics.unavailable_for(error.reason).inc();
                     if self.health.report_down(Component::Smtp) {
                         tracing::warn!(reason = error.reason, code = ?error.code, "SMTP server unavailable; consuming paused, jobs wait without spending attempts");
                     }
@@ -383,10 +380,7 @@ impl<M: Mailer> Pipeline<M> {
                         }
                     }
                     Err(error) => {
-                        self.metrics
-                            .smtp_unavailable
-                            .with_label_values(&[error.reason])
-                            .inc();
+                        self.metrics.unavailable_for(error.reason).inc();
                         if self.health.report_down(Component::Smtp) {
                             tracing::warn!(reason = error.reason, code = ?error.code, detail = %error.detail, "SMTP server unavailable; waiting for it before consuming");
                         }

@@ -29,7 +29,7 @@ impl<M: Mailer> Pipeline<M> {
             }
             Outcome::Failed(failure) => {
                 let reason = failure.reason();
-                self.metrics.failed.with_label_values(&[reason]).inc();
+                self.metrics.failed_for(reason).inc();
                 if failure == Failure::Expired {
                     self.metrics.expired.inc();
                 }
@@ -43,7 +43,7 @@ impl<M: Mailer> Pipeline<M> {
                         next_attempt,
                         after,
                     } => {
-                        self.metrics.retried.with_label_values(&[reason]).inc();
+                        self.metrics.retried_for(reason).inc();
                         tracing::warn!(reason, ?code, next_attempt, retry_in = ?after, "attempt failed; will retry");
                         Settlement::Retry {
                             next_attempt,
@@ -54,10 +54,7 @@ impl<M: Mailer> Pipeline<M> {
                     Disposition::DeadLetter {
                         reason: final_reason,
                     } => {
-                        self.metrics
-                            .dead_lettered
-                            .with_label_values(&[final_reason])
-                            .inc();
+                        self.metrics.dead_lettered_for(final_reason).inc();
                         tracing::warn!(
                             reason = final_reason,
                             cause = reason,
@@ -119,10 +116,7 @@ impl<M: Mailer> Pipeline<M> {
                     next_attempt,
                     after,
                 } => {
-                    self.metrics
-                        .retried
-                        .with_label_values(&["recipient_4xx"])
-                        .inc();
+                    self.metrics.retried_for("recipient_4xx").inc();
                     Settlement::Retry {
                         next_attempt,
                         after,
@@ -130,10 +124,7 @@ impl<M: Mailer> Pipeline<M> {
                     }
                 }
                 Disposition::DeadLetter { reason } => {
-                    self.metrics
-                        .dead_lettered
-                        .with_label_values(&[reason])
-                        .inc();
+                    self.metrics.dead_lettered_for(reason).inc();
                     Settlement::DeadLetter {
                         reason,
                         detail: format!("recipients refused: {}", first.error.detail),
@@ -144,10 +135,7 @@ impl<M: Mailer> Pipeline<M> {
                 }
             };
         }
-        self.metrics
-            .dead_lettered
-            .with_label_values(&["recipient_refused"])
-            .inc();
+        self.metrics.dead_lettered_for("recipient_refused").inc();
         Settlement::DeadLetter {
             reason: "recipient_refused",
             detail: format!(
