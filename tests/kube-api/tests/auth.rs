@@ -90,7 +90,8 @@ async fn a_service_account_may_do_what_its_roles_grant_and_nothing_more() {
                "metadata": {"name": "writer", "namespace": "shop"},
                "rules": [
                    {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["patch"]},
-                   {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"], "resourceNames": ["applied"]}]}),
+                   {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"], "resourceNames": ["applied"]},
+                   {"apiGroups": ["apps"], "resources": ["deployments/status"], "verbs": ["patch"]}]}),
         json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
                "metadata": {"name": "writer", "namespace": "shop"},
                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "writer"},
@@ -153,6 +154,24 @@ async fn a_service_account_may_do_what_its_roles_grant_and_nothing_more() {
         .patch("other", &apply, &Patch::Apply(config_map("other")))
         .await
         .expect("patching an existing object needs patch only");
+    // A subresource never creates: an apply to the status of a missing object is a 404,
+    // whatever the account may create (the real status stores never ask).
+    let deployments: Api<k8s_openapi::api::apps::v1::Deployment> =
+        Api::namespaced(op.clone(), "shop");
+    let (code, _) = status(
+        deployments
+            .patch_status(
+                "missing",
+                &apply,
+                &Patch::Apply(json!({
+                    "apiVersion": "apps/v1", "kind": "Deployment",
+                    "metadata": {"name": "missing"}, "status": {"replicas": 1},
+                })),
+            )
+            .await
+            .expect_err("no such Deployment"),
+    );
+    assert_eq!(code, 404);
     // The Role is the shop's only.
     let in_ops: Api<ConfigMap> = Api::namespaced(op.clone(), "ops");
     let (code, _) = status(
@@ -179,6 +198,11 @@ async fn a_service_account_may_do_what_its_roles_grant_and_nothing_more() {
             grant("ClusterRole/reader", "list", None),
             grant("Role/shop/writer", "create", Some("applied")),
             grant("Role/shop/writer", "patch", None),
+            Grant {
+                group: "apps".into(),
+                resource: "deployments/status".into(),
+                ..grant("Role/shop/writer", "patch", None)
+            },
         ]
     );
     let refused = server.store().lock().unwrap().refusals(USER);

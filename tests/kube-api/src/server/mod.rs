@@ -389,8 +389,10 @@ async fn route(store: &Shared, request: &Request<'_>) -> Result<Response, ApiErr
             let namespace = target.namespace.clone().unwrap_or_default();
             let force = query.get("force").is_some_and(|f| f == "true");
             let mut guard = begin(store, field_validation);
-            // An apply that creates its object is also a `create` of that name.
-            if guard.get(&target.kind, &namespace, name).is_err() {
+            // An apply that creates its object is also a `create` of that name. Only the
+            // main resource: a subresource never creates (the real status and scale stores
+            // answer 404 without asking).
+            if part == Part::Main && guard.get(&target.kind, &namespace, name).is_err() {
                 let create = Attributes::of("PATCH", path).as_verb("create", name);
                 guard.authorize(identity, &create)?;
             }
