@@ -174,7 +174,9 @@ async fn kubectl_in(cluster: &Cluster, namespace: &str, args: &[&str]) -> String
 /// Installs the chart with `values`, runs the pipeline through its life, and checks the
 /// grants the operator used against the ones the chart gives.
 async fn install_and_run(values: Value) {
-    let values_given = values.clone();
+    let per_namespace = values["watchNamespaces"]
+        .as_array()
+        .is_some_and(|n| !n.is_empty());
     let cluster = Cluster::start().await;
     for (kind, plural) in [
         ("ServiceMonitor", "servicemonitors"),
@@ -250,8 +252,7 @@ async fn install_and_run(values: Value) {
     .await;
     assert_eq!(holder, pod.name, "the pod's name is its identity");
 
-    // What the example pipeline names.
-    // The provider as the example expects one: STARTTLS, verified with the CA it names, and
+    // What the example names. The provider as the example expects one: STARTTLS, verified with the CA it names, and
     // a login.
     let pki = certs::make(dir.path());
     let smtp = SmtpServer::start(SmtpOptions {
@@ -448,9 +449,6 @@ async fn install_and_run(values: Value) {
     // gives.
     let store = cluster.server.store().lock().unwrap();
     let refused = store.refusals(&user);
-    let per_namespace = values_given["watchNamespaces"]
-        .as_array()
-        .is_some_and(|n| !n.is_empty());
     assert!(
         refused
             .iter()
