@@ -15,18 +15,13 @@ pub fn manifest(name: &str, names: &Names, smtp_port: u16, policy: &str) -> Stri
         .expect("the example pipeline");
     edited(
         example,
-        [
+        test_smtp(smtp_port).into_iter().chain([
             ("name: welcome", format!("name: {name}")),
             (
                 "exchange: smtp_send_email_exc",
                 format!("exchange: {}", names.exchange),
             ),
             ("queue: smtp_send_email", format!("queue: {}", names.queue)),
-            ("host: smtp.example.com", "host: 127.0.0.1".to_string()),
-            ("port: 587", format!("port: {smtp_port}")),
-            ("tls: starttls", "tls: none".to_string()),
-            ("initial: 5s", "initial: 200ms".to_string()),
-            ("max: 5m", "max: 2s".to_string()),
             // A Delete deletion waits out the workers' grace period after the last job: keep it
             // at the shortest the schema allows.
             (
@@ -37,12 +32,24 @@ pub fn manifest(name: &str, names: &Names, smtp_port: u16, policy: &str) -> Stri
                 "deletionPolicy: Retain",
                 format!("deletionPolicy: {policy}"),
             ),
-        ],
+        ]),
     )
 }
 
+/// The edits that point an example's `smtp` at a plain test server on `port` (the examples
+/// say starttls on 587) and shorten its backoff to 200 ms .. 2 s.
+pub fn test_smtp(port: u16) -> [(&'static str, String); 5] {
+    [
+        ("host: smtp.example.com", "host: 127.0.0.1".to_string()),
+        ("port: 587", format!("port: {port}")),
+        ("tls: starttls", "tls: none".to_string()),
+        ("initial: 5s", "initial: 200ms".to_string()),
+        ("max: 5m", "max: 2s".to_string()),
+    ]
+}
+
 /// `example` with each `(from, to)` edit made once, in order; each `from` must be there.
-pub fn edited<const N: usize>(example: String, edits: [(&str, String); N]) -> String {
+pub fn edited<'a>(example: String, edits: impl IntoIterator<Item = (&'a str, String)>) -> String {
     let mut text = example;
     for (from, to) in edits {
         assert!(text.contains(from), "the example has {from:?}");

@@ -30,7 +30,7 @@ fn kafka_manifest(
             .expect("the example Kafka pipeline");
     mailpipe_tests::pipelines::edited(
         example,
-        [
+        mailpipe_tests::pipelines::test_smtp(smtp_port).into_iter().chain([
         ("name: email-events", format!("name: {name}")),
         (
             r#"bootstrapServers: ["kafka-0.kafka:9092", "kafka-1.kafka:9092", "kafka-2.kafka:9092"]"#,
@@ -39,11 +39,6 @@ fn kafka_manifest(
         ("topic: email-events", format!("topic: {topic}")),
         ("replicationFactor: 3", "replicationFactor: 1".to_string()),
         ("consumerGroup: email-service-group", format!("consumerGroup: {topic}-group")),
-        ("host: smtp.example.com", "host: 127.0.0.1".to_string()),
-        ("port: 587", format!("port: {smtp_port}")),
-        ("tls: starttls", "tls: none".to_string()),
-        ("initial: 5s", "initial: 200ms".to_string()),
-        ("max: 5m", "max: 2s".to_string()),
         (
             "  scaling:\n",
             "  worker:\n    terminationGracePeriodSeconds: 10\n    concurrency: 2\n  scaling:\n"
@@ -59,7 +54,7 @@ fn kafka_manifest(
             "      consumerGroup:",
             "      topicConfig: {retention.ms: \"86400000\"}\n      consumerGroup:".to_string(),
         ),
-        ],
+        ]),
     )
 }
 
