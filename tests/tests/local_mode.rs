@@ -27,6 +27,22 @@ fn mailpipe() -> std::path::PathBuf {
 /// takes 4 jobs at once and the pipeline sends 200 a second at most, so a burst of
 /// thousands takes several seconds even with every worker.
 fn pipeline(names: &Names, smtp_port: u16) -> String {
+    burst_pipeline(
+        &format!(
+            "    rabbitmq:
+      connectionSecret: {{name: amqp, key: url}}
+      exchange: {exchange}
+      queue: {queue}
+",
+            exchange = names.exchange,
+            queue = names.queue
+        ),
+        smtp_port,
+    )
+}
+
+/// The pipeline `local-burst` reading from `source` (the YAML under `spec.source`).
+fn burst_pipeline(source: &str, smtp_port: u16) -> String {
     format!(
         "apiVersion: mailpipe.dev/v1alpha1
 kind: EmailPipeline
@@ -34,11 +50,7 @@ metadata:
   name: local-burst
 spec:
   source:
-    rabbitmq:
-      connectionSecret: {{name: amqp, key: url}}
-      exchange: {exchange}
-      queue: {queue}
-  smtp:
+{source}  smtp:
     host: 127.0.0.1
     port: {smtp_port}
     tls: none
@@ -52,9 +64,7 @@ spec:
     maxReplicas: 4
     pollInterval: 1s
     scaleDownStabilization: 10s
-",
-        exchange = names.exchange,
-        queue = names.queue
+"
     )
 }
 
@@ -444,35 +454,17 @@ async fn a_kafka_pipeline_runs_locally_scales_on_lag_within_its_partitions_and_d
     let dir = tempfile::tempdir().expect("a directory");
     let file = dir.path().join("pipeline.yaml");
     // The pipeline of the other tests, on a 3-partition topic instead of a queue.
-    let text = format!(
-        "apiVersion: mailpipe.dev/v1alpha1
-kind: EmailPipeline
-metadata:
-  name: local-burst
-spec:
-  source:
-    kafka:
+    let text = burst_pipeline(
+        &format!(
+            "    kafka:
       bootstrapServers: [\"{bootstrap}\"]
       topic: {topic}
       partitions: 3
       replicationFactor: 1
-  smtp:
-    host: 127.0.0.1
-    port: {port}
-    tls: none
-    from: {{address: noreply@example.com}}
-    poolSize: 16
-    rateLimit: 200
-  worker:
-    concurrency: 4
-  scaling:
-    minReplicas: 0
-    maxReplicas: 4
-    pollInterval: 1s
-    scaleDownStabilization: 10s
 ",
-        bootstrap = broker.bootstrap(),
-        port = smtp.port
+            bootstrap = broker.bootstrap()
+        ),
+        smtp.port,
     );
     std::fs::write(&file, text).expect("written");
     let child = local(
