@@ -3,11 +3,12 @@
 //! Real clients (kube-rs, kubectl) talk to it unchanged over plain HTTP on loopback. It keeps
 //! objects in memory and implements the parts of the API mailpipe uses, checked against
 //! exchanges recorded from a real kube-apiserver (`tests/kube-api/fixtures/`). It is test
-//! support, never shipped. Modules: `registry` (kinds, discovery), `store` (objects,
-//! resourceVersions, history, apply, managedFields, garbage collection), `builtin` (what the
-//! real server does to built-in kinds), `server` (HTTP, lists, watch, discovery), `views`
-//! (OpenAPI, Tables), `validation` (schemas, CEL), `fields`, `selector`, `patch`, `errors`,
-//! and `runner`, which plays the Deployment controller and kubelet.
+//! support, never shipped. Modules: `auth` (ServiceAccount tokens, RBAC authorization),
+//! `registry` (kinds, discovery), `store` (objects, resourceVersions, history, apply,
+//! managedFields, garbage collection), `builtin` (what the real server does to built-in
+//! kinds), `server` (HTTP, lists, watch, discovery), `views` (OpenAPI, Tables), `validation`
+//! (schemas, CEL), `fields`, `selector`, `patch`, `errors`, and `runner`, which plays the
+//! Deployment controller and kubelet.
 #![forbid(unsafe_code)]
 
 pub mod auth;
