@@ -8,8 +8,6 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use k8s_openapi::api::authentication::v1::TokenRequest;
-use k8s_openapi::api::core::v1::ServiceAccount;
 use mailpipe_kube_api::runner::{Runner, RunnerConfig};
 use mailpipe_kube_api::KubeApiServer;
 
@@ -126,21 +124,14 @@ impl Cluster {
             .replace("mailpipe-system", "default");
         let applied = cluster.apply(&rbac).await;
         assert!(applied.status.success(), "deploy/rbac.yaml: {applied:?}");
-        let accounts: kube::Api<ServiceAccount> =
-            kube::Api::default_namespaced(cluster.client.clone());
-        let request: TokenRequest = serde_json::from_value(serde_json::json!({
-            "apiVersion": "authentication.k8s.io/v1",
-            "kind": "TokenRequest",
-            "spec": {"audiences": [], "expirationSeconds": 36000},
-        }))
-        .expect("a TokenRequest");
-        cluster.operator_token = accounts
-            .create_token_request("mailpipe-operator", &Default::default(), &request)
-            .await
-            .expect("a token for the operator")
-            .status
-            .and_then(|s| s.token)
-            .expect("the token");
+        cluster.operator_token = mailpipe_kube_api::auth::token_for(
+            &cluster.client,
+            "default",
+            "mailpipe-operator",
+            36000,
+        )
+        .await
+        .expect("a token for the operator");
         cluster
     }
 

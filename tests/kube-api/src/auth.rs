@@ -187,6 +187,30 @@ struct Token {
     expires: Instant,
 }
 
+/// A token of the ServiceAccount `namespace/name`, valid for `seconds`, asked of the
+/// TokenRequest API through `client`, as a kubelet asks for a pod's.
+pub async fn token_for(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+    seconds: i64,
+) -> anyhow::Result<String> {
+    let accounts: kube::Api<k8s_openapi::api::core::v1::ServiceAccount> =
+        kube::Api::namespaced(client.clone(), namespace);
+    let request: k8s_openapi::api::authentication::v1::TokenRequest =
+        serde_json::from_value(json!({
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "spec": {"audiences": [], "expirationSeconds": seconds},
+        }))?;
+    accounts
+        .create_token_request(name, &Default::default(), &request)
+        .await?
+        .status
+        .and_then(|s| s.token)
+        .ok_or_else(|| anyhow::anyhow!("the TokenRequest for {namespace}/{name} gave no token"))
+}
+
 /// What the server remembers about identities: tokens, the grants used, the refusals.
 #[derive(Debug, Default)]
 pub struct Ledger {

@@ -9,11 +9,10 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
-use k8s_openapi::api::authentication::v1::TokenRequest;
 use k8s_openapi::api::core::v1::{
     ConfigMap, Container, EnvVar, PodSpec, PodTemplateSpec, Secret, ServiceAccount,
 };
-use kube::api::{Api, PostParams};
+use kube::api::Api;
 use tokio::process::{Child, Command};
 
 use super::pod::{Key, Pod, State};
@@ -130,18 +129,7 @@ impl Kubelet {
         let server = self.config.api_server.as_deref().ok_or_else(|| {
             anyhow!("the pod needs API credentials and the runner knows no API server address")
         })?;
-        let request: TokenRequest = serde_json::from_value(serde_json::json!({
-            "apiVersion": "authentication.k8s.io/v1",
-            "kind": "TokenRequest",
-            "spec": {"audiences": [], "expirationSeconds": 3600},
-        }))?;
-        let issued = accounts
-            .create_token_request(&name, &PostParams::default(), &request)
-            .await?;
-        let token = issued
-            .status
-            .and_then(|s| s.token)
-            .ok_or_else(|| anyhow!("the TokenRequest for {namespace}/{name} gave no token"))?;
+        let token = crate::auth::token_for(&self.client, namespace, &name, 3600).await?;
         let path = dir.join("kubeconfig");
         std::fs::write(&path, crate::token_kubeconfig(server, &token, namespace))?;
         Ok(Some(path))
