@@ -17,15 +17,9 @@ pub struct TestPki {
 }
 
 fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("openssl is installed (apt-get install openssl)");
-    assert!(
-        out.status.success(),
-        "openssl {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+    crate::process::run(
+        Command::new("openssl").args(args).current_dir(dir),
+        &format!("openssl {args:?} (apt-get install openssl)"),
     );
 }
 

@@ -113,13 +113,10 @@ fn buildah_command(args: &[&str]) -> Command {
 
 /// What buildah prints; fails the test when it fails.
 pub fn buildah(args: &[&str]) -> String {
-    let output = buildah_command(args).output().expect("buildah runs");
-    assert!(
-        output.status.success(),
-        "buildah {args:?}: {} (scripts/images.sh builds the images)",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).expect("UTF-8")
+    crate::process::run(
+        &mut buildah_command(args),
+        &format!("buildah {args:?} (scripts/images.sh builds the images)"),
+    )
 }
 
 /// The image's OCI configuration (`User`, `Entrypoint`, `Cmd`, `Labels`, `ExposedPorts`).
@@ -131,15 +128,7 @@ pub fn image_config(image: &str) -> serde_json::Value {
 }
 
 fn mount(args: &[&str]) {
-    let output = Command::new("mount")
-        .args(args)
-        .output()
-        .expect("mount runs");
-    assert!(
-        output.status.success(),
-        "mount {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    crate::process::run(Command::new("mount").args(args), &format!("mount {args:?}"));
 }
 
 /// A pod's view of an image: its root filesystem read-only, with host directories mounted

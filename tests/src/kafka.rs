@@ -110,16 +110,12 @@ impl KafkaBroker {
     /// it on the same store. The test's own clients log in as that user.
     pub async fn start_with_user(user: &str, password: &str) -> KafkaBroker {
         let mut broker = KafkaBroker::start().await;
-        let created = Command::new(tansu_bin())
-            .current_dir(broker.dir.path())
-            .args(["user", "create", user, password, "--mechanism", "scram256"])
-            .args(["--broker", &format!("tcp://127.0.0.1:{}", broker.port)])
-            .output()
-            .expect("tansu user create runs");
-        assert!(
-            created.status.success(),
-            "tansu user create: {}",
-            String::from_utf8_lossy(&created.stderr)
+        crate::process::run(
+            Command::new(tansu_bin())
+                .current_dir(broker.dir.path())
+                .args(["user", "create", user, password, "--mechanism", "scram256"])
+                .args(["--broker", &format!("tcp://127.0.0.1:{}", broker.port)]),
+            "tansu user create",
         );
         broker.stop();
         broker.login = Some((user.to_string(), password.to_string()));

@@ -8,6 +8,20 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
+/// Runs `command` to its end and returns its stdout; a test fails, naming `what` and
+/// showing stderr, when it cannot start or does not succeed.
+pub fn run(command: &mut Command, what: &str) -> String {
+    let output = command
+        .output()
+        .unwrap_or_else(|e| panic!("{what} cannot start: {e}"));
+    assert!(
+        output.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("UTF-8 output")
+}
+
 /// A running child process, killed (SIGKILL) when dropped.
 pub struct Proc {
     child: Child,

@@ -415,17 +415,12 @@ fn the_notes_say_what_was_installed_and_how_to_upgrade_the_crd() {
 /// `mailpipe-system`: the same CRD, RBAC, Deployment and Service, without Helm's labels.
 #[test]
 fn the_kustomize_base_is_the_chart_without_helm() {
-    let output = std::process::Command::new("kubectl")
-        .args(["kustomize"])
-        .arg(repo_root().join("deploy"))
-        .output()
-        .expect("kubectl runs");
-    assert!(
-        output.status.success(),
-        "kubectl kustomize deploy/: {}",
-        String::from_utf8_lossy(&output.stderr)
+    let text = mailpipe_tests::process::run(
+        std::process::Command::new("kubectl")
+            .args(["kustomize"])
+            .arg(repo_root().join("deploy")),
+        "kubectl kustomize deploy/",
     );
-    let text = String::from_utf8(output.stdout).expect("UTF-8");
     let base: Vec<Value> = serde_yaml_ng::Deserializer::from_str(&text)
         .map(|d| serde::Deserialize::deserialize(d).expect("YAML"))
         .collect();

@@ -106,17 +106,10 @@ fn checked_image(
 }
 
 fn version_from(pod: &PodRoot, program: &str) -> String {
-    let output = pod
-        .command(program, &[])
-        .arg("--version")
-        .output()
-        .expect("chroot runs");
-    assert!(
-        output.status.success(),
-        "{program} --version: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).expect("UTF-8")
+    mailpipe_tests::process::run(
+        pod.command(program, &[]).arg("--version"),
+        &format!("{program} --version"),
+    )
 }
 
 async fn healthz(port: u16) -> Option<String> {
